@@ -1,0 +1,143 @@
+"""Reading tar headers one at a time, strictly.
+
+The standard library's ``tarfile`` decodes every header format we need (USTAR,
+GNU long names, PAX records and global headers, the GNU and PAX sparse
+formats), so we use its public ``TarInfo.fromtarfile``. What we do not use is
+``TarFile`` iteration: it keeps every member in a list (unbounded memory) and
+it treats a corrupt header in the middle of an archive as the end of it,
+which would silently drop the rest of a layer. Here a bad header is an error.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import BinaryIO, Callable, Iterator
+
+from ._exceptions import EstargzError, InvalidInput
+
+BLOCK = tarfile.BLOCKSIZE
+ZERO_BLOCK = bytes(BLOCK)
+# Largest PAX global header we look past to see whether the archive ends.
+_MAX_PEEK = 1 << 20
+
+
+def padded(size: int) -> int:
+    """``size`` rounded up to whole tar blocks."""
+    return -(-size // BLOCK) * BLOCK
+
+
+class PeekableStream:
+    """Forward-only reading with look-ahead over any ``read``-able object.
+
+    ``tell`` counts bytes consumed; ``skip_to`` moves forward, seeking when the
+    underlying object can (a spooled tar file) and reading otherwise.
+    """
+
+    def __init__(self, raw: BinaryIO, seekable: bool = False,
+                 error: Callable[[str], EstargzError] = InvalidInput) -> None:
+        self._raw = raw
+        self._error = error
+        self._buf = b""
+        self._pos = 0
+        self._seekable = seekable
+
+    def peek(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            more = self._raw.read(max(n - len(self._buf), 65536))
+            if not more:
+                break
+            self._buf += more
+        return self._buf[:n]
+
+    def read(self, n: int) -> bytes:
+        if len(self._buf) >= n:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        else:
+            out = self._buf + self._raw.read(n - len(self._buf))
+            self._buf = b""
+        self._pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self._pos
+
+    def skip_to(self, pos: int) -> None:
+        gap = pos - self._pos
+        if gap < 0:
+            raise self._error(f"tar stream went backwards to offset {pos}")
+        if gap <= len(self._buf):
+            self._buf = self._buf[gap:]
+            self._pos = pos
+            return
+        self._pos += len(self._buf)
+        gap -= len(self._buf)
+        self._buf = b""
+        if self._seekable:
+            self._raw.seek(gap, 1)
+            self._pos += gap
+            return
+        while gap:
+            got = self._raw.read(min(gap, 1 << 20))
+            if not got:
+                raise self._error(f"tar stream is truncated before offset {pos}")
+            gap -= len(got)
+            self._pos += len(got)
+
+
+class _Ctx:
+    """The few attributes ``TarInfo.fromtarfile`` reads from a ``TarFile``."""
+
+    def __init__(self, fileobj: PeekableStream) -> None:
+        self.fileobj = fileobj
+        self.offset = 0
+        self.encoding = "utf-8"
+        self.errors = "surrogateescape"
+        self.pax_headers: dict[str, str] = {}
+
+
+def iter_headers(stream: PeekableStream,
+                 error: Callable[[str], EstargzError] = InvalidInput,
+                 ) -> Iterator[tarfile.TarInfo]:
+    """Yield each member of the tar archive in ``stream``.
+
+    Between two members the caller may read that member's data from
+    ``stream`` (or not); the next header is found by skipping forward.
+    ``offset`` and ``offset_data`` of each ``TarInfo`` are stream positions.
+    A stream that ends cleanly at a header boundary without end-of-archive
+    blocks is accepted, as Go's reader does.
+    """
+    ctx = _Ctx(stream)
+    while True:
+        stream.skip_to(ctx.offset)
+        head = stream.peek(BLOCK)
+        if not head:
+            return
+        if len(head) < BLOCK:
+            raise error(f"tar stream is truncated in a header at offset {ctx.offset}")
+        if head == ZERO_BLOCK:
+            return
+        if head[156:157] == tarfile.XGLTYPE and _global_then_end(stream, head):
+            return
+        at = ctx.offset
+        try:
+            ti = tarfile.TarInfo.fromtarfile(ctx)
+        except (tarfile.HeaderError, ValueError, UnicodeError, OverflowError) as e:
+            raise error(f"invalid tar header at offset {at}: {e or 'bad header'}") from None
+        yield ti
+
+
+def _global_then_end(stream: PeekableStream, head: bytes) -> bool:
+    """True for a PAX global header directly followed by the archive's end.
+
+    ``fromtarfile`` insists on a member after a global header, yet tar writers
+    produce one alone for an archive with no members.
+    """
+    try:
+        size = tarfile.nti(head[124:136])
+    except tarfile.HeaderError:
+        return False
+    if not 0 <= size <= _MAX_PEEK:
+        return False
+    after = BLOCK + padded(size)
+    nxt = stream.peek(after + BLOCK)[after:]
+    return nxt in (b"", ZERO_BLOCK)

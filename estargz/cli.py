@@ -1,0 +1,226 @@
+"""The ``estargz`` command line. The only place errors become exit codes.
+
+Exit codes: 0 success; 1 invalid input or a blob that fails verification;
+2 usage error; 3 a file could not be read or written; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import click
+
+from . import __version__
+from ._exceptions import EstargzError, StorageError
+from .compression import BACKENDS
+from .converter import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertOptions,
+                        atomic_output, convert_layer)
+from .order import read_prioritized_list
+from .reader import LayerReader
+from .source import FileSource
+from .verify import verify_blob
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"estargz: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command body, turning our errors and Ctrl-C into exit codes."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return fn()
+    except EstargzError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): not our error.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        sys.exit(1)
+    except OSError as e:
+        name = f" {e.filename}" if e.filename else ""
+        _fail(f"cannot access{name}: {e.strerror or e}", StorageError.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="estargz")
+def main() -> None:
+    """Convert container image layers to eStargz, for lazy pulling."""
+
+
+@main.group()
+def layer() -> None:
+    """Convert, verify and read single eStargz layer blobs."""
+
+
+def _emit(result: dict, as_json: bool, labels: dict[str, str]) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    width = max(len(v) for v in labels.values())
+    for key, label in labels.items():
+        click.echo(f"{label + ':':<{width + 1}} {result[key]}")
+
+
+@layer.command("convert")
+@click.argument("src", metavar="IN")
+@click.argument("dst", metavar="OUT")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
+              show_default=True, help="Largest payload chunk, in bytes.")
+@click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
+              show_default=True, help="gzip level.")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="Compression threads (default: all cores).")
+@click.option("--prioritized-files", type=click.Path(dir_okay=False), default=None,
+              help="File listing paths to put first, one a line, in order.")
+@click.option("--allow-missing", is_flag=True,
+              help="Warn about prioritized paths the layer lacks instead of failing.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="zlib", show_default=True,
+              help="Deflate implementation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, workers: int,
+                prioritized_files: Optional[str], allow_missing: bool, backend: str,
+                as_json: bool, quiet: bool) -> None:
+    """Convert layer IN (tar, tar+gzip or tar+zstd; - for stdin) to eStargz OUT."""
+    def body() -> None:
+        prioritized = None
+        if prioritized_files is not None:
+            try:
+                with open(prioritized_files, encoding="utf-8") as f:
+                    prioritized = read_prioritized_list(f)
+            except OSError as e:
+                raise StorageError(f"cannot read {prioritized_files}: {e.strerror}") from None
+        options = ConvertOptions(chunk_size=chunk_size, compression_level=compression_level,
+                                 workers=workers, prioritized_files=prioritized,
+                                 allow_missing=allow_missing, backend=backend)
+        result = convert_layer(src, dst, options)
+        if result.missing and not quiet:
+            click.echo("estargz: warning: prioritized files not in the layer: "
+                       + ", ".join(result.missing), err=True)
+        if quiet:
+            return
+        _emit(result.to_dict(), as_json, {
+            "blob_digest": "blob digest", "blob_size": "blob size", "diff_id": "diff id",
+            "toc_digest": "TOC digest", "uncompressed_size": "uncompressed size",
+            "entries": "entries", "prioritized": "prioritized entries",
+        })
+    _run(body)
+
+
+@layer.command("verify")
+@click.argument("blob")
+@click.option("--toc-digest", default=None, metavar="sha256:…",
+              help="Expected TOC digest (e.g. from the manifest annotation).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def verify_cmd(blob: str, toc_digest: Optional[str], as_json: bool, quiet: bool) -> None:
+    """Check every byte of eStargz BLOB: footer, TOC, digests, gzip and tar."""
+    def body() -> None:
+        started = time.monotonic()
+        with FileSource(blob) as src:
+            report = verify_blob(src, toc_digest)
+        if quiet:
+            return
+        result = {"ok": True, "toc_digest": report.toc_digest, "entries": report.entries,
+                  "files": report.files, "chunks": report.chunks,
+                  "gzip_members": report.gzip_members,
+                  "uncompressed_size": report.uncompressed_size,
+                  "seconds": round(time.monotonic() - started, 3)}
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            click.echo(f"{blob}: OK ({report.entries} entries, {report.files} files, "
+                       f"{report.chunks} chunks, TOC {report.toc_digest})")
+    _run(body)
+
+
+@layer.command("toc")
+@click.argument("blob")
+@click.option("--digest", is_flag=True, help="Print only the TOC digest.")
+def toc_cmd(blob: str, digest: bool) -> None:
+    """Print the TOC JSON of eStargz BLOB, byte for byte."""
+    def body() -> None:
+        with FileSource(blob) as src:
+            reader = LayerReader(src)
+        if digest:
+            click.echo(reader.toc_digest)
+        else:
+            sys.stdout.buffer.write(reader.toc_json)
+            sys.stdout.buffer.write(b"\n")
+            sys.stdout.flush()
+    _run(body)
+
+
+_MODE_CHAR = {"dir": "d", "reg": "-", "symlink": "l", "hardlink": "h", "char": "c",
+              "block": "b", "fifo": "p"}
+
+
+@layer.command("ls")
+@click.argument("blob")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+def ls_cmd(blob: str, as_json: bool) -> None:
+    """List the entries of eStargz BLOB (from its TOC)."""
+    def body() -> None:
+        with FileSource(blob) as src:
+            reader = LayerReader(src)
+        for e in reader.entries:
+            if e.type == "chunk":
+                continue
+            if as_json:
+                click.echo(json.dumps({
+                    "name": e.name, "type": e.type, "size": e.size, "mode": e.mode,
+                    "uid": e.uid, "gid": e.gid, "modtime": e.modtime,
+                    "linkName": e.link_name}, ensure_ascii=False))
+                continue
+            perms = stat.filemode(e.mode)[1:]
+            target = f" -> {e.link_name}" if e.type == "symlink" else (
+                f" link to {e.link_name}" if e.type == "hardlink" else "")
+            click.echo(f"{_MODE_CHAR[e.type]}{perms} {e.uid}/{e.gid} {e.size:>10} "
+                       f"{e.modtime or '-':<20} {e.name}{target}")
+    _run(body)
+
+
+@layer.command("extract")
+@click.argument("blob")
+@click.argument("path")
+@click.option("-o", "--output", default=None, help="Write here instead of standard output.")
+def extract_cmd(blob: str, path: str, output: Optional[str]) -> None:
+    """Write file PATH of eStargz BLOB, verified, reading only its chunks."""
+    def body() -> None:
+        with FileSource(blob) as src:
+            reader = LayerReader(src)
+            if output is None:
+                # Verify before printing anything: a file is at most one
+                # layer's worth, spooled through a temporary file.
+                import tempfile
+                with tempfile.TemporaryFile() as tmp:
+                    for piece in reader.iter_file(path):
+                        tmp.write(piece)
+                    tmp.seek(0)
+                    while piece := tmp.read(1 << 20):
+                        sys.stdout.buffer.write(piece)
+                sys.stdout.flush()
+            else:
+                with atomic_output(output) as out:
+                    for piece in reader.iter_file(path):
+                        out.write(piece)
+    _run(body)
+
