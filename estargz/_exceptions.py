@@ -39,7 +39,7 @@ class UnsupportedEntry(InvalidInput):
     """A tar entry has a kind (or a name) that eStargz cannot represent."""
 
     def __init__(self, entry: str, why: str) -> None:
-        super().__init__(f"{entry!r}: {why}")
+        super().__init__(f"'{entry}': {why}")
         self.entry = entry
 
 

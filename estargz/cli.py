@@ -19,7 +19,7 @@ import click
 
 from . import __version__
 from ._exceptions import EstargzError, StorageError
-from .compression import BACKENDS
+from .compression import BACKENDS, DEFAULT_BACKEND
 from .converter import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertOptions,
                         atomic_output, convert_layer)
 from .order import read_prioritized_list
@@ -92,7 +92,8 @@ def _emit(result: dict, as_json: bool, labels: dict[str, str]) -> None:
               help="File listing paths to put first, one a line, in order.")
 @click.option("--allow-missing", is_flag=True,
               help="Warn about prioritized paths the layer lacks instead of failing.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="zlib", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
+              show_default=True,
               help="Deflate implementation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")

@@ -31,7 +31,7 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 from ._exceptions import (InvalidInput, MissingPrioritizedFiles, StorageError,
                           UnsupportedEntry)
-from .compression import Backend, get_backend
+from .compression import DEFAULT_BACKEND, Backend, get_backend
 from .footer import footer_bytes
 from .layerinput import open_tar
 from .order import Landmark, Planned, dedupe, plan_order
@@ -69,8 +69,8 @@ class ConvertOptions:
     prioritized_files: Optional[Sequence[str]] = None
     #: Warn about (instead of failing on) prioritized paths not in the layer.
     allow_missing: bool = False
-    #: Deflate implementation: ``"zlib"`` (default), ``"zlib-ng"`` or ``"isal"``.
-    backend: str = "zlib"
+    #: Deflate implementation: ``"zlib-ng"`` (default), ``"zlib"`` or ``"isal"``.
+    backend: str = DEFAULT_BACKEND
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

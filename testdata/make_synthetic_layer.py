@@ -37,7 +37,6 @@ output is OUT's path on stdout.
 from __future__ import annotations
 
 import argparse
-import bisect
 import os
 import random
 import sys

@@ -1,0 +1,165 @@
+"""Shared fixtures: layer builders, the CLI runner and the reference harness."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("ESTARGZ_CACHE", Path.home() / ".cache" / "estargz-dev"))
+
+
+# --- building input layers -------------------------------------------------
+
+@dataclass
+class Spec:
+    """One tar entry to write with tarfile: enough to cover every kind."""
+
+    name: str
+    type: bytes = tarfile.REGTYPE
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    uname: str = "root"
+    gname: str = "root"
+    mtime: float = 1_700_000_000
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    pax: dict = field(default_factory=dict)
+
+
+def build_tar(specs: list[Spec], fmt: int = tarfile.PAX_FORMAT,
+              pax_global: Optional[dict] = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt,
+                      pax_headers=pax_global or {}) as tf:
+        for s in specs:
+            ti = tarfile.TarInfo(s.name)
+            ti.type = s.type
+            ti.mode, ti.uid, ti.gid = s.mode, s.uid, s.gid
+            ti.uname, ti.gname, ti.mtime = s.uname, s.gname, s.mtime
+            ti.linkname = s.linkname
+            ti.devmajor, ti.devminor = s.devmajor, s.devminor
+            ti.pax_headers = dict(s.pax)
+            if s.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                ti.size = len(s.data)
+                tf.addfile(ti, io.BytesIO(s.data))
+            else:
+                tf.addfile(ti)
+    return buf.getvalue()
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    """``n`` deterministic, partly compressible bytes."""
+    import random
+    rnd = random.Random(seed)
+    words = [bytes(rnd.randrange(97, 123) for _ in range(rnd.randrange(2, 9)))
+             for _ in range(200)]
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(words) + b" "
+        if rnd.random() < 0.05:
+            out += rnd.randbytes(32)
+    return bytes(out[:n])
+
+
+CHUNK = 1000  # small chunk size used by the format tests
+
+
+def every_kind_specs() -> list[Spec]:
+    """Every entry kind the converter must carry, per the format issue."""
+    long_dir = "deep/" + "/".join(f"segment{i:02d}" for i in range(12))
+    return [
+        Spec("./", tarfile.DIRTYPE, mode=0o755),
+        Spec("etc/", tarfile.DIRTYPE, mode=0o755),
+        Spec("etc/empty", data=b""),
+        Spec("etc/small", data=b"hello, world\n", mode=0o600, uid=1000, gid=1000,
+             uname="alice", gname="staff"),
+        Spec("etc/exact", data=pattern(CHUNK, 2)),
+        Spec("etc/multiple", data=pattern(3 * CHUNK, 3)),
+        Spec("etc/larger", data=pattern(5 * CHUNK + 17, 4), mode=0o4755),
+        Spec("etc/symlink", tarfile.SYMTYPE, linkname="small", mode=0o777),
+        Spec("etc/hardlink", tarfile.LNKTYPE, linkname="etc/small"),
+        Spec("dev/", tarfile.DIRTYPE, mode=0o755),
+        Spec("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
+        Spec("dev/loop0", tarfile.BLKTYPE, devmajor=7, devminor=0, mode=0o660),
+        Spec("dev/fifo", tarfile.FIFOTYPE, mode=0o644),
+        Spec(long_dir + "/", tarfile.DIRTYPE, mode=0o755),
+        Spec(long_dir + "/file-with-a-long-name.txt", data=b"long name\n"),
+        Spec("etc/long-link", tarfile.SYMTYPE, linkname="../" + long_dir + "/x" * 5),
+        Spec("etc/xattr", data=b"x", pax={"SCHILY.xattr.user.comment": "hi",
+                                           "SCHILY.xattr.security.capability":
+                                           b"\x01\x00\x00\x02\xff".decode("utf-8", "surrogateescape")}),
+        Spec("etc/bigid", data=b"id", uid=3_000_000, gid=4_000_000, uname="", gname=""),
+        Spec("etc/ünïcødé-名前", data=b"unicode\n", uname="ユーザー", gname="グループ"),
+        Spec("etc/.wh.removed", data=b""),
+        Spec("etc/sub/", tarfile.DIRTYPE, mode=0o755),
+        Spec("etc/sub/.wh..wh..opq", data=b""),
+        Spec("etc/old-mtime", data=b"epoch", mtime=0),
+        Spec("etc/fraction", data=b"frac", mtime=1_600_000_000.75),
+    ]
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# --- running the CLI -------------------------------------------------------
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)
+
+
+def run_cli(*args: str, stdin: Optional[bytes] = None, check: bool = False,
+            env: Optional[dict] = None) -> Result:
+    p = subprocess.run([sys.executable, "-m", "estargz", *map(str, args)], input=stdin,
+                       capture_output=True, cwd=REPO, env={**os.environ, **(env or {})})
+    r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+    if check and r.code != 0:
+        raise AssertionError(f"estargz {' '.join(map(str, args))} exited {r.code}: {r.err}")
+    return r
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+# --- the reference implementation ------------------------------------------
+
+@pytest.fixture(scope="session")
+def goref() -> Path:
+    """Path of our Go harness built against Debian's reference package."""
+    p = subprocess.run([str(REPO / "scripts" / "build-goref.sh")], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        pytest.fail(f"cannot build the Go reference harness: {p.stderr.strip()}")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def debian_layer() -> Path:
+    """A real Debian root filesystem layer, built by testdata/ and cached."""
+    p = subprocess.run([str(REPO / "testdata" / "build-debian-rootfs.sh")],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.fail(f"cannot build the Debian rootfs layer: {p.stderr.strip()[-2000:]}")
+    return Path(p.stdout.strip().splitlines()[-1])
