@@ -19,6 +19,13 @@ BLOCK = tarfile.BLOCKSIZE
 ZERO_BLOCK = bytes(BLOCK)
 # Largest PAX global header we look past to see whether the archive ends.
 _MAX_PEEK = 1 << 20
+# ``TarInfo.fromtarfile`` reads a PAX or GNU long-name record whole, and a
+# GNU sparse map block by block, with no limit of its own: a header claiming
+# a huge record over a gzip bomb would fill memory. Like Go's archive/tar
+# (maxSpecialFileSize), refuse a record above 1 MiB, and more than a few MiB
+# of header data for one member in all.
+MAX_SPECIAL_SIZE = 1 << 20
+MAX_HEADER_DATA = 4 << 20
 
 
 def padded(size: int) -> int:
@@ -84,10 +91,34 @@ class PeekableStream:
             self._pos += len(got)
 
 
+class _HeaderTooLarge(Exception):
+    """Raised inside ``fromtarfile`` when a member's header data is too big."""
+
+
+class _HeaderReader:
+    """``stream`` as ``fromtarfile`` sees it: reads counted against a budget."""
+
+    def __init__(self, stream: PeekableStream) -> None:
+        self._stream = stream
+        self.budget = MAX_HEADER_DATA
+
+    def read(self, n: int) -> bytes:
+        if n > MAX_SPECIAL_SIZE:
+            raise _HeaderTooLarge(f"extended header record of {n} bytes exceeds "
+                                  f"the {MAX_SPECIAL_SIZE}-byte limit")
+        if n > self.budget:
+            raise _HeaderTooLarge(f"more than {MAX_HEADER_DATA} bytes of header data")
+        self.budget -= n
+        return self._stream.read(n)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+
 class _Ctx:
     """The few attributes ``TarInfo.fromtarfile`` reads from a ``TarFile``."""
 
-    def __init__(self, fileobj: PeekableStream) -> None:
+    def __init__(self, fileobj: _HeaderReader) -> None:
         self.fileobj = fileobj
         self.offset = 0
         self.encoding = "utf-8"
@@ -106,7 +137,7 @@ def iter_headers(stream: PeekableStream,
     A stream that ends cleanly at a header boundary without end-of-archive
     blocks is accepted, as Go's reader does.
     """
-    ctx = _Ctx(stream)
+    ctx = _Ctx(_HeaderReader(stream))
     while True:
         stream.skip_to(ctx.offset)
         head = stream.peek(BLOCK)
@@ -119,10 +150,17 @@ def iter_headers(stream: PeekableStream,
         if head[156:157] == tarfile.XGLTYPE and _global_then_end(stream, head):
             return
         at = ctx.offset
+        ctx.fileobj.budget = MAX_HEADER_DATA
         try:
             ti = tarfile.TarInfo.fromtarfile(ctx)
-        except (tarfile.HeaderError, ValueError, UnicodeError, OverflowError) as e:
+        except (tarfile.HeaderError, ValueError, UnicodeError, OverflowError,
+                _HeaderTooLarge) as e:
             raise error(f"invalid tar header at offset {at}: {e or 'bad header'}") from None
+        except RecursionError:
+            # fromtarfile recurses once per PAX or GNU long-name header in
+            # front of a member; a long run of them exhausts the stack.
+            raise error(f"invalid tar header at offset {at}: "
+                        "too many extended headers in a row") from None
         yield ti
 
 

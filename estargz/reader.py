@@ -132,8 +132,11 @@ def read_member_prefix(source: RangeSource, start: int, end: int, size: int,
                        name: Optional[str] = None) -> Iterator[bytes]:
     """Yield the first ``size`` uncompressed bytes of the gzip data at
     ``[start, end)`` of ``source``, reading no byte outside that range."""
+    def error(message: str, offset: Optional[int] = None) -> InvalidBlob:
+        return InvalidBlob(message, entry=name, offset=offset)
+
     reader = GzipMembersReader(SequentialReader(source, start, end).read, base=start,
-                               track_members=False)
+                               error=error, track_members=False)
     left = size
     while left:
         piece = reader.read(min(left, _PIECE))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine:
+# the reference implementation and its Go sources (for the interop harness),
+# the tools the tests drive (GNU tar, gzip, zstd, pigz, debootstrap), and tox.
+# Idempotent; needs root (or sudo) for apt.
+set -euo pipefail
+
+APT_PACKAGES=(
+  # the reference: ctr-remote, the spec, and the Go package our harness builds against
+  stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev
+  golang-github-klauspost-compress-dev golang-github-cespare-xxhash-dev
+  golang-github-opencontainers-go-digest-dev golang-github-vbatts-tar-split-dev
+  golang-golang-x-sync-dev
+  # tools the tests and benchmarks run
+  tar gzip zstd pigz debootstrap python3-venv
+)
+
+sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${missing[@]}" >&2
+fi
+
+PY=${PYTHON:-python3}
+"$PY" -m tox --version >/dev/null 2>&1 || "$PY" -m pip install -q 'tox>=4' >&2
