@@ -94,6 +94,43 @@ def test_reference_reads_our_blob(tmp_path, goref, case):
                                  ".no.prefetch.landmark")
 
 
+def sparse_tar(tmp_path: Path, fmt: str) -> bytes:
+    root = tmp_path / "sparse-root"
+    root.mkdir(exist_ok=True)
+    with open(root / "holes", "wb") as f:
+        f.write(b"start")
+        f.seek(200_000)
+        f.write(b"end")
+    tar = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-C", root, "-cf", tar, "holes"],
+                   check=True)
+    return tar.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["gnu-long-names", "pax-global", "repeated-names",
+                                  "sparse-gnu", "sparse-pax", "estargz-input"])
+def test_reference_reads_our_conversion_of_unusual_tars(tmp_path, goref, case):
+    specs = every_kind_specs()
+    if case == "gnu-long-names":
+        tar = build_tar(specs, fmt=tarfile.GNU_FORMAT)
+    elif case == "pax-global":
+        tar = build_tar(specs, pax_global={"comment": "made by git archive"})
+    elif case == "repeated-names":
+        tar = build_tar(specs + [Spec("etc/small", data=b"replaced"),
+                                 Spec("etc/symlink", tarfile.SYMTYPE, linkname="exact")])
+    elif case.startswith("sparse"):
+        tar = sparse_tar(tmp_path, "gnu" if case == "sparse-gnu" else "posix")
+    else:
+        _, first, _ = convert_both(tmp_path, build_tar(specs), "--chunk-size", str(CHUNK))
+        tar = first.read_bytes()
+    src, out, result = convert_both(tmp_path, tar, "--chunk-size", str(CHUNK))
+    if case == "estargz-input":
+        # The input's own TOC and landmark are replaced, not carried as files.
+        src = write(tmp_path / "orig.tar", build_tar(specs))
+    assert_reference_reads_input(goref, src, out, result["toc_digest"],
+                                 ".no.prefetch.landmark")
+
+
 def test_reference_reads_prioritized_nested_hardlinked_and_symlinked(tmp_path, goref):
     specs = every_kind_specs() + [
         Spec("usr/", tarfile.DIRTYPE), Spec("usr/bin/", tarfile.DIRTYPE),
