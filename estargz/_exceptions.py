@@ -12,8 +12,10 @@ only that one::
     │   ├── FooterError         the footer cannot locate a TOC
     │   ├── TOCError            the TOC entry or its JSON is wrong
     │   └── DigestMismatch      content or TOC does not match its digest
-    ├── NotFound                a path is not in the layer
-    └── StorageError            reading or writing the filesystem failed
+    ├── NotFound                a path, image, tag or blob does not exist
+    ├── StorageError            reading or writing the filesystem failed
+    └── RegistryError           a registry or daemon refused or failed a request
+        └── AuthenticationError 401/403: credentials missing or refused
 
 Errors carry a one-line message meant for people; ``InvalidBlob`` subclasses
 also carry the ``entry`` name and blob ``offset`` where known.
@@ -90,3 +92,13 @@ class StorageError(EstargzError):
     """Reading an input or writing an output failed (missing file, full disk)."""
 
     exit_code = 3
+
+
+class RegistryError(EstargzError):
+    """A registry (or the Docker daemon) refused or failed a request."""
+
+    exit_code = 4
+
+
+class AuthenticationError(RegistryError):
+    """The registry answered 401 or 403: credentials are missing or refused."""

@@ -65,6 +65,107 @@ def main() -> None:
     """Convert container image layers to eStargz, for lazy pulling."""
 
 
+def _creds(text: Optional[str]) -> Optional[tuple[str, str]]:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise click.BadParameter("expected USER:PASS")
+    return user, password
+
+
+def _tls(value: str) -> bool:
+    return value.lower() not in ("false", "0", "no")
+
+
+@main.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--oci", is_flag=True, help="Write OCI media types (Docker ones cannot carry "
+              "the TOC digest annotation).")
+@click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
+              help="Platform to convert from an index (repeatable; default: this host's).")
+@click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
+@click.option("--reuse", is_flag=True,
+              help="Keep layers that already are eStargz with a verifying TOC digest.")
+@click.option("--record-in", type=click.Path(dir_okay=False), default=None,
+              help="Prioritized files per layer, as written by ctr-remote optimize "
+                   "--record-out (JSON lines).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
+              show_default=True, help="Largest payload chunk, in bytes.")
+@click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
+              show_default=True, help="gzip level.")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="Compression threads per layer (default: cores shared among layers).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
+              show_default=True, help="Deflate implementation.")
+@click.option("--src-creds", default=None, metavar="USER:PASS", help="Source registry credentials.")
+@click.option("--dest-creds", default=None, metavar="USER:PASS",
+              help="Destination registry credentials.")
+@click.option("--src-tls-verify", default="true", metavar="BOOL",
+              help="Verify the source registry's TLS certificate (false also allows HTTP).")
+@click.option("--dest-tls-verify", default="true", metavar="BOOL",
+              help="Verify the destination registry's TLS certificate (false also allows HTTP).")
+@click.option("--src-cert-dir", "--cert-dir", "cert_dir", default=None, metavar="DIR",
+              help="Directory of CA certificates (*.crt) for the registries.")
+@click.option("--authfile", default=None, metavar="FILE",
+              help="Credentials file (containers auth.json format); default REGISTRY_AUTH_FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def image_convert_cmd(src: str, dst: str, oci: bool, platforms: tuple[str, ...],
+                      all_platforms: bool, reuse: bool, record_in: Optional[str],
+                      chunk_size: int, compression_level: int, workers: int, backend: str,
+                      src_creds: Optional[str], dest_creds: Optional[str],
+                      src_tls_verify: str, dest_tls_verify: str, cert_dir: Optional[str],
+                      authfile: Optional[str], as_json: bool, quiet: bool) -> None:
+    """Convert image SRC to eStargz at DST.
+
+    References as in skopeo: oci:PATH[:TAG] (or a bare PATH), oci-archive:PATH[:TAG],
+    docker-archive:PATH[:NAME:TAG], docker://HOST[:PORT]/REPO[:TAG|@DIGEST],
+    docker-daemon:NAME[:TAG].
+    """
+    from .descriptor import Platform
+    from .imageconvert import ImageConvertOptions, convert_image, read_records
+    from .imagestore import TransportOptions
+
+    def body() -> None:
+        records = {}
+        if record_in is not None:
+            try:
+                with open(record_in, encoding="utf-8") as f:
+                    records = read_records(f)
+            except OSError as e:
+                raise StorageError(f"cannot read {record_in}: {e.strerror}") from None
+        options = ImageConvertOptions(
+            layer=ConvertOptions(chunk_size=chunk_size, compression_level=compression_level,
+                                 workers=workers, backend=backend),
+            oci=oci, platforms=tuple(Platform.parse(p) for p in platforms),
+            all_platforms=all_platforms, reuse=reuse, records=records,
+            src=TransportOptions(tls_verify=_tls(src_tls_verify), cert_dir=cert_dir,
+                                 credentials=_creds(src_creds), auth_file=authfile),
+            dst=TransportOptions(tls_verify=_tls(dest_tls_verify), cert_dir=cert_dir,
+                                 credentials=_creds(dest_creds), auth_file=authfile))
+        show = not quiet and not as_json and sys.stderr.isatty()
+
+        def progress(event: str, report: Any) -> None:
+            if show:
+                click.echo(f"layer {report.index} {report.old_digest[:19]} "
+                           f"{report.old_size:>12,} -> {report.new_size:>12,}  "
+                           f"{report.action} {report.seconds:.1f}s", err=True)
+
+        result = convert_image(src, dst, options, progress)
+        if not quiet:
+            for w in result.warnings:
+                click.echo(f"estargz: warning: {w}", err=True)
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2))
+        elif not quiet:
+            dropped = f", dropped {len(result.dropped)} index entries" if result.dropped else ""
+            click.echo(f"{result.destination}: {result.digest} "
+                       f"({len(result.layers)} layers{dropped}, {result.seconds:.1f}s)")
+    _run(body)
+
+
 @main.group()
 def layer() -> None:
     """Convert, verify and read single eStargz layer blobs."""
