@@ -173,7 +173,13 @@ class _Run:
                    ) -> tuple[Descriptor, Optional[LayerResult], str, float]:
         started = time.monotonic()
         if self.options.reuse and self._reusable(layer):
-            self.dest.put_blob(layer, self._blob_file(layer))
+            origin = self.source.origin
+            mount = origin[1] if origin and origin[0] == self.dest.registry_host else None
+            if not self.dest.has_blob(layer):
+                path = self._blob_file(layer)
+                self.dest.put_blob(layer, path, mount_from=mount)
+                if path.startswith(self.work):
+                    os.unlink(path)
             return layer, None, "reused", time.monotonic() - started
         if layer.media_type not in CONVERTIBLE_LAYERS:
             raise InvalidInput(f"layer {layer.digest} has unsupported media type "
@@ -211,6 +217,13 @@ class _Run:
         want = layer.annotations.get(TOC_DIGEST_ANNOTATION)
         if not want or layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP):
             return False
+        # Only the footer and the TOC are read: by range, from a registry.
+        remote = self.source.range_source(layer)
+        if remote is not None:
+            try:
+                return LayerReader(remote).toc_digest == want
+            except EstargzError:
+                return False
         path = self._blob_file(layer)
         try:
             with FileSource(path) as src:

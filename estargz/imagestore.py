@@ -22,6 +22,7 @@ from typing import BinaryIO, Optional
 from ._exceptions import DigestMismatch
 from .descriptor import Descriptor
 from .reference import ImageRef
+from .source import RangeSource
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,16 @@ class ImageSource(ABC):
     def fetch_blob(self, desc: Descriptor, dst: BinaryIO) -> None:
         """Write blob ``desc`` to ``dst``, verified against its digest and size."""
 
+    #: ``(registry host, repository)`` for a registry source, so a destination
+    #: on the same registry can mount its blobs instead of uploading them.
+    origin: Optional[tuple[str, str]] = None
+
     def local_blob_path(self, desc: Descriptor) -> Optional[str]:
         """A local file already holding the blob, to convert without a copy."""
+        return None
+
+    def range_source(self, desc: Descriptor) -> Optional[RangeSource]:
+        """Random access to a blob without fetching it all, where possible."""
         return None
 
     def close(self) -> None:
@@ -74,6 +83,8 @@ class ImageDestination(ABC):
     #: Whether manifests written here can carry descriptor annotations
     #: (a docker-archive cannot).
     keeps_annotations: bool = True
+    #: The registry host, for a registry destination (see ``ImageSource.origin``).
+    registry_host: Optional[str] = None
 
     @abstractmethod
     def has_blob(self, desc: Descriptor) -> bool:
