@@ -1,0 +1,694 @@
+#!/usr/bin/env python3
+"""Build small container images for tests, from Debian packages, into a cache.
+
+Usage: testdata/images/build.py [--force] IMAGE...
+       testdata/images/build.py [--force] all
+
+IMAGE is one of:
+
+  busybox             OCI layout, one gzip layer: Debian's busybox-static as
+                      /bin/busybox plus one symlink per applet; Cmd ["sh"];
+                      host architecture; tag "latest".  Also oci-archive.tar.
+  debian-multilayer   OCI layout made with umoci: layer 1 is the Debian minbase
+                      rootfs (testdata/build-debian-rootfs.sh), layer 2 a real
+                      `umoci repack` diff layer (adds /usr/local/bin/hello,
+                      changes /etc/motd, whiteout for /etc/issue.net).
+  two-platform        OCI layout whose tag "latest" is an image index: the
+                      busybox image (host platform), a synthetic arm64 image
+                      (text files only; amd64 on an arm64 host) and one
+                      BuildKit-style attestation manifest per platform
+                      (platform unknown/unknown).  Tag "platforms-only" is the
+                      same index without the attestations.
+  docker-media-types  The busybox image with Docker schema 2 media types, as an
+                      OCI layout (oci/) and as a `docker save` archive
+                      (docker-archive.tar, RepoTags busybox:latest).
+
+Output: ${ESTARGZ_CACHE:-$HOME/.cache/estargz-dev}/images/IMAGE/, holding
+oci/ (the OCI image layout), build-info.json and, depending on the image,
+oci-archive.tar or docker-archive.tar.  The directory's path is printed as the
+last line on stdout (for "all", one line per image); progress goes to stderr.
+
+The directory is built under a temporary name beside it and renamed into
+place, so it is either complete or absent.  A cached image is reused when its
+build-info.json "key" matches: a hash of this script and of the inputs
+(busybox-static version, the Debian layer tar, tool versions,
+SOURCE_DATE_EPOCH).  --force rebuilds anyway.  Builders of the same image
+serialize on a lock file; temporary directories left by a killed build are
+removed by the next one.
+
+Everything gets fixed timestamps (SOURCE_DATE_EPOCH, default 1704067200 =
+2024-01-01T00:00:00Z): rebuilding from the same inputs gives the same digests.
+
+Needs: python3 >= 3.9 (stdlib only), dpkg; umoci (debian-multilayer), skopeo
+(oci-archive.tar, docker-archive.tar and validation); root and debootstrap
+for the Debian layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CACHE_ROOT = Path(os.environ.get("ESTARGZ_CACHE") or Path.home() / ".cache" / "estargz-dev")
+IMAGES = CACHE_ROOT / "images"
+EPOCH = int(os.environ.get("SOURCE_DATE_EPOCH") or 1704067200)
+TAG = "latest"
+ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Media types.
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+IN_TOTO = "application/vnd.in-toto+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def log(msg: str) -> None:
+    print(f"[images] {msg}", file=sys.stderr, flush=True)
+
+
+class BuildError(Exception):
+    pass
+
+
+def run(*args: str, capture: bool = False, env: Optional[dict] = None) -> str:
+    """Run a command; its stdout goes to our stderr unless captured."""
+    cmd = [str(a) for a in args]
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE if capture else sys.stderr,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH), **(env or {})})
+    except FileNotFoundError:
+        raise BuildError(f"{cmd[0]} not found; install it (apt-get install {cmd[0]})")
+    if p.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+    return p.stdout if capture else ""
+
+
+def need(tool: str, package: str) -> None:
+    if shutil.which(tool) is None:
+        raise BuildError(f"{tool} not found; install it with: apt-get install {package}")
+
+
+def iso(ts: int) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def host_platform() -> dict:
+    """The OCI platform of this machine, from dpkg's architecture name."""
+    try:
+        deb = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        deb = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    table = {
+        "amd64": ("amd64", None), "arm64": ("arm64", "v8"), "armhf": ("arm", "v7"),
+        "armel": ("arm", "v5"), "i386": ("386", None), "ppc64el": ("ppc64le", None),
+        "s390x": ("s390x", None), "riscv64": ("riscv64", None), "mips64el": ("mips64le", None),
+    }
+    arch, variant = table.get(deb, (deb, None))
+    p = {"architecture": arch, "os": "linux"}
+    if variant:
+        p["variant"] = variant
+    return p
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+# --- writing an OCI image layout --------------------------------------------
+
+class Layout:
+    """An OCI image layout being written by hand."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        self.index: list[dict] = []
+
+    def blob(self, data: bytes, media_type: str, **extra) -> dict:
+        """Store ``data``; return its descriptor."""
+        digest = sha256(data)
+        path = self.root / "blobs" / "sha256" / digest.split(":", 1)[1]
+        if not path.exists():
+            path.write_bytes(data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data), **extra}
+
+    def read(self, desc: dict) -> bytes:
+        return (self.root / "blobs" / "sha256" / desc["digest"].split(":", 1)[1]).read_bytes()
+
+    def tag(self, desc: dict, name: str) -> None:
+        ann = {**desc.get("annotations", {}), REF_NAME: name}
+        self.index.append({**{k: v for k, v in desc.items() if k != "annotations"},
+                           "annotations": ann})
+
+    def finish(self) -> None:
+        (self.root / "index.json").write_bytes(canonical_json(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.index}))
+
+
+def read_layout(root: Path, tag: str = TAG):
+    """(index.json, descriptor tagged ``tag``) of an existing layout."""
+    index = json.loads((root / "index.json").read_text())
+    for d in index["manifests"]:
+        if d.get("annotations", {}).get(REF_NAME) == tag:
+            return index, d
+    raise BuildError(f"{root}: no tag {tag!r}")
+
+
+def blob_path(root: Path, digest: str) -> Path:
+    algo, hexd = digest.split(":", 1)
+    return root / "blobs" / algo / hexd
+
+
+# --- layer tars --------------------------------------------------------------
+
+class Entry:
+    def __init__(self, name: str, kind: bytes, mode: int, data: bytes = b"",
+                 linkname: str = "", mtime: int = EPOCH):
+        self.name, self.kind, self.mode = name, kind, mode
+        self.data, self.linkname, self.mtime = data, linkname, mtime
+
+
+def make_tar(entries: Iterable[Entry]) -> bytes:
+    """A deterministic layer tar: parents first, names sorted, no './'."""
+    by_name = {e.name.strip("/"): e for e in entries}
+    # Every parent directory gets an entry.
+    for name in list(by_name):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            by_name.setdefault("/".join(parts[:i]), Entry("/".join(parts[:i]), tarfile.DIRTYPE, 0o755))
+    order = sorted(by_name, key=lambda n: n.split("/"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in order:
+            e = by_name[name]
+            ti = tarfile.TarInfo(name + "/" if e.kind == tarfile.DIRTYPE else name)
+            ti.type, ti.mode, ti.mtime = e.kind, e.mode, e.mtime
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = "root"
+            ti.linkname = e.linkname
+            if e.kind == tarfile.REGTYPE:
+                ti.size = len(e.data)
+                tf.addfile(ti, io.BytesIO(e.data))
+            else:
+                tf.addfile(ti)
+    return buf.getvalue()
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip with a fixed header (mtime 0, no name) for reproducible digests."""
+    out = io.BytesIO()
+    with gzip.GzipFile(filename="", fileobj=out, mode="wb", compresslevel=9, mtime=0) as gz:
+        gz.write(data)
+    return out.getvalue()
+
+
+# --- busybox-static from Debian ---------------------------------------------
+
+def is_static_elf(data: bytes) -> bool:
+    """True for an ELF executable with no PT_INTERP (no dynamic loader)."""
+    import struct
+    if data[:4] != b"\x7fELF":
+        return False
+    is64, little = data[4] == 2, data[5] == 1
+    e = "<" if little else ">"
+    if is64:
+        phoff, = struct.unpack_from(e + "Q", data, 0x20)
+        phentsize, phnum = struct.unpack_from(e + "HH", data, 0x36)
+    else:
+        phoff, = struct.unpack_from(e + "I", data, 0x1C)
+        phentsize, phnum = struct.unpack_from(e + "HH", data, 0x2A)
+    for i in range(phnum):
+        p_type, = struct.unpack_from(e + "I", data, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def busybox_from_debian(tmp: Path) -> tuple[bytes, str]:
+    """(binary, package version) of busybox-static: the installed copy when
+    its md5sum matches dpkg's record, else the .deb from apt-get download."""
+    pkg = "busybox-static"
+    q = subprocess.run(["dpkg-query", "-W", "-f", "${Status}\t${Version}", pkg],
+                       capture_output=True, text=True)
+    if q.returncode == 0 and q.stdout.startswith("install ok installed"):
+        version = q.stdout.split("\t", 1)[1]
+        sums = Path(f"/var/lib/dpkg/info/{pkg}.md5sums")
+        if not sums.exists():
+            sums = Path(f"/var/lib/dpkg/info/{pkg}:{host_debarch()}.md5sums")
+        for line in sums.read_text().splitlines():
+            md5, name = line.split(None, 1)
+            if name.strip() in ("bin/busybox", "usr/bin/busybox"):
+                for cand in ("/" + name.strip(), "/bin/busybox", "/usr/bin/busybox"):
+                    if os.path.exists(cand):
+                        data = Path(cand).read_bytes()
+                        if hashlib.md5(data).hexdigest() == md5:
+                            return data, version
+                log(f"installed {pkg} does not match its md5sums; downloading the .deb")
+                break
+    need("apt-get", "apt")
+    log(f"apt-get download {pkg}")
+    dl = tmp / "deb"
+    dl.mkdir()
+    p = subprocess.run(["apt-get", "download", pkg], cwd=dl, stdout=sys.stderr,
+                       stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise BuildError(f"apt-get download {pkg} failed (run apt-get update?): {p.stderr.strip()}")
+    deb = next(dl.glob("*.deb"))
+    version = run("dpkg-deb", "-f", deb, "Version", capture=True).strip()
+    fs = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(fs)) as tf:
+        for m in tf:
+            if m.name.lstrip("./") in ("bin/busybox", "usr/bin/busybox") and m.isfile():
+                return tf.extractfile(m).read(), version
+    raise BuildError(f"{deb.name} has no bin/busybox")
+
+
+def host_debarch() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                          text=True).stdout.strip() or "amd64"
+
+
+def busybox_applets(binary: bytes, tmp: Path) -> list[str]:
+    """Applet paths (e.g. 'bin/sh', 'usr/bin/env') from `busybox --list-full`."""
+    exe = tmp / "busybox"
+    exe.write_bytes(binary)
+    exe.chmod(0o755)
+    out = run(exe, "--list-full", capture=True)
+    exe.unlink()
+    names = sorted({l.strip().lstrip("/") for l in out.splitlines()
+                    if "/" in l and l.strip().lstrip("/") != "bin/busybox"})
+    if "bin/sh" not in names:
+        raise BuildError("busybox --list-full has no bin/sh")
+    return names
+
+
+# --- image builders ------------------------------------------------------------
+
+def busybox_inputs() -> tuple[dict, Callable[[Path], None]]:
+    # The binary is read once here for the key; build() reuses it.
+    tmp = Path(tempfile.mkdtemp(prefix="estargz-busybox-"))
+    try:
+        binary, version = busybox_from_debian(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not is_static_elf(binary):
+        raise BuildError("busybox-static's /bin/busybox is not a static executable")
+    inputs = {"busybox-static": version, "busybox.sha256": sha256(binary),
+              "platform": host_platform()}
+
+    def build(out: Path) -> None:
+        applets = busybox_applets(binary, out)
+        entries = [Entry("bin/busybox", tarfile.REGTYPE, 0o755, binary)]
+        entries += [Entry(a, tarfile.SYMTYPE, 0o777, linkname="/bin/busybox") for a in applets]
+        entries += [
+            Entry("etc/passwd", tarfile.REGTYPE, 0o644,
+                  b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
+            Entry("etc/group", tarfile.REGTYPE, 0o644, b"root:x:0:\nnogroup:x:65534:\n"),
+            Entry("dev", tarfile.DIRTYPE, 0o755), Entry("proc", tarfile.DIRTYPE, 0o755),
+            Entry("sys", tarfile.DIRTYPE, 0o755), Entry("root", tarfile.DIRTYPE, 0o700),
+            Entry("tmp", tarfile.DIRTYPE, 0o1777), Entry("var", tarfile.DIRTYPE, 0o755),
+            Entry("sbin", tarfile.DIRTYPE, 0o755), Entry("usr/sbin", tarfile.DIRTYPE, 0o755),
+        ]
+        tar = make_tar(entries)
+        layout = Layout(out / "oci")
+        layer = layout.blob(gzip_bytes(tar), OCI_LAYER_GZIP)
+        created_by = f"estargz testdata/images/build.py busybox (busybox-static {version})"
+        config = {
+            "created": iso(EPOCH),
+            **host_platform(),
+            "config": {"Env": [ENV_PATH], "Cmd": ["sh"]},
+            "rootfs": {"type": "layers", "diff_ids": [sha256(tar)]},
+            "history": [{"created": iso(EPOCH), "created_by": created_by}],
+        }
+        cfg = layout.blob(canonical_json(config), OCI_CONFIG)
+        manifest = layout.blob(canonical_json(
+            {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cfg, "layers": [layer]}),
+            OCI_MANIFEST)
+        layout.tag(manifest, TAG)
+        layout.finish()
+        validate(out / "oci", TAG)
+        # An oci-archive (a tar of the layout) for `ctr images import`.
+        need("skopeo", "skopeo")
+        run("skopeo", "copy", "--quiet", f"oci:{out / 'oci'}:{TAG}",
+            f"oci-archive:{out / 'oci-archive.tar'}:{TAG}")
+        normalize_tar(out / "oci-archive.tar")
+
+    return inputs, build
+
+
+def debian_multilayer_inputs() -> tuple[dict, Callable[[Path], None]]:
+    script = REPO / "testdata" / "build-debian-rootfs.sh"
+    log("getting the Debian minbase layer (testdata/build-debian-rootfs.sh)")
+    p = subprocess.run([str(script)], stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    if p.returncode != 0 or not p.stdout.strip():
+        raise BuildError(f"{script} failed (exit {p.returncode})")
+    base = Path(p.stdout.strip().splitlines()[-1])
+    st = base.stat()
+    need("umoci", "umoci")
+    inputs = {"base": str(base), "base.size": st.st_size, "base.mtime_ns": st.st_mtime_ns,
+              "umoci": run("umoci", "--version", capture=True).strip()}
+
+    def build(out: Path) -> None:
+        img = out / "oci"
+        ref = f"{img}:{TAG}"
+        t0, t1 = iso(EPOCH), iso(EPOCH + 86400)
+        run("umoci", "init", "--layout", img)
+        run("umoci", "new", "--image", ref)
+        run("umoci", "config", "--image", ref, "--created", t0, "--no-history",
+            "--architecture", host_platform()["architecture"], "--os", "linux")
+        log("umoci raw add-layer (Debian minbase)")
+        run("umoci", "raw", "add-layer", "--image", ref, "--history.created", t0,
+            "--history.created_by", "debootstrap --variant=minbase bookworm "
+            "(testdata/build-debian-rootfs.sh)", base)
+        log("umoci unpack")
+        bundle = out / "bundle"
+        run("umoci", "unpack", "--image", ref, bundle)
+        rootfs = bundle / "rootfs"
+        hello = rootfs / "usr/local/bin/hello"
+        hello.write_text('#!/bin/sh\necho "hello from layer 2"\n')
+        hello.chmod(0o755)
+        (rootfs / "etc/motd").write_text("Debian minbase + estargz test layer 2.\n")
+        (rootfs / "etc/issue.net").unlink()
+        for p_ in (hello, rootfs / "etc/motd", rootfs / "usr/local/bin", rootfs / "etc"):
+            os.utime(p_, (EPOCH + 86400, EPOCH + 86400), follow_symlinks=False)
+        log("umoci repack (diff layer)")
+        run("umoci", "repack", "--image", ref, "--history.created", t1,
+            "--history.created_by", "add /usr/local/bin/hello, change /etc/motd, "
+            "remove /etc/issue.net", bundle)
+        shutil.rmtree(bundle)
+        run("umoci", "config", "--image", ref, "--created", t1, "--config.env", ENV_PATH,
+            "--config.cmd", "bash", "--history.created", t1,
+            "--history.created_by", '/bin/sh -c #(nop)  CMD ["bash"]')
+        run("umoci", "gc", "--layout", img)
+        fix_modes(img)
+        check_debian_diff_layer(img)
+        validate(img, TAG)
+
+    return inputs, build
+
+
+def check_debian_diff_layer(img: Path) -> None:
+    _, desc = read_layout(img)
+    manifest = json.loads(blob_path(img, desc["digest"]).read_bytes())
+    if len(manifest["layers"]) != 2:
+        raise BuildError(f"expected 2 layers, got {len(manifest['layers'])}")
+    with tarfile.open(blob_path(img, manifest["layers"][1]["digest"]), "r:gz") as tf:
+        names = {m.name.rstrip("/") for m in tf}
+    want = {"usr/local/bin/hello", "etc/motd", "etc/.wh.issue.net"}
+    if not want <= names or {"usr", "usr/local"} & names:
+        raise BuildError(f"unexpected diff layer entries: {sorted(names)}")
+
+
+def synthetic_image(layout: Layout, plat: dict) -> dict:
+    """A tiny image of text files for a platform that will never run here."""
+    arch = plat["architecture"] + ("/" + plat["variant"] if "variant" in plat else "")
+    files = {
+        "etc/hostname": b"synthetic\n",
+        "etc/os-release": f'NAME="estargz synthetic"\nID=synthetic\nARCH={arch}\n'.encode(),
+        "usr/share/doc/synthetic/README":
+            f"A synthetic linux/{arch} image for platform selection tests.\n"
+            "It holds text files only and is never run.\n".encode(),
+    }
+    files.update({f"srv/data/file-{i:02d}.txt": f"line {i}\n".encode() * (i + 1) for i in range(8)})
+    tar = make_tar(Entry(n, tarfile.REGTYPE, 0o644, d) for n, d in files.items())
+    layer = layout.blob(gzip_bytes(tar), OCI_LAYER_GZIP)
+    config = {
+        "created": iso(EPOCH), **plat,
+        "config": {"Env": [ENV_PATH], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(tar)]},
+        "history": [{"created": iso(EPOCH), "created_by": "estargz testdata/images/build.py two-platform"}],
+    }
+    cfg = layout.blob(canonical_json(config), OCI_CONFIG)
+    return layout.blob(canonical_json(
+        {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cfg, "layers": [layer]}),
+        OCI_MANIFEST)
+
+
+def attestation(layout: Layout, subject: dict, plat: dict) -> dict:
+    """A BuildKit-style provenance attestation manifest for ``subject``."""
+    arch = plat["architecture"] + ("/" + plat["variant"] if "variant" in plat else "")
+    statement = {
+        "_type": "https://in-toto.io/Statement/v0.1",
+        "predicateType": "https://slsa.dev/provenance/v0.2",
+        "subject": [{"name": f"pkg:docker/estargz-test/two-platform@{TAG}?platform=linux%2F"
+                             + arch.replace("/", "%2F"),
+                     "digest": {"sha256": subject["digest"].split(":", 1)[1]}}],
+        "predicate": {"builder": {"id": ""}, "buildType": "https://mobyproject.org/buildkit@v1",
+                      "metadata": {"buildStartedOn": iso(EPOCH), "buildFinishedOn": iso(EPOCH)}},
+    }
+    layer = layout.blob(canonical_json(statement), IN_TOTO,
+                        annotations={"in-toto.io/predicate-type": "https://slsa.dev/provenance/v0.2"})
+    config = {"architecture": "unknown", "os": "unknown", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}
+    cfg = layout.blob(canonical_json(config), OCI_CONFIG)
+    m = layout.blob(canonical_json(
+        {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cfg, "layers": [layer]}),
+        OCI_MANIFEST)
+    return {**m, "annotations": {"vnd.docker.reference.digest": subject["digest"],
+                                 "vnd.docker.reference.type": "attestation-manifest"},
+            "platform": {"architecture": "unknown", "os": "unknown"}}
+
+
+def copy_image(src: Path, desc: dict, dst: Layout) -> None:
+    """Copy the blobs of the image manifest ``desc`` from layout ``src``."""
+    manifest = blob_path(src, desc["digest"]).read_bytes()
+    m = json.loads(manifest)
+    for d in [m["config"], *m["layers"]]:
+        dst.blob(blob_path(src, d["digest"]).read_bytes(), d["mediaType"])
+    dst.blob(manifest, desc["mediaType"])
+
+
+def two_platform_inputs() -> tuple[dict, Callable[[Path], None]]:
+    bb = ensure("busybox")
+    inputs = {"busybox": json.loads((bb / "build-info.json").read_text())["key"]}
+
+    def build(out: Path) -> None:
+        layout = Layout(out / "oci")
+        _, bb_desc = read_layout(bb / "oci")
+        copy_image(bb / "oci", bb_desc, layout)
+        host = host_platform()
+        other = ({"architecture": "arm64", "os": "linux", "variant": "v8"}
+                 if host["architecture"] != "arm64" else {"architecture": "amd64", "os": "linux"})
+        images = [({"mediaType": OCI_MANIFEST, "digest": bb_desc["digest"], "size": bb_desc["size"]}, host),
+                  (synthetic_image(layout, other), other)]
+        plain = [{**d, "platform": p} for d, p in images]
+        with_att = plain + [attestation(layout, d, p) for d, p in images]
+        for tag, manifests in (("latest", with_att), ("platforms-only", plain)):
+            idx = layout.blob(canonical_json(
+                {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}), OCI_INDEX)
+            layout.tag(idx, tag)
+        layout.finish()
+        for tag in ("latest", "platforms-only"):
+            validate(out / "oci", tag, index=True)
+
+    return inputs, build
+
+
+def docker_media_types_inputs() -> tuple[dict, Callable[[Path], None]]:
+    bb = ensure("busybox")
+    need("skopeo", "skopeo")
+    inputs = {"busybox": json.loads((bb / "build-info.json").read_text())["key"],
+              "skopeo": run("skopeo", "--version", capture=True).strip()}
+
+    def build(out: Path) -> None:
+        src = bb / "oci"
+        _, desc = read_layout(src)
+        m = json.loads(blob_path(src, desc["digest"]).read_bytes())
+        layout = Layout(out / "oci")
+        # Docker's image config is the same JSON; only the media types change.
+        cfg = layout.blob(blob_path(src, m["config"]["digest"]).read_bytes(), DOCKER_CONFIG)
+        layers = [layout.blob(blob_path(src, l["digest"]).read_bytes(), DOCKER_LAYER_GZIP)
+                  for l in m["layers"]]
+        manifest = layout.blob(canonical_json(
+            {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": cfg, "layers": layers}),
+            DOCKER_MANIFEST)
+        layout.tag(manifest, TAG)
+        layout.finish()
+        # skopeo (containers/image) ignores index.json entries that are not OCI
+        # media types ("no descriptor found for reference"), so it can neither
+        # validate this layout nor copy from it: the archive is made from the
+        # busybox layout.  Same config and layer bytes, so the same image ID.
+        # `docker save` format: manifest.json (Config, RepoTags, Layers),
+        # repositories, <config>.json and uncompressed layer tars.
+        run("skopeo", "copy", "--quiet", f"oci:{src}:{TAG}",
+            f"docker-archive:{out / 'docker-archive.tar'}:busybox:{TAG}")
+        normalize_tar(out / "docker-archive.tar")
+
+    return inputs, build
+
+
+BUILDERS = {
+    "busybox": busybox_inputs,
+    "debian-multilayer": debian_multilayer_inputs,
+    "two-platform": two_platform_inputs,
+    "docker-media-types": docker_media_types_inputs,
+}
+
+
+# --- validation and file modes ---------------------------------------------------
+
+def validate(layout: Path, tag: str, index: bool = False) -> None:
+    """skopeo must read the manifest (and, for one image, its config)."""
+    if shutil.which("skopeo") is None:
+        log("skopeo not found: skipping validation")
+        return
+    raw = json.loads(run("skopeo", "inspect", "--raw", f"oci:{layout}:{tag}", capture=True))
+    if index != (raw.get("mediaType") == OCI_INDEX):
+        raise BuildError(f"oci:{layout}:{tag}: unexpected manifest {raw.get('mediaType')}")
+    if not index:
+        run("skopeo", "inspect", "--config", f"oci:{layout}:{tag}", capture=True)
+
+
+def normalize_tar(path: Path) -> None:
+    """Rewrite a tar skopeo wrote with fixed mtimes and owners, in place.
+
+    skopeo stamps archive members with the current time; this keeps its
+    member names, order and contents and makes the archive reproducible."""
+    tmp = path.with_name(path.name + ".norm")
+    with tarfile.open(path) as src, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src:
+            m.mtime = EPOCH
+            m.uid = m.gid = 0
+            m.uname = m.gname = ""
+            m.pax_headers = {}
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    os.replace(tmp, path)
+
+
+def fix_modes(root: Path) -> None:
+    """umoci writes blobs 0600; make the cache readable like the rest."""
+    for dirpath, dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+
+
+# --- caching: key, lock, temp dir, rename ----------------------------------------
+
+def script_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def cached_key(out: Path) -> Optional[str]:
+    try:
+        return json.loads((out / "build-info.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+FORCE: set[str] = set()
+_DONE: dict[str, Path] = {}
+
+
+def ensure(name: str) -> Path:
+    """Build image ``name`` unless cached and current; return its directory."""
+    if name in _DONE:
+        return _DONE[name]
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = IMAGES / name
+    with open(IMAGES / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        inputs, build = BUILDERS[name]()
+        inputs = {"script": script_hash(), "SOURCE_DATE_EPOCH": EPOCH, **inputs}
+        key = hashlib.sha256(canonical_json(inputs)).hexdigest()
+        if name not in FORCE and out.is_dir() and cached_key(out) == key:
+            _DONE[name] = out
+            return out
+        # Holding the lock: leftovers of killed builds can go.
+        for stale in IMAGES.glob(f".{name}.tmp-*"):
+            log(f"removing stale {stale}")
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=IMAGES))
+        try:
+            log(f"building {name} in {tmp}")
+            t0 = time.monotonic()
+            build(tmp)
+            (tmp / "build-info.json").write_text(json.dumps(
+                {"image": name, "key": key, "inputs": inputs}, indent=2) + "\n")
+            fix_modes(tmp)
+            old = None
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-old-", dir=IMAGES))
+                os.rename(out, old / name)
+            os.rename(tmp, out)
+            tmp = None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            log(f"built {name} in {time.monotonic() - t0:.1f} s")
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    _DONE[name] = out
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="build.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("image", nargs="+", metavar="IMAGE", choices=[*BUILDERS, "all"])
+    ap.add_argument("--force", action="store_true",
+                    help="rebuild the image (not its dependencies) even if cached")
+    args = ap.parse_args(argv)
+    names = list(BUILDERS) if "all" in args.image else list(dict.fromkeys(args.image))
+    if args.force:
+        FORCE.update(names)
+
+    def on_term(signum, frame):
+        log("terminated")
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        outs = [ensure(n) for n in names]
+    except BuildError as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    for o in outs:
+        print(o, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
