@@ -292,7 +292,7 @@ def ls_cmd(blob: str, as_json: bool) -> None:
                     "uid": e.uid, "gid": e.gid, "modtime": e.modtime,
                     "linkName": e.link_name}, ensure_ascii=False))
                 continue
-            perms = stat.filemode(e.mode)[1:]
+            perms = stat.filemode(e.mode & 0o7777)[1:]
             target = f" -> {e.link_name}" if e.type == "symlink" else (
                 f" link to {e.link_name}" if e.type == "hardlink" else "")
             click.echo(f"{_MODE_CHAR[e.type]}{perms} {e.uid}/{e.gid} {e.size:>10} "

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
-from typing import Callable, Optional
+from typing import Callable, Container, Optional, Union
 
 from ._exceptions import EstargzError, InvalidBlob
 
 _PIECE = 1 << 20
+# Compressed bytes handed to zlib per call.
+_FEED = 1 << 14
 
 
 class GzipMembersReader:
@@ -22,20 +24,27 @@ class GzipMembersReader:
 
     ``read_compressed(n)`` returns up to ``n`` compressed bytes, ``b""`` at the
     end. ``base`` is the compressed offset of its first byte. Each member's
-    start is appended to :attr:`member_starts` as ``(upos, coffset)``.
+    start is appended to :attr:`member_starts` as ``(upos, coffset)`` -- or, when
+    ``track_members`` is a set of offsets, only the starts at those offsets.
     Truncated or corrupt data raises ``error`` (default :class:`InvalidBlob`).
     """
 
     def __init__(self, read_compressed: Callable[[int], bytes], base: int = 0,
                  error: Callable[..., EstargzError] = InvalidBlob,
-                 track_members: bool = True) -> None:
+                 track_members: Union[bool, Container[int]] = True) -> None:
         self._read = read_compressed
         self._cpos = base
-        self._in = b""
+        self._in = memoryview(b"")
+        self._at = 0  # position in ``_in`` of the first byte not yet consumed
         self._d: Optional["zlib._Decompress"] = None
         self._upos = 0
         self._error = error
-        self._track = track_members
+        # Which member starts to record: all, none, or only those at the given
+        # compressed offsets (a hostile blob of millions of empty members
+        # would otherwise fill memory with starts nobody asks about).
+        self._wanted: Optional[Container[int]] = (
+            None if track_members is True else
+            frozenset() if track_members is False else track_members)
         self.member_starts: deque[tuple[int, int]] = deque()
         self.members = 0
 
@@ -59,35 +68,42 @@ class GzipMembersReader:
         need = n
         while need > 0:
             if self._d is None:
-                if not self._in:
-                    self._in = self._read(_PIECE)
-                    if not self._in:
-                        break
+                if self._at == len(self._in) and not self._refill():
+                    break
                 self._d = zlib.decompressobj(31)
                 self.members += 1
-                if self._track:
+                if self._wanted is None or self._cpos in self._wanted:
                     self.member_starts.append((self._upos, self._cpos))
-            src = self._in
+            # zlib copies the input left over after a member into
+            # ``unused_data``; feeding it a bounded slice keeps that copy small
+            # when members are tiny (chunk size 1, or a hostile run of empty
+            # members), instead of copying the rest of a 1 MiB piece per member.
+            src = self._in[self._at:self._at + _FEED]
+            d = self._d
             try:
-                data = self._d.decompress(src, min(need, _PIECE))
+                data = d.decompress(src, min(need, _PIECE))
             except zlib.error as e:
                 raise self._error(f"invalid gzip data: {e}", offset=self._cpos) from None
-            if self._d.eof:
-                self._in = self._d.unused_data
+            # At a member's end the leftover input is ``unused_data`` (and
+            # ``unconsumed_tail`` may repeat it); before, it is the tail.
+            used = len(src) - len(d.unused_data if d.eof else d.unconsumed_tail)
+            self._at += used
+            self._cpos += used
+            if d.eof:
                 self._d = None
-            else:
-                self._in = self._d.unconsumed_tail
-            self._cpos += len(src) - len(self._in)
             if data:
                 out.append(data)
                 need -= len(data)
                 self._upos += len(data)
-            elif self._d is not None and not self._in:
-                more = self._read(_PIECE)
-                if not more:
-                    raise self._error("gzip stream is truncated", offset=self._cpos)
-                self._in = more
+            elif self._d is not None and self._at == len(self._in) and not self._refill():
+                raise self._error("gzip stream is truncated", offset=self._cpos)
         return b"".join(out)
+
+    def _refill(self) -> bool:
+        """Read the next piece of compressed input; False at the end."""
+        self._in = memoryview(self._read(_PIECE))
+        self._at = 0
+        return len(self._in) > 0
 
 
 def decompress_member(data: bytes, limit: int,

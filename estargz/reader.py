@@ -37,7 +37,7 @@ class LayerReader:
                               f"outside the {size}-byte blob")
         self._toc_stream = GzipMembersReader(
             SequentialReader(source, self.toc_offset, self.payload_end).read,
-            base=self.toc_offset, error=TOCError)
+            base=self.toc_offset, error=TOCError, track_members=False)
         stream = PeekableStream(self._toc_stream, error=_toc_error)
         headers = iter_headers(stream, error=_toc_error)
         head = next(headers, None)
@@ -46,6 +46,9 @@ class LayerReader:
         if head.name != TOC_TAR_NAME or not head.isreg():
             raise TOCError(f"tar entry at the TOC offset is {head.name!r}, "
                            f"not {TOC_TAR_NAME!r}", offset=self.toc_offset)
+        if head.size < 0:  # a PAX "size" record or a base-256 field can say so
+            raise TOCError(f"TOC tar entry has a negative size {head.size}",
+                           offset=self.toc_offset)
         if head.size > max_toc_size:
             raise TOCError(f"TOC JSON of {head.size} bytes exceeds the "
                            f"{max_toc_size}-byte limit", offset=self.toc_offset)
@@ -71,6 +74,9 @@ class LayerReader:
 
     def lookup(self, path: str) -> TOCEntry:
         """The entry at ``path``, following hardlinks. Raises :class:`NotFound`."""
+        return self.entries[self._index(path)]
+
+    def _index(self, path: str) -> int:
         i = self._by_name.get(clean_name(path))
         hops = 0
         while i is not None and self.entries[i].type == "hardlink" and hops < 40:
@@ -78,16 +84,16 @@ class LayerReader:
             hops += 1
         if i is None or self.entries[i].type == "hardlink":
             raise NotFound(f"{path!r} is not in the layer")
-        return self.entries[i]
+        return i
 
     def chunks(self, path: str) -> list[tuple[TOCEntry, int, int]]:
         """``(entry, size, next_offset)`` for each data chunk of file ``path``."""
-        e = self.lookup(path)
+        i = self._index(path)
+        e = self.entries[i]
         if e.type != "reg":
             raise NotFound(f"{path!r} is not a regular file")
         if e.size == 0:
             return []
-        i = self.entries.index(e)
         out = []
         entries = self.entries
         j = i
@@ -100,9 +106,12 @@ class LayerReader:
         return out
 
     def _next_offset(self, j: int) -> int:
-        for e in self.entries[j + 1:]:
-            if e.offset:
-                return e.offset
+        # By index, not by slicing: a slice would copy the rest of the TOC for
+        # every chunk, quadratic in a file of many chunks.
+        entries = self.entries
+        for k in range(j + 1, len(entries)):
+            if entries[k].offset:
+                return entries[k].offset
         return self.toc_offset
 
     def iter_file(self, path: str) -> Iterator[bytes]:

@@ -23,8 +23,10 @@ SUPPORTED_TYPES = frozenset({
 
 
 def printable(name: str) -> str:
-    """A name as people should see it, undecodable bytes shown escaped."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A name as people should see it on one line: undecodable bytes and
+    control characters shown as ``\\xNN`` escapes."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def check_member(ti: tarfile.TarInfo) -> None:

@@ -34,6 +34,8 @@ ENTRY_TYPES = frozenset(
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _INT_FIELDS = ("size", "mode", "uid", "gid", "offset", "devMajor", "devMinor",
                "chunkOffset", "chunkSize")
+# Narrower ranges: the reference keeps a mode as a 32-bit os.FileMode.
+_INT_LIMITS = {"mode": 1 << 32}
 _STR_FIELDS = ("name", "type", "modtime", "linkName", "userName", "groupName",
                "digest", "chunkDigest")
 
@@ -126,6 +128,17 @@ def encode_toc(encoded_entries: Iterable[str], version: int = 1) -> bytes:
         raise TOCError("TOC contains a name that is not valid UTF-8") from None
 
 
+def _check_unicode(i: int, key: str, value: str) -> None:
+    """Reject a lone surrogate (JSON's ``"\\ud800"``): no conforming writer
+    produces one (Go writes U+FFFD), and it cannot be printed or encoded."""
+    if value.isascii():  # constant time; the usual case
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TOCError(f"TOC entry {i}: {key!r} is not valid Unicode") from None
+
+
 def _entry_from_json(i: int, obj: Any) -> TOCEntry:
     if not isinstance(obj, dict):
         raise TOCError(f"TOC entry {i} is not a JSON object")
@@ -137,16 +150,19 @@ def _entry_from_json(i: int, obj: Any) -> TOCEntry:
         if value is None:
             continue
         if key in _INT_FIELDS:
-            if type(value) is not int or not 0 <= value < 1 << 63:
-                raise TOCError(f"TOC entry {i}: {key!r} is not a non-negative integer")
+            if type(value) is not int or not 0 <= value < _INT_LIMITS.get(key, 1 << 63):
+                raise TOCError(f"TOC entry {i}: {key!r} is not a non-negative integer"
+                               + (" below 2**32" if key in _INT_LIMITS else ""))
         elif key in _STR_FIELDS:
             if not isinstance(value, str):
                 raise TOCError(f"TOC entry {i}: {key!r} is not a string")
+            _check_unicode(i, key, value)
         else:  # xattrs
             if not isinstance(value, dict):
                 raise TOCError(f"TOC entry {i}: 'xattrs' is not an object")
             decoded = {}
             for k, v in value.items():
+                _check_unicode(i, "xattrs", k)
                 if not isinstance(v, str):
                     raise TOCError(f"TOC entry {i}: xattr {k!r} is not base64 text")
                 try:
@@ -169,6 +185,10 @@ class TOC:
     digest: str = ""
 
 
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # json.loads would take NaN, Infinity
+
+
 def decode_toc(data: bytes) -> TOC:
     """Parse TOC JSON bytes into a :class:`TOC` (structure only; see :func:`check_toc`).
 
@@ -180,7 +200,9 @@ def decode_toc(data: bytes) -> TOC:
         raise TOCError(f"TOC JSON of {len(data)} bytes exceeds the "
                        f"{MAX_TOC_JSON_SIZE}-byte limit")
     try:
-        obj = json.loads(data)
+        # Decoded as UTF-8 here: json.loads on bytes would also take UTF-16
+        # or UTF-32, or skip a byte order mark, which the reference refuses.
+        obj = json.loads(data.decode("utf-8"), parse_constant=_not_json)
     except (ValueError, RecursionError) as e:
         raise TOCError(f"TOC is not valid JSON: {e}") from None
     if data.rstrip(b" \t\r\n") != data:

@@ -57,7 +57,11 @@ def verify_blob(source: RangeSource, toc_digest: Optional[str] = None) -> Verify
     if toc_digest is not None and toc_digest != layer.toc_digest:
         raise DigestMismatch(f"TOC digest is {layer.toc_digest}, expected {toc_digest}")
     _check_toc_tail(layer)
-    gz = GzipMembersReader(SequentialReader(source, 0, layer.payload_end).read)
+    # Only members at offsets the TOC names matter; recording every start
+    # would let a blob of millions of empty members fill memory.
+    wanted = {e.offset for e in layer.entries if e.is_data()} | {layer.toc_offset}
+    gz = GzipMembersReader(SequentialReader(source, 0, layer.payload_end).read,
+                           track_members=wanted)
     stream = PeekableStream(gz, error=_blob_error)
     starts: dict[int, list[int]] = {}
 
@@ -159,9 +163,13 @@ def _compare(ti: tarfile.TarInfo, e: TOCEntry) -> None:
     kind = _KINDS.get(ti.type, f"type {ti.type!r}")
     if kind != e.type:
         raise bad("type", kind, e.type)
+    try:
+        modtime = format_modtime(ti.mtime)
+    except (ValueError, OverflowError, OSError):
+        # A PAX mtime of "nan" or "1e400", or a huge base-256 one.
+        raise bad("modtime", ti.mtime, e.modtime) from None
     checks = [("mode", ti.mode & 0o7777, e.mode & 0o7777), ("uid", ti.uid, e.uid),
-              ("gid", ti.gid, e.gid),
-              ("modtime", format_modtime(ti.mtime), e.modtime)]
+              ("gid", ti.gid, e.gid), ("modtime", modtime, e.modtime)]
     if e.type == "reg":
         checks.append(("size", ti.size, e.size))
     if e.type in ("symlink", "hardlink"):
