@@ -37,7 +37,8 @@ class DaemonSource(DockerArchiveSource):
     """An image in the Docker daemon, read as ``docker save`` output."""
 
     def __init__(self, ref: ImageRef, options: TransportOptions) -> None:
-        from docker.errors import APIError, DockerException, ImageNotFound
+        from docker.errors import APIError, DockerException
+        from docker.errors import NotFound as DockerNotFound
 
         assert ref.name is not None
         name = _short_name(ref.name)
@@ -50,7 +51,7 @@ class DaemonSource(DockerArchiveSource):
                 with open(path, "wb") as f:
                     for piece in stream:
                         f.write(piece)
-            except ImageNotFound:
+            except DockerNotFound:
                 raise NotFound(f"image {name} is not in the Docker daemon") from None
             except (APIError, DockerException) as e:
                 raise RegistryError(f"docker save {name} failed: {e}") from None
