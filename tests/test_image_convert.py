@@ -275,3 +275,60 @@ def test_unsupported_layer_media_type_leaves_nothing(tmp_path, test_images):
     r = run_cli("convert", f"oci:{src}:latest", f"oci:{existing}:new")
     assert r.code == 1
     assert {p: p.read_bytes() for p in existing.rglob("*") if p.is_file()} == before
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs: room for a manifest, not for a layer."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt], check=True)
+    yield mnt
+    subprocess.run(["umount", mnt], check=True)
+
+
+@pytest.mark.parametrize("kind", ["oci", "oci-archive", "docker-archive"])
+def test_full_disk_is_one_line_and_leaves_nothing(tiny_disk, test_images, kind):
+    dst = {"oci": f"oci:{tiny_disk}/layout:x", "oci-archive": f"oci-archive:{tiny_disk}/a.tar",
+           "docker-archive": f"docker-archive:{tiny_disk}/d.tar"}[kind]
+    # Converted layers are staged in TMPDIR; put that on the full disk too.
+    r = run_cli("convert", f"oci:{test_images.debian_multilayer}:latest", dst,
+                env={"TMPDIR": str(tiny_disk)})
+    assert r.code == 3, r.err
+    assert r.err.count("\n") == 1 and "No space left on device" in r.err
+    assert os.listdir(tiny_disk) == []
+
+
+def test_layer_convert_full_disk(tiny_disk, test_images):
+    src = test_images.busybox / "blobs" / "sha256"
+    biggest = max(src.iterdir(), key=lambda p: p.stat().st_size)
+    r = run_cli("layer", "convert", biggest, tiny_disk / "out.esgz")
+    assert r.code == 3
+    assert r.err.strip().endswith("No space left on device")
+    assert os.listdir(tiny_disk) == []
+
+
+def test_ctrl_c_leaves_no_output_and_no_temporaries(tmp_path, test_images):
+    import signal
+    import sys
+    import time
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "estargz", "convert",
+                          f"oci:{test_images.debian_multilayer}:latest", f"oci:{out}:x"],
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "TMPDIR": str(tmp)},
+                         cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(tmp.rglob("*.esgz")):
+        time.sleep(0.05)
+    assert any(tmp.rglob("*.esgz")), "conversion never started writing"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert err.strip() == "estargz: error: interrupted"
+    assert not out.exists()
+    assert list(tmp.iterdir()) == []
