@@ -11,9 +11,9 @@ the package layout, not to callers::
 
 __version__ = "0.1.0"
 
-from ._exceptions import (DigestMismatch, EstargzError, FooterError, InvalidBlob,
-                          InvalidInput, MissingPrioritizedFiles, NotFound, StorageError,
-                          TOCError, UnsupportedEntry)
+from ._exceptions import (AuthenticationError, DigestMismatch, EstargzError, FooterError,
+                          InvalidBlob, InvalidInput, MissingPrioritizedFiles, NotFound,
+                          RegistryError, StorageError, TOCError, UnsupportedEntry)
 from .converter import ConvertOptions, LayerResult, convert_layer
 from .footer import FOOTER_SIZE, footer_bytes, parse_footer
 from .reader import LayerReader
@@ -24,7 +24,7 @@ from .toc import (NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC, TOC_DIGEST_ANNOT
 from .verify import VerifyReport, verify_blob
 
 __all__ = [
-    "BytesSource", "ConvertOptions", "CountingSource", "DigestMismatch", "EstargzError",
+    "AuthenticationError", "RegistryError", "BytesSource", "ConvertOptions", "CountingSource", "DigestMismatch", "EstargzError",
     "FOOTER_SIZE", "FileSource", "FooterError", "InvalidBlob", "InvalidInput",
     "LayerReader", "LayerResult", "MissingPrioritizedFiles", "NO_PREFETCH_LANDMARK",
     "NotFound", "PREFETCH_LANDMARK", "RangeSource", "StorageError", "TOC",

@@ -65,13 +65,9 @@ def main() -> None:
     """Convert container image layers to eStargz, for lazy pulling."""
 
 
-def _creds(text: Optional[str]) -> Optional[tuple[str, str]]:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise click.BadParameter("expected USER:PASS")
-    return user, password
+def _creds(text: Optional[str], option: str) -> Optional[tuple[str, str]]:
+    from .auth import parse_creds
+    return None if text is None else parse_creds(text, option)
 
 
 def _tls(value: str) -> bool:
@@ -142,9 +138,11 @@ def image_convert_cmd(src: str, dst: str, oci: bool, platforms: tuple[str, ...],
             oci=oci, platforms=tuple(Platform.parse(p) for p in platforms),
             all_platforms=all_platforms, reuse=reuse, records=records,
             src=TransportOptions(tls_verify=_tls(src_tls_verify), cert_dir=cert_dir,
-                                 credentials=_creds(src_creds), auth_file=authfile),
+                                 credentials=_creds(src_creds, "--src-creds"),
+                                 auth_file=authfile),
             dst=TransportOptions(tls_verify=_tls(dest_tls_verify), cert_dir=cert_dir,
-                                 credentials=_creds(dest_creds), auth_file=authfile))
+                                 credentials=_creds(dest_creds, "--dest-creds"),
+                                 auth_file=authfile))
         show = not quiet and not as_json and sys.stderr.isatty()
 
         def progress(event: str, report: Any) -> None:

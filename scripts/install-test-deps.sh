@@ -13,6 +13,8 @@ APT_PACKAGES=(
   golang-golang-x-sync-dev
   # tools the tests and benchmarks run
   tar gzip zstd pigz debootstrap python3-venv
+  # real image tooling and daemons the image tests start on private sockets
+  docker-registry skopeo umoci containerd runc crun docker.io busybox-static
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
