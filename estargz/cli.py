@@ -13,12 +13,12 @@ import signal
 import stat
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import click
 
 from . import __version__
-from ._exceptions import EstargzError, StorageError
+from ._exceptions import EstargzError, NotFound, StorageError
 from .compression import BACKENDS, DEFAULT_BACKEND
 from .converter import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertOptions,
                         atomic_output, convert_layer)
@@ -164,6 +164,51 @@ def image_convert_cmd(src: str, dst: str, oci: bool, platforms: tuple[str, ...],
     _run(body)
 
 
+
+def _remote_options(f: Callable) -> Callable:
+    """Options for reading a blob from a registry (``docker://HOST/REPO@DIGEST``)."""
+    for opt in reversed([
+        click.option("--tls-verify", default="true", metavar="BOOL",
+                     help="For docker:// blobs: verify TLS (false also allows HTTP)."),
+        click.option("--creds", default=None, metavar="USER:PASS",
+                     help="For docker:// blobs: registry credentials."),
+        click.option("--cert-dir", default=None, metavar="DIR",
+                     help="For docker:// blobs: directory of CA certificates (*.crt)."),
+        click.option("--authfile", default=None, metavar="FILE",
+                     help="For docker:// blobs: credentials file (auth.json format)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@contextlib.contextmanager
+def _open_blob(blob: str, tls_verify: str, creds: Optional[str], cert_dir: Optional[str],
+               authfile: Optional[str]) -> Iterator[Any]:
+    """A range source for a local file or a registry blob.
+
+    A registry blob is read with HTTP range requests only: the footer, the
+    TOC and whatever chunks are asked for, never the whole layer unless
+    every byte is needed (``verify``).
+    """
+    if not blob.startswith("docker://"):
+        with _open_blob(blob, **remote) as src:
+            yield src
+        return
+    from .reference import parse_docker_name
+    from .registry import RegistryClient
+
+    name = parse_docker_name(blob[len("docker://"):], default_tag=None)
+    if not name.digest:
+        raise click.BadParameter(f"{blob}: a registry blob is named by digest "
+                                 "(docker://HOST/REPO@sha256:…)")
+    with RegistryClient(name.registry, tls_verify=_tls(tls_verify), cert_dir=cert_dir,
+                        credentials=_creds(creds, "--creds"), auth_file=authfile) as client:
+        size = client.head_blob(name.repository, name.digest)
+        if size is None:
+            raise NotFound(f"blob {name.digest} is not in {name.registry}/{name.repository}")
+        yield client.blob_source(name.repository, name.digest, size)
+
+
 @main.group()
 def layer() -> None:
     """Convert, verify and read single eStargz layer blobs."""
@@ -226,16 +271,18 @@ def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, wor
 
 
 @layer.command("verify")
+@_remote_options
 @click.argument("blob")
 @click.option("--toc-digest", default=None, metavar="sha256:…",
               help="Expected TOC digest (e.g. from the manifest annotation).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def verify_cmd(blob: str, toc_digest: Optional[str], as_json: bool, quiet: bool) -> None:
+def verify_cmd(blob: str, toc_digest: Optional[str], as_json: bool, quiet: bool,
+               **remote: Any) -> None:
     """Check every byte of eStargz BLOB: footer, TOC, digests, gzip and tar."""
     def body() -> None:
         started = time.monotonic()
-        with FileSource(blob) as src:
+        with _open_blob(blob, **remote) as src:
             report = verify_blob(src, toc_digest)
         if quiet:
             return
@@ -253,12 +300,13 @@ def verify_cmd(blob: str, toc_digest: Optional[str], as_json: bool, quiet: bool)
 
 
 @layer.command("toc")
+@_remote_options
 @click.argument("blob")
 @click.option("--digest", is_flag=True, help="Print only the TOC digest.")
-def toc_cmd(blob: str, digest: bool) -> None:
+def toc_cmd(blob: str, digest: bool, **remote: Any) -> None:
     """Print the TOC JSON of eStargz BLOB, byte for byte."""
     def body() -> None:
-        with FileSource(blob) as src:
+        with _open_blob(blob, **remote) as src:
             reader = LayerReader(src)
         if digest:
             click.echo(reader.toc_digest)
@@ -274,12 +322,13 @@ _MODE_CHAR = {"dir": "d", "reg": "-", "symlink": "l", "hardlink": "h", "char": "
 
 
 @layer.command("ls")
+@_remote_options
 @click.argument("blob")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
-def ls_cmd(blob: str, as_json: bool) -> None:
+def ls_cmd(blob: str, as_json: bool, **remote: Any) -> None:
     """List the entries of eStargz BLOB (from its TOC)."""
     def body() -> None:
-        with FileSource(blob) as src:
+        with _open_blob(blob, **remote) as src:
             reader = LayerReader(src)
         for e in reader.entries:
             if e.type == "chunk":
@@ -299,13 +348,14 @@ def ls_cmd(blob: str, as_json: bool) -> None:
 
 
 @layer.command("extract")
+@_remote_options
 @click.argument("blob")
 @click.argument("path")
 @click.option("-o", "--output", default=None, help="Write here instead of standard output.")
-def extract_cmd(blob: str, path: str, output: Optional[str]) -> None:
+def extract_cmd(blob: str, path: str, output: Optional[str], **remote: Any) -> None:
     """Write file PATH of eStargz BLOB, verified, reading only its chunks."""
     def body() -> None:
-        with FileSource(blob) as src:
+        with _open_blob(blob, **remote) as src:
             reader = LayerReader(src)
             if output is None:
                 # Verify before printing anything: a file is at most one

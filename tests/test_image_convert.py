@@ -81,6 +81,10 @@ def test_oci_layout_to_oci_layout(tmp_path, test_images, goref):
     p = subprocess.run(["skopeo", "inspect", f"oci:{out}:esgz"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["Layers"] == [layer["digest"]]
+    copied = tmp_path / "copied"
+    subprocess.run(["skopeo", "copy", f"oci:{out}:esgz", f"oci:{copied}:c"], check=True,
+                   capture_output=True)
+    assert blob(copied, layer["digest"]).read_bytes() == blob(out, layer["digest"]).read_bytes()
 
 
 def test_multilayer_debian_runs_under_containerd(tmp_path, test_images, goref, containerd):
