@@ -191,7 +191,7 @@ def _open_blob(blob: str, tls_verify: str, creds: Optional[str], cert_dir: Optio
     every byte is needed (``verify``).
     """
     if not blob.startswith("docker://"):
-        with _open_blob(blob, **remote) as src:
+        with FileSource(blob) as src:
             yield src
         return
     from .reference import parse_docker_name
