@@ -18,6 +18,7 @@ from typing import BinaryIO, Optional
 from ._exceptions import InvalidInput, NotFound, StorageError
 from .descriptor import (DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, INDEX_TYPES,
                          Descriptor, sha256_digest)
+from ._fsutil import atomic_output
 from .imagestore import ImageDestination, ImageSource, copy_verified
 from .layerinput import detect_compression
 from .ocilayout import OCILayoutDestination, OCILayoutSource
@@ -87,37 +88,23 @@ class OCIArchiveDestination(OCILayoutDestination):
 
 
 def _tar_dir_atomic(root: str, dest: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)),
-                               prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w",
-                                                    format=tarfile.PAX_FORMAT) as tf:
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    full = os.path.join(dirpath, name)
-                    arc = os.path.relpath(full, root)
-                    ti = tf.gettarinfo(full, arc)
-                    ti.uid = ti.gid = 0
-                    ti.uname = ti.gname = ""
-                    ti.mtime = 0
-                    with open(full, "rb") as src:
-                        tf.addfile(ti, src)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except OSError as e:
-        _unlink(tmp)
-        raise StorageError(f"cannot write {dest}: {e.strerror}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
+    """Write the tree at ``root`` as the tar ``dest``, whole or not at all."""
+    with atomic_output(dest) as f, tarfile.open(fileobj=f, mode="w",
+                                                format=tarfile.PAX_FORMAT) as tf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                _add_file(tf, os.path.relpath(full, root), full)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _add_file(tf: tarfile.TarFile, arcname: str, path: str) -> None:
+    """Add a file owned by nobody in particular, with a fixed mtime, so
+    archives of the same content are identical."""
+    ti = tf.gettarinfo(path, arcname)
+    ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
+    with open(path, "rb") as fh:
+        tf.addfile(ti, fh)
 
 
 def _short_name(name: DockerName) -> str:
@@ -268,33 +255,14 @@ class DockerArchiveDestination(ImageDestination):
         tags = [_short_name(self.image_name)] if self.image_name else []
         index = [{"Config": f"{config}.json", "RepoTags": tags,
                   "Layers": [f"{h}/layer.tar" for h in layers]}]
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
-                                   prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w") as tf:
-                def add(arcname: str, src: str) -> None:
-                    ti = tf.gettarinfo(src, arcname)
-                    ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
-                    with open(src, "rb") as fh:
-                        tf.addfile(ti, fh)
-
-                def add_bytes(arcname: str, data: bytes) -> None:
-                    ti = tarfile.TarInfo(arcname)
-                    ti.size = len(data)
-                    tf.addfile(ti, io.BytesIO(data))
-
-                add(f"{config}.json", self._blob("sha256:" + config))
-                for h in dict.fromkeys(layers):
-                    add(f"{h}/layer.tar", self._blob("sha256:" + h))
-                add_bytes("manifest.json", json.dumps(index).encode())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except OSError as e:
-            _unlink(tmp)
-            raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
-        except BaseException:
-            _unlink(tmp)
-            raise
+        with atomic_output(self.path) as f, tarfile.open(fileobj=f, mode="w") as tf:
+            _add_file(tf, f"{config}.json", self._blob("sha256:" + config))
+            for h in dict.fromkeys(layers):
+                _add_file(tf, f"{h}/layer.tar", self._blob("sha256:" + h))
+            data = json.dumps(index).encode()
+            ti = tarfile.TarInfo("manifest.json")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
 
     def abort(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)

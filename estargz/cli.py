@@ -19,9 +19,10 @@ import click
 
 from . import __version__
 from ._exceptions import EstargzError, NotFound, StorageError
+from ._fsutil import atomic_output
 from .compression import BACKENDS, DEFAULT_BACKEND
 from .converter import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertOptions,
-                        atomic_output, convert_layer)
+                        convert_layer)
 from .order import read_prioritized_list
 from .reader import LayerReader
 from .source import FileSource

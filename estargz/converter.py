@@ -17,7 +17,6 @@ is byte-identical for any number of workers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -27,10 +26,11 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Iterator, Optional, Sequence
 
 from ._exceptions import (InvalidInput, MissingPrioritizedFiles, StorageError,
                           UnsupportedEntry)
+from ._fsutil import atomic_output
 from .compression import DEFAULT_BACKEND, Backend, get_backend
 from .footer import footer_bytes
 from .layerinput import open_tar
@@ -130,33 +130,6 @@ def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions()
     return LayerResult(**{**result, "entries": len(members), "prioritized": prioritized,
                           "missing": tuple(missing),
                           "seconds": round(time.monotonic() - started, 3)})
-
-
-@contextlib.contextmanager
-def atomic_output(dst: str) -> Iterator[BinaryIO]:
-    """Yield a file that becomes ``dst`` only if the block completes."""
-    directory = os.path.dirname(os.path.abspath(dst))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.",
-                                   suffix=".tmp")
-    except OSError as e:
-        raise StorageError(f"cannot write {dst}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as e:
-                raise StorageError(f"cannot write {dst}: {e.strerror}") from None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- building headers and TOC entries ------------------------------------

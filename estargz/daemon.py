@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 from ._exceptions import NotFound, RegistryError, StorageError
 from .archives import DockerArchiveDestination, DockerArchiveSource, _short_name

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 from ._exceptions import EstargzError, InvalidInput, NotFound
 from .converter import ConvertOptions, LayerResult, available_cores, convert_layer

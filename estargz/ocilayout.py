@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Callable, Optional
 
 from ._exceptions import InvalidInput, NotFound, StorageError
 from .descriptor import OCI_INDEX, Descriptor, check_digest, sha256_digest
+from ._fsutil import atomic_output, unlink_quietly
 from .imagestore import ImageDestination, ImageSource, copy_verified
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -139,20 +139,11 @@ class OCILayoutDestination(ImageDestination):
         if not self.has_blob(desc):
             self._store(blob_path(self.root_dir, desc.digest), lambda out: out.write(data))
 
-    def _store(self, target: str, write) -> None:
-        directory = os.path.dirname(target)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                write(out)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except OSError as e:
-            _unlink(tmp)
-            raise StorageError(f"cannot write {target}: {e.strerror}") from None
-        except BaseException:
-            _unlink(tmp)
-            raise
+    def _store(self, target: str, write: Callable[[BinaryIO], object]) -> None:
+        # Blobs are content-addressed: no need to sync each one, the
+        # index.json that makes them reachable is synced.
+        with atomic_output(target, fsync=False) as out:
+            write(out)
         self._new_blobs.append(target)
 
     def commit(self, root: Descriptor, root_data: bytes) -> None:
@@ -169,12 +160,11 @@ class OCILayoutDestination(ImageDestination):
         self._index["manifests"] = kept + [entry]
         path = os.path.join(self.root_dir, "index.json")
         layout = os.path.join(self.root_dir, LAYOUT_FILE)
-        try:
-            if not os.path.exists(layout):
-                _write_atomic(layout, json.dumps(LAYOUT_VERSION).encode())
-            _write_atomic(path, json.dumps(self._index, indent=2).encode() + b"\n")
-        except OSError as e:
-            raise StorageError(f"cannot write {path}: {e.strerror}") from None
+        if not os.path.exists(layout):
+            with atomic_output(layout) as f:
+                f.write(json.dumps(LAYOUT_VERSION).encode())
+        with atomic_output(path) as f:
+            f.write(json.dumps(self._index, indent=2).encode() + b"\n")
         self._new_blobs = []
         self._created_root = False
 
@@ -183,31 +173,10 @@ class OCILayoutDestination(ImageDestination):
             shutil.rmtree(self.root_dir, ignore_errors=True)
             return
         for path in self._new_blobs:
-            _unlink(path)
+            unlink_quietly(path)
         self._new_blobs = []
 
 
 def _copy_file(src: str, out: BinaryIO) -> None:
     with open(src, "rb") as f:
         shutil.copyfileobj(f, out, 1 << 20)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -14,6 +14,9 @@ from typing import Optional
 
 import pytest
 
+# Real daemons (registries, containerd, dockerd) as session fixtures.
+pytest_plugins = ("services", "daemons")
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ESTARGZ_CACHE", Path.home() / ".cache" / "estargz-dev"))
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from daemons import containerd, dockerd, host_dirs, test_images  # noqa: F401 (fixtures)
 
 from conftest import run_cli
 

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
-import pytest
-
-from daemons import containerd, host_dirs, test_images  # noqa: F401 (fixtures)
-from services import registry, tampering_proxy, tls_registry  # noqa: F401 (fixtures)
 
 from conftest import run_cli
 

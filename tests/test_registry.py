@@ -26,8 +26,7 @@ from estargz._exceptions import AuthenticationError, RegistryError
 from estargz.registry import RANGE_SKIP_LIMIT, RegistryClient, parse_challenge
 
 from conftest import Spec, build_tar, pattern
-from services import (FaultProxy, free_port, make_tls, mtls_registry,  # noqa: F401
-                      registry, tampering_proxy, tls_registry, token_registry)
+from services import FaultProxy, free_port, make_tls
 
 
 # --- helpers -------------------------------------------------------------------

@@ -26,10 +26,8 @@ from pathlib import Path
 
 import pytest
 
-# Importing the fixtures makes them visible here (tests/daemons.py is not a
-# conftest); linters see the parameter names as redefinitions.
-from daemons import (BUILD_IMAGES, Containerd, Dockerd, build_images, containerd,  # noqa: F401
-                     dockerd, host_dirs, mounts_under, processes_under, test_images)
+from daemons import (BUILD_IMAGES, Containerd, Dockerd, build_images, mounts_under,
+                     processes_under)
 
 _spec = importlib.util.spec_from_file_location("images_build", BUILD_IMAGES)
 images_build = importlib.util.module_from_spec(_spec)
