@@ -36,7 +36,7 @@ from .footer import footer_bytes
 from .layerinput import open_tar
 from .order import Landmark, Planned, dedupe, plan_order
 from .tarindex import index_tar, printable
-from .toc import TOC_TAR_NAME, TOCEntry, encode_entry, encode_toc
+from .toc import PREFETCH_LANDMARK, TOC_TAR_NAME, TOCEntry, encode_entry, encode_toc
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9
@@ -94,6 +94,12 @@ class LayerResult:
     prioritized: int
     missing: tuple[str, ...] = field(default=())
     seconds: float = 0.0
+    #: Compressed bytes before ``.prefetch.landmark``: what the snapshotter
+    #: prefetches (0 for a layer converted without prioritized files).
+    prefetch_size: int = 0
+    #: Compressed bytes of the TOC member and the footer, which a lazy
+    #: puller reads before anything else.
+    toc_size: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -367,6 +373,7 @@ class _Writer:
         self._held: list[TOCEntry] = []  # entries waiting for a file digest
         self._file_hash: Optional["hashlib._Hash"] = None
         self._file_entry: Optional[TOCEntry] = None
+        self.landmark_offset = 0
 
     def write(self, data: bytes) -> None:
         try:
@@ -380,6 +387,8 @@ class _Writer:
         if u.member is not None:
             e = u.entries[0]
             e.offset = self.offset
+            if e.name == PREFETCH_LANDMARK:
+                self.landmark_offset = self.offset
             e.chunk_digest = c.chunk_digest
             size = e.size if e.type == "reg" else 0
             whole = u.start == 0 and u.length == size
@@ -441,6 +450,8 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
         "diff_id": "sha256:" + writer.diff.hexdigest(),
         "toc_digest": "sha256:" + hashlib.sha256(toc_json).hexdigest(),
         "uncompressed_size": writer.usize,
+        "prefetch_size": writer.landmark_offset,
+        "toc_size": writer.offset - toc_offset,
     }
 
 

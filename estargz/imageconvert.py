@@ -73,6 +73,8 @@ class LayerReport:
     toc_digest: str
     seconds: float
     action: str  # "converted", "reused" or "shared" (same layer earlier in this run)
+    prefetch_size: int = 0  # compressed bytes before .prefetch.landmark
+    toc_size: int = 0       # compressed TOC and footer
 
 
 @dataclass
@@ -290,7 +292,9 @@ class _Run:
             report = LayerReport(desc.digest, i, old.digest, old.size, new.digest, new.size,
                                  converted.annotations.get(TOC_DIGEST_ANNOTATION, ""),
                                  0.0 if shared else round(seconds, 3),
-                                 "shared" if shared else action)
+                                 "shared" if shared else action,
+                                 res.prefetch_size if res else 0,
+                                 res.toc_size if res else 0)
             self.result.layers.append(report)
             if self.progress:
                 self.progress("layer", report)

@@ -15,6 +15,8 @@ APT_PACKAGES=(
   tar gzip zstd pigz debootstrap python3-venv
   # real image tooling and daemons the image tests start on private sockets
   docker-registry skopeo umoci containerd runc crun docker.io busybox-static
+  # the profiling report is checked in a real browser
+  chromium
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

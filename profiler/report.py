@@ -1,0 +1,99 @@
+"""What profiling found, for people: a terminal summary and an HTML page.
+
+The page is rendered with jinja2 from ``templates/report.html.j2``: the
+accessed files in first-access order (time, size, layer) and, per layer, a
+bar of the bytes prefetched against the layer's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import jinja2
+
+from estargz._fsutil import atomic_output
+
+from .record import Access
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One converted layer of the profiled image."""
+
+    index: int
+    digest: str
+    size: int            # compressed blob size
+    prefetch_size: int   # compressed bytes before .prefetch.landmark
+    toc_size: int        # compressed TOC and footer
+    files: int = 0       # accessed files this layer provides
+
+    @property
+    def share(self) -> float:
+        """Fraction of the layer prefetched at start, 0..1."""
+        return self.prefetch_size / self.size if self.size else 0.0
+
+
+@dataclass
+class Report:
+    """Everything the summary and the page show."""
+
+    image: str
+    workload: list[str]
+    accesses: list[Access]
+    layers: list[LayerSummary]
+    seconds: float = 0.0
+    exit_status: Optional[int] = None
+    timed_out: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def full_pull(self) -> int:
+        return sum(l.size for l in self.layers)
+
+    @property
+    def lazy_start(self) -> int:
+        """Bytes a lazy puller fetches before the workload starts: each
+        layer's TOC and footer, and what precedes its landmark."""
+        return sum(l.prefetch_size + l.toc_size for l in self.layers)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def render_text(report: Report) -> str:
+    """A summary a person reads at a glance on a terminal."""
+    lines = [f"{report.image}: {len(report.accesses)} files accessed by "
+             f"{' '.join(report.workload)} in {report.seconds:.1f}s"
+             + (" (period ended)" if report.timed_out else "")]
+    for l in report.layers:
+        lines.append(f"  layer {l.index}: {l.files:>5} files, prefetch {human(l.prefetch_size):>10}"
+                     f" of {human(l.size):>10} ({l.share:6.1%})")
+    full = report.full_pull
+    lazy = report.lazy_start
+    ratio = lazy / full if full else 0.0
+    lines.append(f"  before start: {human(lazy)} fetched lazily vs {human(full)} "
+                 f"for a full pull ({ratio:.1%})")
+    lines.extend(f"  note: {n}" for n in report.notes)
+    return "\n".join(lines)
+
+
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("profiler", "templates"),
+                          autoescape=jinja2.select_autoescape(["html", "j2"]),
+                          undefined=jinja2.StrictUndefined)
+_ENV.filters["human"] = human
+
+
+def render_html(report: Report) -> str:
+    return _ENV.get_template("report.html.j2").render(r=report)
+
+
+def write_html(report: Report, path: str) -> None:
+    """Write the page to ``path``, whole or not at all."""
+    with atomic_output(path) as f:
+        f.write(render_html(report).encode())
