@@ -56,6 +56,9 @@ class ImageConvertOptions:
     reuse: bool = False
     #: Prioritized paths per (manifest digest, layer index), e.g. from ``--record-in``.
     records: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    #: Prioritized paths for manifests the records do not name (other
+    #: platforms of a profiled index): applied to every layer by path.
+    fallback_paths: tuple[str, ...] = ()
     #: Layers converted at the same time (0: as many as cores, at most 4).
     parallel_layers: int = 0
     src: TransportOptions = TransportOptions()
@@ -171,7 +174,7 @@ class _Run:
 
     # --- layers -----------------------------------------------------------
 
-    def _layer_job(self, layer: Descriptor, prioritized: tuple[str, ...],
+    def _layer_job(self, layer: Descriptor, prioritized: tuple[str, ...], by_path: bool,
                    ) -> tuple[Descriptor, Optional[LayerResult], str, float]:
         started = time.monotonic()
         if self.options.reuse and self._reusable(layer):
@@ -193,7 +196,7 @@ class _Run:
                        prioritized_files=list(prioritized) if prioritized else None,
                        allow_missing=True)
         res = convert_layer(src_path, out, opts, tmpdir=self.work)
-        if res.missing:
+        if res.missing and not by_path:
             self.result.warnings.append(
                 f"layer {layer.digest}: recorded paths not in the layer: "
                 + ", ".join(res.missing[:5]) + (" …" if len(res.missing) > 5 else ""))
@@ -236,7 +239,8 @@ class _Run:
             os.unlink(path)
         return ok
 
-    def layer(self, layer: Descriptor, prioritized: tuple[str, ...]) -> tuple[Future, bool]:
+    def layer(self, layer: Descriptor, prioritized: tuple[str, ...],
+              by_path: bool = False) -> tuple[Future, bool]:
         """Convert ``layer`` once per (digest, prioritized list) in this run.
 
         Returns the job and whether an earlier manifest already asked for it.
@@ -246,7 +250,7 @@ class _Run:
             fut = self._converted.get(key)
             if fut is not None:
                 return fut, True
-            fut = self.pool.submit(self._layer_job, layer, prioritized)
+            fut = self.pool.submit(self._layer_job, layer, prioritized, by_path)
             self._converted[key] = fut
             return fut, False
 
@@ -275,7 +279,11 @@ class _Run:
             raise InvalidInput(f"config {config_desc.digest} has {len((rootfs or {}).get('diff_ids') or [])} "
                                f"diff_ids for {len(layers)} layers")
 
-        jobs = [self.layer(l, tuple(self.options.records.get((desc.digest, i), ())))
+        records = self.options.records
+        by_path = bool(self.options.fallback_paths) and \
+            not any(key[0] == desc.digest for key in records)
+        jobs = [self.layer(l, self.options.fallback_paths if by_path
+                           else tuple(records.get((desc.digest, i), ())), by_path)
                 for i, l in enumerate(layers)]
         new_layers, diff_ids = [], []
         for i, (old, (fut, shared)) in enumerate(zip(layers, jobs)):
