@@ -75,75 +75,109 @@ def _tls(value: str) -> bool:
     return value.lower() not in ("false", "0", "no")
 
 
+_IMAGE_OPTIONS = [
+    click.option("--oci", is_flag=True, help="Write OCI media types (Docker ones cannot "
+                 "carry the TOC digest annotation)."),
+    click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
+                 help="Platform to convert from an index (repeatable; default: this host's)."),
+    click.option("--all-platforms", is_flag=True, help="Convert every platform of an index."),
+    click.option("--reuse", is_flag=True,
+                 help="Keep layers that already are eStargz with a verifying TOC digest."),
+    click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
+                 show_default=True, help="Largest payload chunk, in bytes."),
+    click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
+                 show_default=True, help="gzip level."),
+    click.option("--workers", type=click.IntRange(min=0), default=0,
+                 help="Compression threads per layer (default: cores shared among layers)."),
+    click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
+                 show_default=True, help="Deflate implementation."),
+    click.option("--src-creds", default=None, metavar="USER:PASS",
+                 help="Source registry credentials."),
+    click.option("--dest-creds", default=None, metavar="USER:PASS",
+                 help="Destination registry credentials."),
+    click.option("--src-tls-verify", default="true", metavar="BOOL",
+                 help="Verify the source registry's TLS certificate (false also allows HTTP)."),
+    click.option("--dest-tls-verify", default="true", metavar="BOOL",
+                 help="Verify the destination registry's TLS certificate (false also "
+                      "allows HTTP)."),
+    click.option("--src-cert-dir", "--cert-dir", "cert_dir", default=None, metavar="DIR",
+                 help="Directory of CA certificates (*.crt) for the registries."),
+    click.option("--authfile", default=None, metavar="FILE",
+                 help="Credentials file (containers auth.json format); default "
+                      "REGISTRY_AUTH_FILE."),
+    click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
+    click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+]
+
+
+def _image_options(f: Callable) -> Callable:
+    """The options ``convert`` and ``optimize`` share."""
+    for opt in reversed(_IMAGE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _image_convert_options(kw: dict, records: Optional[dict] = None) -> Any:
+    """Build ``ImageConvertOptions`` from the shared options (popped from ``kw``)."""
+    from .descriptor import Platform
+    from .imageconvert import ImageConvertOptions
+    from .imagestore import TransportOptions
+
+    cert_dir, authfile = kw.pop("cert_dir"), kw.pop("authfile")
+    return ImageConvertOptions(
+        layer=ConvertOptions(chunk_size=kw.pop("chunk_size"),
+                             compression_level=kw.pop("compression_level"),
+                             workers=kw.pop("workers"), backend=kw.pop("backend")),
+        oci=kw.pop("oci"), platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
+        all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
+        src=TransportOptions(tls_verify=_tls(kw.pop("src_tls_verify")), cert_dir=cert_dir,
+                             credentials=_creds(kw.pop("src_creds"), "--src-creds"),
+                             auth_file=authfile),
+        dst=TransportOptions(tls_verify=_tls(kw.pop("dest_tls_verify")), cert_dir=cert_dir,
+                             credentials=_creds(kw.pop("dest_creds"), "--dest-creds"),
+                             auth_file=authfile))
+
+
+def _print_image_result(result: Any, as_json: bool, quiet: bool) -> None:
+    if not quiet:
+        for w in result.warnings:
+            click.echo(f"estargz: warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        dropped = f", dropped {len(result.dropped)} index entries" if result.dropped else ""
+        click.echo(f"{result.destination}: {result.digest} "
+                   f"({len(result.layers)} layers{dropped}, {result.seconds:.1f}s)")
+
+
+def _read_text_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror}") from None
+
+
 @main.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--oci", is_flag=True, help="Write OCI media types (Docker ones cannot carry "
-              "the TOC digest annotation).")
-@click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
-              help="Platform to convert from an index (repeatable; default: this host's).")
-@click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
-@click.option("--reuse", is_flag=True,
-              help="Keep layers that already are eStargz with a verifying TOC digest.")
 @click.option("--record-in", type=click.Path(dir_okay=False), default=None,
               help="Prioritized files per layer, as written by ctr-remote optimize "
                    "--record-out (JSON lines).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
-              show_default=True, help="Largest payload chunk, in bytes.")
-@click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
-              show_default=True, help="gzip level.")
-@click.option("--workers", type=click.IntRange(min=0), default=0,
-              help="Compression threads per layer (default: cores shared among layers).")
-@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
-              show_default=True, help="Deflate implementation.")
-@click.option("--src-creds", default=None, metavar="USER:PASS", help="Source registry credentials.")
-@click.option("--dest-creds", default=None, metavar="USER:PASS",
-              help="Destination registry credentials.")
-@click.option("--src-tls-verify", default="true", metavar="BOOL",
-              help="Verify the source registry's TLS certificate (false also allows HTTP).")
-@click.option("--dest-tls-verify", default="true", metavar="BOOL",
-              help="Verify the destination registry's TLS certificate (false also allows HTTP).")
-@click.option("--src-cert-dir", "--cert-dir", "cert_dir", default=None, metavar="DIR",
-              help="Directory of CA certificates (*.crt) for the registries.")
-@click.option("--authfile", default=None, metavar="FILE",
-              help="Credentials file (containers auth.json format); default REGISTRY_AUTH_FILE.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def image_convert_cmd(src: str, dst: str, oci: bool, platforms: tuple[str, ...],
-                      all_platforms: bool, reuse: bool, record_in: Optional[str],
-                      chunk_size: int, compression_level: int, workers: int, backend: str,
-                      src_creds: Optional[str], dest_creds: Optional[str],
-                      src_tls_verify: str, dest_tls_verify: str, cert_dir: Optional[str],
-                      authfile: Optional[str], as_json: bool, quiet: bool) -> None:
+@_image_options
+def image_convert_cmd(src: str, dst: str, record_in: Optional[str], **kw: Any) -> None:
     """Convert image SRC to eStargz at DST.
 
     References as in skopeo: oci:PATH[:TAG] (or a bare PATH), oci-archive:PATH[:TAG],
     docker-archive:PATH[:NAME:TAG], docker://HOST[:PORT]/REPO[:TAG|@DIGEST],
     docker-daemon:NAME[:TAG].
     """
-    from .descriptor import Platform
-    from .imageconvert import ImageConvertOptions, convert_image, read_records
-    from .imagestore import TransportOptions
+    from .imageconvert import convert_image, read_records
 
     def body() -> None:
-        records = {}
-        if record_in is not None:
-            try:
-                with open(record_in, encoding="utf-8") as f:
-                    records = read_records(f)
-            except OSError as e:
-                raise StorageError(f"cannot read {record_in}: {e.strerror}") from None
-        options = ImageConvertOptions(
-            layer=ConvertOptions(chunk_size=chunk_size, compression_level=compression_level,
-                                 workers=workers, backend=backend),
-            oci=oci, platforms=tuple(Platform.parse(p) for p in platforms),
-            all_platforms=all_platforms, reuse=reuse, records=records,
-            src=TransportOptions(tls_verify=_tls(src_tls_verify), cert_dir=cert_dir,
-                                 credentials=_creds(src_creds, "--src-creds"),
-                                 auth_file=authfile),
-            dst=TransportOptions(tls_verify=_tls(dest_tls_verify), cert_dir=cert_dir,
-                                 credentials=_creds(dest_creds, "--dest-creds"),
-                                 auth_file=authfile))
+        as_json, quiet = kw.pop("as_json"), kw.pop("quiet")
+        records = read_records(_read_text_lines(record_in)) if record_in else {}
+        options = _image_convert_options(kw, records)
         show = not quiet and not as_json and sys.stderr.isatty()
 
         def progress(event: str, report: Any) -> None:
@@ -152,16 +186,88 @@ def image_convert_cmd(src: str, dst: str, oci: bool, platforms: tuple[str, ...],
                            f"{report.old_size:>12,} -> {report.new_size:>12,}  "
                            f"{report.action} {report.seconds:.1f}s", err=True)
 
-        result = convert_image(src, dst, options, progress)
-        if not quiet:
-            for w in result.warnings:
-                click.echo(f"estargz: warning: {w}", err=True)
+        _print_image_result(convert_image(src, dst, options, progress), as_json, quiet)
+    _run(body)
+
+
+def _json_list(text: Optional[str], option: str) -> Optional[list[str]]:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise click.BadParameter(f"{option} takes a JSON array of strings") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise click.BadParameter(f"{option} takes a JSON array of strings")
+    return value
+
+
+@main.command("optimize")
+@click.argument("src")
+@click.argument("dst", required=False)
+@click.option("--period", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to profile; the run also ends when the workload exits.")
+@click.option("--wait-on-line", default=None, metavar="TEXT",
+              help="End the profile when a line of the workload's output contains TEXT.")
+@click.option("--wait-on-signal", is_flag=True,
+              help="Profile until Ctrl-C (SIGINT) instead of for a period.")
+@click.option("--entrypoint", default=None, metavar="JSON",
+              help='Entrypoint to run instead of the image\'s, e.g. \'["/bin/sh","-c"]\'.')
+@click.option("--args", "args_json", default=None, metavar="JSON",
+              help="Arguments instead of the image's Cmd, as a JSON array.")
+@click.option("--env", multiple=True, metavar="K=V", help="Environment variable (repeatable).")
+@click.option("--env-file", default=None, type=click.Path(dir_okay=False),
+              help="File of K=V lines added to the environment.")
+@click.option("--user", default=None, help="User (name, uid, name:group) to run as.")
+@click.option("--cwd", default=None, help="Working directory in the container.")
+@click.option("--mount", "mounts", multiple=True, metavar="type=bind,src=…,dst=…,options=…",
+              help="Bind mount into the sandbox (repeatable).")
+@click.option("--net-host", is_flag=True, help="Use the host's network (default: loopback only).")
+@click.option("--runtime", default="runc", show_default=True, help="OCI runtime: runc or crun.")
+@click.option("--record-out", default=None, type=click.Path(dir_okay=False),
+              help="Write the access record (ctr-remote's JSON-lines format).")
+@click.option("--prefetch-list", default=None, type=click.Path(dir_okay=False),
+              help="Prefetch these paths and globs (one a line) instead of running anything.")
+@click.option("--no-optimize", is_flag=True, help="Profile only; do not convert.")
+@click.option("--report", "report_html", default=None, type=click.Path(dir_okay=False),
+              help="Write an HTML report.")
+@_image_options
+def optimize_cmd(src: str, dst: Optional[str], **kw: Any) -> None:
+    """Profile image SRC's workload and convert it to eStargz at DST with the
+    files it reads at start-up prefetched first."""
+    def body() -> None:
+        from profiler.optimize import OptimizeOptions, optimize_image
+        from profiler.report import render_text
+        from profiler.sandbox import BindMount
+
+        as_json, quiet = kw.pop("as_json"), kw.pop("quiet")
+        env = list(kw.pop("env"))
+        if kw["env_file"]:
+            env += [l.strip() for l in _read_text_lines(kw["env_file"])
+                    if l.strip() and not l.lstrip().startswith("#")]
+        prefetch = None
+        if kw["prefetch_list"]:
+            from .order import read_prioritized_list
+            prefetch = tuple(read_prioritized_list(_read_text_lines(kw["prefetch_list"])))
+        options = OptimizeOptions(
+            convert=_image_convert_options(kw), runtime=kw["runtime"], period=kw["period"],
+            wait_on_line=kw["wait_on_line"], wait_on_signal=kw["wait_on_signal"],
+            entrypoint=_json_list(kw["entrypoint"], "--entrypoint"),
+            args=_json_list(kw["args_json"], "--args"), env=tuple(env), user=kw["user"],
+            cwd=kw["cwd"], mounts=tuple(BindMount.parse(m) for m in kw["mounts"]),
+            net_host=kw["net_host"], record_out=kw["record_out"], prefetch_list=prefetch,
+            no_optimize=kw["no_optimize"], report_html=kw["report_html"], quiet=quiet or as_json,
+            output=(lambda line: click.echo(line, err=True)))
+        result = optimize_image(src, dst, options)
         if as_json:
-            click.echo(json.dumps(result.to_dict(), indent=2))
+            out = {"manifest": result.manifest_digest, "seconds": result.seconds,
+                   "accessed": [a.__dict__ for a in result.accesses], "notes": result.notes,
+                   "image": result.image.to_dict() if result.image else None}
+            click.echo(json.dumps(out, indent=2))
         elif not quiet:
-            dropped = f", dropped {len(result.dropped)} index entries" if result.dropped else ""
-            click.echo(f"{result.destination}: {result.digest} "
-                       f"({len(result.layers)} layers{dropped}, {result.seconds:.1f}s)")
+            click.echo(render_text(result.report))
+            if result.image:
+                _print_image_result(result.image, False, False)
     _run(body)
 
 
