@@ -552,6 +552,7 @@ class ImageSet:
     busybox: Path              # OCI layout, tag latest
     busybox_oci_archive: Path  # the same as an oci-archive tar (ref "latest")
     debian_multilayer: Path    # OCI layout, tag latest (umoci, 2 layers)
+    debian_python3: Path       # OCI layout, tag latest (minbase + python3 diff layer)
     two_platform: Path         # OCI layout, tags latest and platforms-only (indexes)
     docker_media_types: Path   # OCI layout, tag latest, Docker schema 2 media types
     docker_archive: Path       # `docker save` tar of busybox, RepoTags busybox:latest
@@ -575,6 +576,7 @@ def test_images() -> ImageSet:
         busybox=dirs["busybox"] / "oci",
         busybox_oci_archive=dirs["busybox"] / "oci-archive.tar",
         debian_multilayer=dirs["debian-multilayer"] / "oci",
+        debian_python3=dirs["debian-python3"] / "oci",
         two_platform=dirs["two-platform"] / "oci",
         docker_media_types=dirs["docker-media-types"] / "oci",
         docker_archive=dirs["docker-media-types"] / "docker-archive.tar",

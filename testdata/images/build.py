@@ -13,6 +13,11 @@ IMAGE is one of:
                       rootfs (testdata/build-debian-rootfs.sh), layer 2 a real
                       `umoci repack` diff layer (adds /usr/local/bin/hello,
                       changes /etc/motd, whiteout for /etc/issue.net).
+  debian-python3      OCI layout, two gzip layers: layer 1 is debian-multilayer's
+                      layer 1 (same blob), layer 2 what installing python3 adds
+                      and changes (a diff of build-debian-rootfs.sh's minbase
+                      and --with-python3 tars, whiteouts for removed files);
+                      Cmd ["python3", "-c", "import json"].
   two-platform        OCI layout whose tag "latest" is an image index: the
                       busybox image (host platform), a synthetic arm64 image
                       (text files only; amd64 on an arm64 host) and one
@@ -39,9 +44,9 @@ removed by the next one.
 Everything gets fixed timestamps (SOURCE_DATE_EPOCH, default 1704067200 =
 2024-01-01T00:00:00Z): rebuilding from the same inputs gives the same digests.
 
-Needs: python3 >= 3.9 (stdlib only), dpkg; umoci (debian-multilayer), skopeo
-(oci-archive.tar, docker-archive.tar and validation); root and debootstrap
-for the Debian layer.
+Needs: python3 >= 3.9 (stdlib only), dpkg; umoci (debian-multilayer,
+debian-python3), skopeo (oci-archive.tar, docker-archive.tar and validation);
+root and debootstrap for the Debian layers.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import io
 import json
 import os
 import platform
+import posixpath
 import shutil
 import signal
 import subprocess
@@ -62,6 +68,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -374,13 +381,18 @@ def busybox_inputs() -> tuple[dict, Callable[[Path], None]]:
     return inputs, build
 
 
-def debian_multilayer_inputs() -> tuple[dict, Callable[[Path], None]]:
+def debian_rootfs_tar(*flags: str) -> Path:
+    """A cached layer tar of testdata/build-debian-rootfs.sh (built if missing)."""
     script = REPO / "testdata" / "build-debian-rootfs.sh"
-    log("getting the Debian minbase layer (testdata/build-debian-rootfs.sh)")
-    p = subprocess.run([str(script)], stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    log("getting the Debian layer: " + " ".join(["testdata/build-debian-rootfs.sh", *flags]))
+    p = subprocess.run([str(script), *flags], stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
     if p.returncode != 0 or not p.stdout.strip():
         raise BuildError(f"{script} failed (exit {p.returncode})")
-    base = Path(p.stdout.strip().splitlines()[-1])
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+def debian_multilayer_inputs() -> tuple[dict, Callable[[Path], None]]:
+    base = debian_rootfs_tar()
     st = base.stat()
     need("umoci", "umoci")
     inputs = {"base": str(base), "base.size": st.st_size, "base.mtime_ns": st.st_mtime_ns,
@@ -435,6 +447,127 @@ def check_debian_diff_layer(img: Path) -> None:
     want = {"usr/local/bin/hello", "etc/motd", "etc/.wh.issue.net"}
     if not want <= names or {"usr", "usr/local"} & names:
         raise BuildError(f"unexpected diff layer entries: {sorted(names)}")
+
+
+def _tar_state(path: Path) -> dict[str, tuple]:
+    """Name -> everything a layer diff compares, for each member of a tar."""
+    state = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            digest = None
+            if m.isreg():
+                h = hashlib.sha256()
+                f = tf.extractfile(m)
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                digest = h.hexdigest()
+            xattrs = tuple(sorted((k, v) for k, v in m.pax_headers.items()
+                                  if k.startswith("SCHILY.xattr.")))
+            state[m.name.rstrip("/")] = (m.type, m.mode, m.uid, m.gid, m.mtime, m.linkname,
+                                         m.size, m.devmajor, m.devminor, xattrs, digest)
+    return state
+
+
+def rootfs_diff(base: Path, new: Path, mtime: int) -> tuple[bytes, dict]:
+    """A diff layer taking root filesystem tar ``base`` to ``new``.
+
+    What docker or umoci would write: the members of ``new`` that are not in
+    ``base`` or differ from it (type, mode, owner, mtime, link, device,
+    xattrs, content), copied in ``new``'s order, then a ``.wh.`` whiteout for
+    each top-most path of ``base`` that ``new`` lacks. Unchanged parent
+    directories are left out, as umoci does. Returns the tar and a summary."""
+    old, cur = _tar_state(base), _tar_state(new)
+    changed = {n for n, st in cur.items() if old.get(n) != st}
+    # A hardlink group goes whole: a layer's hardlink must point inside the
+    # layer, and the merged view shows one layer's inode per path.
+    groups: dict[str, set] = {}
+    for n, st in cur.items():
+        if st[0] == tarfile.LNKTYPE:
+            groups.setdefault(st[5], {st[5]}).add(n)
+    for members in groups.values():
+        if members & changed:
+            changed |= members
+    # Whiteouts only where the parent is still a directory: a removed
+    # directory's whiteout covers its contents.
+    removed = sorted(n for n in old if n not in cur)
+    whiteouts = [n for n in removed if posixpath.dirname(n) == ""
+                 or cur.get(posixpath.dirname(n), (None,))[0] == tarfile.DIRTYPE]
+    buf = io.BytesIO()
+    with tarfile.open(new) as src, \
+            tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src:
+            if m.name.rstrip("/") in changed:
+                dst.addfile(m, src.extractfile(m) if m.isreg() else None)
+        for n in whiteouts:
+            parent, name = posixpath.split(n)
+            ti = tarfile.TarInfo(posixpath.join(parent, ".wh." + name))
+            ti.mode, ti.mtime, ti.uname, ti.gname = 0o644, mtime, "", ""
+            dst.addfile(ti, io.BytesIO(b""))
+    summary = {"added": sum(1 for n in changed if n not in old),
+               "changed": sorted(n for n in changed if n in old), "whiteouts": whiteouts}
+    return buf.getvalue(), summary
+
+
+def debian_python3_inputs() -> tuple[dict, Callable[[Path], None]]:
+    multi = ensure("debian-multilayer")
+    new = debian_rootfs_tar("--with-python3")
+    st = new.stat()
+    inputs = {"debian-multilayer": json.loads((multi / "build-info.json").read_text())["key"],
+              "python3": str(new), "python3.size": st.st_size, "python3.mtime_ns": st.st_mtime_ns,
+              # tarfile writes the diff, zlib compresses it
+              "python": "%d.%d" % sys.version_info[:2], "zlib": zlib.ZLIB_RUNTIME_VERSION}
+
+    def build(out: Path) -> None:
+        src = multi / "oci"
+        _, desc = read_layout(src)
+        manifest = json.loads(blob_path(src, desc["digest"]).read_bytes())
+        base_config = json.loads(blob_path(src, manifest["config"]["digest"]).read_bytes())
+        base_layer, base_diff_id = manifest["layers"][0], base_config["rootfs"]["diff_ids"][0]
+        base = Path(json.loads((multi / "build-info.json").read_text())["inputs"]["base"])
+        if file_sha256(base) != base_diff_id:
+            raise BuildError(f"{base} is not debian-multilayer's layer 1 any more; "
+                             "rebuild debian-multilayer (--force)")
+        t0, t1 = iso(EPOCH), iso(EPOCH + 86400)
+        log("diffing the python3 rootfs against minbase")
+        diff, summary = rootfs_diff(base, new, EPOCH + 86400)
+        log(f"diff layer: {summary['added']} added, {len(summary['changed'])} changed "
+            f"({', '.join(summary['changed'][:5])}), {len(summary['whiteouts'])} whiteouts, "
+            f"{len(diff) >> 20} MiB")
+        layout = Layout(out / "oci")
+        layers = [layout.blob(blob_path(src, base_layer["digest"]).read_bytes(),
+                              base_layer["mediaType"]),
+                  layout.blob(gzip_bytes(diff), OCI_LAYER_GZIP)]
+        config = {
+            "created": t1, **host_platform(),
+            "config": {"Env": [ENV_PATH], "Cmd": ["python3", "-c", "import json"]},
+            "rootfs": {"type": "layers", "diff_ids": [base_diff_id, sha256(diff)]},
+            "history": [
+                {"created": t0, "created_by": "debootstrap --variant=minbase bookworm "
+                 "(testdata/build-debian-rootfs.sh)"},
+                {"created": t1, "created_by": "debootstrap --include=python3: the diff "
+                 "(testdata/build-debian-rootfs.sh --with-python3)"},
+            ],
+        }
+        cfg = layout.blob(canonical_json(config), OCI_CONFIG)
+        m = layout.blob(canonical_json(
+            {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cfg, "layers": layers}),
+            OCI_MANIFEST)
+        layout.tag(m, TAG)
+        layout.finish()
+        check_python3_diff_layer(out / "oci")
+        validate(out / "oci", TAG)
+
+    return inputs, build
+
+
+def check_python3_diff_layer(img: Path) -> None:
+    _, desc = read_layout(img)
+    manifest = json.loads(blob_path(img, desc["digest"]).read_bytes())
+    with tarfile.open(blob_path(img, manifest["layers"][1]["digest"]), "r:gz") as tf:
+        names = {m.name.rstrip("/") for m in tf}
+    if "usr/bin/python3.11" not in names or "usr" in names or \
+            any(n.endswith("/libc.so.6") for n in names):
+        raise BuildError("the python3 diff layer does not hold what it should")
 
 
 def synthetic_image(layout: Layout, plat: dict) -> dict:
@@ -558,6 +691,7 @@ def docker_media_types_inputs() -> tuple[dict, Callable[[Path], None]]:
 BUILDERS = {
     "busybox": busybox_inputs,
     "debian-multilayer": debian_multilayer_inputs,
+    "debian-python3": debian_python3_inputs,
     "two-platform": two_platform_inputs,
     "docker-media-types": docker_media_types_inputs,
 }
