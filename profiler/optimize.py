@@ -226,6 +226,11 @@ def optimize_image(src: str, dst: Optional[str],
             accesses = _list_only(source, layers, options.prefetch_list, work)
             workload = ["(prefetch list)"]
         else:
+            if os.geteuid() != 0:
+                from .errors import ProfilingError
+                raise ProfilingError(
+                    "profiling needs root (overlay mounts, fanotify and an OCI runtime); "
+                    "run it as root, or give --prefetch-list to prioritize files without a run")
             process = process_from_config(config, options)
             workload = process.args
             sandbox = SandboxOptions(

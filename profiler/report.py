@@ -69,7 +69,7 @@ def human(n: float) -> str:
 def render_text(report: Report) -> str:
     """A summary a person reads at a glance on a terminal."""
     lines = [f"{report.image}: {len(report.accesses)} files accessed by "
-             f"{' '.join(report.workload)} in {report.seconds:.1f}s"
+             f"{' '.join(report.workload)} in {report.seconds:.2f}s"
              + (" (period ended)" if report.timed_out else "")]
     for l in report.layers:
         lines.append(f"  layer {l.index}: {l.files:>5} files, prefetch {human(l.prefetch_size):>10}"

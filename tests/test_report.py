@@ -25,7 +25,7 @@ def sample() -> Report:
 def test_terminal_summary_gives_the_figures():
     text = render_text(sample())
     assert text.splitlines()[0] == ("oci:app:latest: 3 files accessed by python3 -c import json "
-                                    "in 1.2s")
+                                    "in 1.25s")
     assert "layer 0:     1 files, prefetch    1.0 MiB of   30.0 MiB (  3.3%)" in text
     assert "layer 1:     2 files, prefetch    5.0 MiB of   20.0 MiB ( 25.0%)" in text
     assert "before start: 6.1 MiB fetched lazily vs 50.0 MiB for a full pull (12.3%)" in text

@@ -1,0 +1,193 @@
+"""`estargz optimize` end to end, on real images built from Debian packages.
+
+The workload runs under runc with fanotify watching; what it reads must land
+before `.prefetch.landmark` in the layer that provides it, and nothing else
+may be claimed: not files it wrote, not files an upper layer deleted, not
+symlinks in place of their targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from estargz.toc import clean_name
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="profiling needs root")
+
+
+def blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.split(":", 1)[1]
+
+
+def before_landmark(layout: Path, layer_digest: str) -> list[str]:
+    r = run_cli("layer", "toc", blob(layout, layer_digest), check=True)
+    names = [clean_name(e["name"]) for e in json.loads(r.out)["entries"] if e["type"] != "chunk"]
+    if ".prefetch.landmark" not in names:
+        assert names[0] == ".no.prefetch.landmark"
+        return []
+    return names[:names.index(".prefetch.landmark")]
+
+
+def optimize(*args: str) -> dict:
+    r = run_cli("optimize", *args, "--json")
+    assert r.code == 0, r.err
+    return r.json()
+
+
+def test_python_import_json_prefetches_what_python_reads(tmp_path, test_images):
+    out = tmp_path / "out"
+    record = tmp_path / "record.jsonl"
+    result = optimize(f"oci:{test_images.debian_python3}:latest", f"oci:{out}:opt",
+                      "--record-out", record, "--report", tmp_path / "report.html")
+    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    first = {0: before_landmark(out, layers[0]), 1: before_landmark(out, layers[1])}
+    assert "usr/bin/python3.11" in first[1]
+    for lib in ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1",
+                "libexpat.so.1"):
+        assert any(lib in p for p in first[0] + first[1]), lib
+    assert "usr/lib/python3.11/json/__init__.py" in first[1]
+    assert "usr/lib/python3.11/json/decoder.py" in first[1]
+    assert not any(p.startswith("usr/share/doc") for p in first[0] + first[1])
+    # The record is the reference's format, in first-access order.
+    lines = [json.loads(l) for l in record.read_text().splitlines()]
+    assert lines[0]["path"] == "usr/bin/python3.11" and lines[0]["layerIndex"] == 1
+    assert {l["manifestDigest"] for l in lines} == {result["manifest"]}
+    assert all(set(l) == {"path", "manifestDigest", "layerIndex"} for l in lines)
+    assert "files accessed" in (tmp_path / "report.html").read_text()
+    # The same record through `convert --record-in` gives the same image.
+    again = run_cli("convert", f"oci:{test_images.debian_python3}:latest",
+                    f"oci:{tmp_path / 'again'}", "--record-in", record, "--json")
+    assert again.code == 0, again.err
+    assert again.json()["digest"] == result["image"]["digest"]
+
+
+def test_written_files_deleted_files_and_symlinks(tmp_path, test_images):
+    out = tmp_path / "out"
+    script = ("echo hi > /written-by-workload; cat /written-by-workload; "
+              "cat /etc/issue.net 2>/dev/null; cat /etc/motd; /usr/local/bin/hello; "
+              "cat /etc/os-release")
+    result = optimize(f"oci:{test_images.debian_multilayer}:latest", f"oci:{out}",
+                      "--entrypoint", '["/bin/sh", "-c"]', "--args", json.dumps([script]))
+    paths = [a["path"] for a in result["accessed"]]
+    assert "written-by-workload" not in paths
+    assert "etc/issue.net" not in paths  # whited out by layer 1
+    # /bin/sh is a symlink chain (bin -> usr/bin, sh -> dash): the target counts.
+    assert "usr/bin/dash" in paths and "bin/sh" not in paths
+    # /etc/os-release -> ../usr/lib/os-release
+    assert "usr/lib/os-release" in paths and "etc/os-release" not in paths
+    by_layer = {a["path"]: a["layer"] for a in result["accessed"]}
+    assert by_layer["etc/motd"] == 1 and by_layer["usr/bin/dash"] == 0
+    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    assert "etc/issue.net" not in before_landmark(out, layers[0])
+    assert "usr/local/bin/hello" in before_landmark(out, layers[1])
+
+
+def test_layer_with_nothing_accessed_gets_no_prefetch_landmark(tmp_path, test_images):
+    out = tmp_path / "out"
+    result = optimize(f"oci:{test_images.debian_multilayer}:latest", f"oci:{out}",
+                      "--entrypoint", '["/usr/bin/true"]')
+    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    assert before_landmark(out, layers[0])
+    assert before_landmark(out, layers[1]) == []
+
+
+def test_prefetch_list_without_a_run(tmp_path, test_images):
+    plist = tmp_path / "list"
+    plist.write_text("# what to prefetch\n/usr/bin/python3.11\nusr/lib/python3.11/json/*.py\n")
+    out = tmp_path / "out"
+    result = optimize(f"oci:{test_images.debian_python3}:latest", f"oci:{out}",
+                      "--prefetch-list", plist)
+    paths = [a["path"] for a in result["accessed"]]
+    assert paths[0] == "usr/bin/python3.11"
+    assert "usr/lib/python3.11/json/decoder.py" in paths
+    assert all(p == "usr/bin/python3.11" or p.startswith("usr/lib/python3.11/json/")
+               for p in paths)
+
+
+def test_no_optimize_writes_only_the_record(tmp_path, test_images):
+    record = tmp_path / "r.jsonl"
+    r = run_cli("optimize", f"oci:{test_images.busybox}:latest", "--no-optimize",
+                "--record-out", record, "--args", '["sh", "-c", "echo ok"]')
+    assert r.code == 0, r.err
+    assert "workload: ok" in r.err
+    assert json.loads(record.read_text().splitlines()[0])["path"] == "bin/busybox"
+
+
+def test_sigint_mid_run_leaves_nothing(tmp_path, test_images):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "estargz", "optimize",
+                          f"oci:{test_images.debian_python3}:latest", f"oci:{tmp_path / 'o'}",
+                          "--entrypoint", '["/bin/sh", "-c"]', "--args",
+                          '["echo started; sleep 1000"]', "--period", "60"],
+                         stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        lines.append(line)
+        if "started" in line or not line:
+            break
+    assert any("workload: started" in l for l in lines), lines
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 130
+    assert rest.strip().endswith("estargz: error: interrupted")
+    assert not (tmp_path / "o").exists()
+    assert list(tmp.iterdir()) == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp) not in f.read()
+    sleepers = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True)
+    assert sleepers.stdout.strip() == ""
+
+
+@pytest.fixture(scope="module")
+def unprivileged(tmp_path_factory):
+    """A world-readable venv with estargz, from Debian's python3, for running
+    the CLI as user nobody (root's own interpreter lives under /root, 0700)."""
+    import shutil
+    import tempfile
+    base = shutil.which("python3", path="/usr/bin")
+    if base is None:
+        pytest.skip("needs Debian's /usr/bin/python3 (python3-venv)")
+    public = Path(tempfile.mkdtemp(prefix="estargz-nobody-"))
+    public.chmod(0o755)
+    venv = public / "venv"
+    subprocess.run([base, "-m", "venv", venv], check=True)
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check",
+                    str(REPO)], check=True)
+    for p in [public, *public.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0))
+    yield public, venv / "bin" / "estargz"
+    shutil.rmtree(public)
+
+
+def test_without_root_it_says_what_it_needs(test_images, unprivileged):
+    import shutil
+    public, estargz_bin = unprivileged
+    layout = public / "busybox"
+    shutil.copytree(test_images.busybox, layout)
+    for p in [layout, *layout.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        estargz_bin, "optimize", f"oci:{layout}:latest", f"oci:{public / 'o'}"],
+                       capture_output=True, text=True, cwd="/",
+                       env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == (
+        "estargz: error: profiling needs root (overlay mounts, fanotify and an OCI "
+        "runtime); run it as root, or give --prefetch-list to prioritize files "
+        "without a run")
+    assert not (public / "o").exists()
