@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Iterator, Optional, Sequence
 
 from ._exceptions import (InvalidInput, MissingPrioritizedFiles, StorageError,
-                          UnsupportedEntry)
+                          TOCError, UnsupportedEntry)
 from ._fsutil import atomic_output
 from .compression import DEFAULT_BACKEND, Backend, get_backend
 from .footer import footer_bytes
@@ -369,7 +369,9 @@ class _Writer:
         self.blob = hashlib.sha256()
         self.diff = hashlib.sha256()
         self.usize = 0
-        self.toc_parts: list[str] = []
+        # Each entry's JSON as UTF-8 bytes: no bigger than the text, and
+        # encode_toc joins them with a single copy.
+        self.toc_parts: list[bytes] = []
         self._held: list[TOCEntry] = []  # entries waiting for a file digest
         self._file_hash: Optional["hashlib._Hash"] = None
         self._file_entry: Optional[TOCEntry] = None
@@ -410,7 +412,10 @@ class _Writer:
             self.write(data)
         self._held.extend(u.entries)
         if self._file_hash is None:  # every held entry is complete now
-            self.toc_parts.extend(encode_entry(e) for e in self._held)
+            try:
+                self.toc_parts.extend(encode_entry(e).encode("utf-8") for e in self._held)
+            except UnicodeEncodeError:
+                raise TOCError("TOC contains a name that is not valid UTF-8") from None
             self._held.clear()
 
 
@@ -433,16 +438,21 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
         pool.shutdown(wait=True, cancel_futures=True)
 
     toc_json = encode_toc(writer.toc_parts)
+    writer.toc_parts = []
     toc_offset = writer.offset
     toc_header = tarfile.TarInfo(TOC_TAR_NAME)
     toc_header.size = len(toc_json)
     toc_header.mode = 0o644
-    plain = b"".join([toc_header.tobuf(tarfile.USTAR_FORMAT), toc_json,
-                      _padding(len(toc_json)), bytes(2 * tarfile.BLOCKSIZE)])
+    # Compressed piece by piece: no second copy of the TOC in memory.
     z = backend.compressobj()
-    writer.write(z.compress(plain) + z.flush())
-    writer.diff.update(plain)
-    writer.usize += len(plain)
+    member = []
+    for piece in (toc_header.tobuf(tarfile.USTAR_FORMAT), toc_json,
+                  _padding(len(toc_json)) + bytes(2 * tarfile.BLOCKSIZE)):
+        member.append(z.compress(piece))
+        writer.diff.update(piece)
+        writer.usize += len(piece)
+    member.append(z.flush())
+    writer.write(b"".join(member))
     writer.write(footer_bytes(toc_offset))
     return {
         "blob_digest": "sha256:" + writer.blob.hexdigest(),
