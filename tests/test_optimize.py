@@ -191,3 +191,59 @@ def test_without_root_it_says_what_it_needs(test_images, unprivileged):
         "runtime); run it as root, or give --prefetch-list to prioritize files "
         "without a run")
     assert not (public / "o").exists()
+
+
+def test_reference_record_is_contained_in_ours(tmp_path, test_images, containerd):
+    """ctr-remote image optimize (Debian's stargz-snapshotter, on the test's own
+    containerd) records the same workload; every (path, layer) it records is in
+    ours. Its record is written before it converts; the conversion itself then
+    fails on this diff layer, which omits unchanged parents (a known limit of
+    the reference, which ours handles)."""
+    archive = tmp_path / "img.tar"
+    subprocess.run(["skopeo", "copy", f"oci:{test_images.debian_python3}:latest",
+                    f"oci-archive:{archive}:latest"], check=True, capture_output=True)
+    containerd.ctr("images", "import", "--base-name", "estargz.test/py", "--digests", archive)
+    digest = next(l for l in containerd.ctr("images", "ls", "-q").stdout.split()
+                  if l.startswith("estargz.test/py@"))
+    containerd.ctr("images", "tag", "--force", digest, "estargz.test/py:ref")
+    ref_record = tmp_path / "ref.jsonl"
+    p = subprocess.run(["ctr-remote", "--address", containerd.address, "--namespace",
+                        containerd.namespace, "images", "optimize",
+                        "--record-out", ref_record, "--period", "10",
+                        "estargz.test/py:ref", "estargz.test/py:ref-esgz"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 or 'file: "usr/bin": not found' in p.stderr, p.stderr[-3000:]
+    assert ref_record.exists(), p.stderr[-3000:]
+    ours_record = tmp_path / "ours.jsonl"
+    optimize(f"oci:{test_images.debian_python3}:latest", "--no-optimize",
+             "--record-out", ours_record)
+    ref = {(r["path"], r["layerIndex"], r["manifestDigest"])
+           for r in map(json.loads, ref_record.read_text().splitlines())}
+    ours = {(r["path"], r["layerIndex"], r["manifestDigest"])
+            for r in map(json.loads, ours_record.read_text().splitlines())}
+    assert len(ref) > 40
+    assert ref <= ours, sorted(ref - ours)
+    containerd.ctr("images", "rm", "estargz.test/py:ref", check=False)
+
+
+def test_other_platforms_get_the_record_by_path(tmp_path, test_images):
+    out = tmp_path / "out"
+    result = optimize(f"oci:{test_images.two_platform}:latest", f"oci:{out}", "--all-platforms",
+                      "--args", '["sh", "-c", "echo hi"]')
+    assert any("only this machine's platform was profiled" in n for n in result["notes"])
+    assert sorted(result["image"]["platforms"]) == ["linux/amd64", "linux/arm64/v8"]
+    amd64 = next(l for l in result["image"]["layers"] if l["manifest"] == result["manifest"])
+    assert "bin/busybox" in before_landmark(out, amd64["new_digest"])
+
+
+def test_a_layer_listed_twice(tmp_path, test_images):
+    from test_image_convert import make_layout_with_repeated_layer
+    src = tmp_path / "twice"
+    make_layout_with_repeated_layer(test_images.busybox, src)
+    out = tmp_path / "out"
+    result = optimize(f"oci:{src}:latest", f"oci:{out}", "--args", '["sh", "-c", "echo hi"]')
+    # The upper copy provides every file, so only it gets them first.
+    assert {a["layer"] for a in result["accessed"]} == {1}
+    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    assert before_landmark(out, layers[0]) == []
+    assert "bin/busybox" in before_landmark(out, layers[1])
