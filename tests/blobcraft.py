@@ -276,7 +276,7 @@ def replace_header(layout: Layout, name: str, header: bytes) -> None:
 # code and ru_maxrss (KiB) to argv[1]. Measured from pytest directly, a child
 # started with vfork() would report pytest's own peak RSS; after a real
 # fork() of this tiny trampoline it reports only its own.
-_TRAMPOLINE = r"""
+TRAMPOLINE = r"""
 import os, sys
 pid = os.fork()
 if pid == 0:
@@ -302,7 +302,7 @@ def run_measured(*args: object) -> Run:
     """Run ``python -m estargz ARGS``: exit code, output and peak RSS in MiB."""
     with tempfile.TemporaryDirectory() as d:
         res = Path(d, "rusage")
-        p = subprocess.run([sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(res),
+        p = subprocess.run([sys.executable, "-I", "-S", "-c", TRAMPOLINE, str(res),
                             sys.executable, "-m", "estargz", *map(str, args)],
                            capture_output=True, cwd=REPO, stdin=subprocess.DEVNULL)
         assert p.returncode == 0 and res.exists(), p.stderr.decode(errors="replace")

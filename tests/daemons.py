@@ -59,6 +59,8 @@ from typing import Optional, Sequence
 
 import pytest
 
+from profiler.rootfs import mounts_under as _mounts_under
+
 REPO = Path(__file__).resolve().parent.parent
 BUILD_IMAGES = REPO / "testdata" / "images" / "build.py"
 NAMESPACE = "estargz-test"
@@ -80,29 +82,9 @@ def _env(**extra: str) -> dict:
 
 # --- what a daemon can leave behind ---------------------------------------------
 
-def _unescape(field: str) -> str:
-    """Decode the octal escapes (\\040 etc.) of /proc/self/mountinfo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_under(path: os.PathLike | str) -> list[str]:
     """Mount points at or below ``path``, from /proc/self/mountinfo."""
-    root = os.path.realpath(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _unescape(line.split()[4])
-            if mp == root or mp.startswith(root + "/"):
-                found.append(mp)
-    return found
+    return _mounts_under(os.path.realpath(path))
 
 
 def _all_processes() -> dict[int, tuple[int, str]]:

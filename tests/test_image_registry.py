@@ -8,6 +8,7 @@ import subprocess
 
 
 from conftest import run_cli
+from test_image_convert import check_layers_with_reference
 
 TOC = "containerd.io/snapshot/stargz/toc.digest"
 PLAIN = ("--dest-tls-verify=false",)
@@ -36,11 +37,7 @@ def test_push_then_skopeo_copies_it_out_and_containerd_runs_it(
     # skopeo copies it out; the reference verifies each layer with its annotation.
     out = tmp_path / "copied"
     skopeo("copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{out}:x")
-    for layer in manifest["layers"]:
-        blob = out / "blobs" / "sha256" / layer["digest"].split(":", 1)[1]
-        p = subprocess.run([goref, "verify", blob, layer["annotations"][TOC]],
-                           capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
+    check_layers_with_reference(goref, out, manifest)
     # containerd pulls from the registry, unpacks (checking diff_ids) and runs it.
     containerd.ctr("images", "pull", "--plain-http", ref)
     out = containerd.run(ref, "sh", "-c", "cat /etc/motd; test -e /etc/issue.net || "

@@ -105,22 +105,8 @@ def data_span(tar: Path) -> tuple[int, int]:
 
 # --- running the CLI and measuring it --------------------------------------
 
-# Run as ``python3 -I -S -c``: fork, exec the command, report os.wait4's
-# exit code and ru_maxrss (KiB) into the file named by argv[1].
-_TRAMPOLINE = r"""
-import os, sys
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-_, st, ru = os.wait4(pid, 0)
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-os.write(fd, ("%d %d" % (os.waitstatus_to_exitcode(st), ru.ru_maxrss)).encode())
-os.close(fd)
-os._exit(0)
-"""
+# The fork/exec trampoline that makes os.wait4 report the child's own peak.
+from blobcraft import TRAMPOLINE as _TRAMPOLINE  # noqa: E402
 
 
 @dataclass
