@@ -247,3 +247,27 @@ def test_a_layer_listed_twice(tmp_path, test_images):
     layers = [l["new_digest"] for l in result["image"]["layers"]]
     assert before_landmark(out, layers[0]) == []
     assert "bin/busybox" in before_landmark(out, layers[1])
+
+
+def test_workload_options_reach_the_sandbox(tmp_path, test_images):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data.txt").write_text("from the host\n")
+    env_file = tmp_path / "env"
+    env_file.write_text("# comment\nFROM_FILE=yes\n")
+    script = ("echo env=$GREETING/$FROM_FILE; echo uid=$(id -u); echo cwd=$(pwd); "
+              "cat /mnt/data.txt; echo READY; sleep 30")
+    started = time.monotonic()
+    r = run_cli("optimize", f"oci:{test_images.busybox}:latest", "--no-optimize",
+                "--entrypoint", '["/bin/sh", "-c"]', "--args", json.dumps([script]),
+                "--env", "GREETING=hello", "--env-file", env_file, "--user", "65534",
+                "--cwd", "/tmp", "--mount", f"type=bind,src={shared},dst=/mnt,options=ro",
+                "--wait-on-line", "READY", "--period", "60")
+    assert r.code == 0, r.err
+    assert time.monotonic() - started < 30  # ended at READY, not after the sleep
+    for line in ("workload: env=hello/yes", "workload: uid=65534", "workload: cwd=/tmp",
+                 "workload: from the host"):
+        assert line in r.err, r.err
+    r = run_cli("optimize", f"oci:{test_images.busybox}:latest", "--no-optimize", "--quiet",
+                "--args", '["sh", "-c", "echo should-not-show"]')
+    assert r.code == 0 and "should-not-show" not in r.err + r.out
