@@ -481,3 +481,31 @@ def extract_cmd(blob: str, path: str, output: Optional[str], **remote: Any) -> N
                         out.write(piece)
     _run(body)
 
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the modes as one JSON object.")
+@click.option("--require", "require", type=click.Choice(["root", "rootless"]), default=None,
+              help="Exit 1 unless this profiling mode is supported.")
+def doctor_cmd(as_json: bool, require: Optional[str]) -> None:
+    """Check which profiling modes (root, rootless) work here, and why not."""
+    from profiler.capabilities import probe
+
+    modes = probe()
+    if as_json:
+        click.echo(json.dumps({"modes": [m.to_dict() for m in modes]}, indent=2))
+    else:
+        for m in modes:
+            later = "" if m.used_by_optimize else " (estargz optimize does not use it yet)"
+            click.echo(f"{m.name}: {'supported' if m.supported else 'not supported'}{later}")
+            for c in m.checks:
+                click.echo(f"  [{'ok' if c.ok else 'no'}] {c.name}: {c.detail}")
+            for r in m.reasons:
+                click.echo(f"  missing: {r}")
+    if require is not None:
+        mode = next(m for m in modes if m.name == require)
+        if not mode.supported:
+            hint = "; run as root" if require == "rootless" or os.geteuid() != 0 else ""
+            click.echo(f"estargz: error: profiling mode {require} is not supported: "
+                       f"{'; '.join(mode.reasons)}{hint}", err=True)
+            sys.exit(1)
