@@ -31,7 +31,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Generic, Iterator, Optional, TypeVar
 
 from .errors import ProfilingError
 
@@ -259,7 +259,75 @@ def _resolve(raw: RawEvent, now: float) -> Event:
                  deleted=deleted)
 
 
-class Watcher:
+E = TypeVar("E")
+
+
+class Group(Generic[E]):
+    """What every fanotify group reader shares: the descriptor, reading
+    batches without blocking, waiting with ``select``, overflow tracking.
+    Subclasses create the group in :meth:`open` and turn one buffer of raw
+    records into events in :meth:`_decode`."""
+
+    def __init__(self) -> None:
+        self.overflowed = False
+        self._fd = -1
+
+    def open(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _decode(self, buf: bytes, now: float) -> list[E]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the mark and free the group (queued events are discarded)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def fileno(self) -> int:
+        """The group's descriptor: readable when events are queued (for select)."""
+        if self._fd < 0:
+            raise ValueError("the watcher is closed")
+        return self._fd
+
+    def read_events(self) -> list[E]:
+        """Every event queued now, in arrival order; empty if none (never blocks)."""
+        out: list[E] = []
+        while True:
+            try:
+                buf = os.read(self.fileno(), _READ_SIZE)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                raise ProfilingError(f"fanotify: reading events failed: {e.strerror}") from e
+            if not buf:
+                return out
+            out.extend(self._decode(buf, time.monotonic()))
+
+    def events(self, timeout: Optional[float] = None) -> Iterator[E]:
+        """Yield events as they arrive, until ``timeout`` seconds pass with no
+        event (forever if ``None``) or the watcher is closed."""
+        while self._fd >= 0:
+            batch = self.read_events()
+            if batch:
+                yield from batch
+                continue
+            ready, _, _ = select.select([self._fd], [], [], timeout)
+            if not ready:
+                return
+
+    def __iter__(self) -> Iterator[E]:
+        return self.events()
+
+
+class Watcher(Group[Event]):
     """A fanotify group with one mark, read as a stream of :class:`Event`.
 
     ``path`` is marked with ``mark`` for the events in ``mask``.  Needs root
@@ -275,19 +343,11 @@ class Watcher:
 
     def __init__(self, path: str, *, mark: MarkKind = MarkKind.MOUNT,
                  mask: int = DEFAULT_MASK, unlimited_queue: bool = True) -> None:
+        super().__init__()
         self.path = path
         self.mark = mark
         self.mask = mask
         self.unlimited_queue = unlimited_queue
-        self.overflowed = False
-        self._fd = -1
-
-    def __enter__(self) -> "Watcher":
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def open(self) -> None:
         """Create the group and place the mark (``__enter__`` does this)."""
@@ -306,55 +366,18 @@ class Watcher:
             self.close()
             raise
 
-    def close(self) -> None:
-        """Remove the mark and free the group (queued events are discarded)."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def fileno(self) -> int:
-        """The group's descriptor: readable when events are queued (for select)."""
-        if self._fd < 0:
-            raise ValueError("the watcher is closed")
-        return self._fd
-
-    def read_events(self) -> list[Event]:
-        """Every event queued now, in arrival order; empty if none (never blocks)."""
-        out: list[Event] = []
-        while True:
+    def _decode(self, buf: bytes, now: float) -> list[Event]:
+        raws = parse_events(buf)
+        out = []
+        for i, raw in enumerate(raws):
             try:
-                buf = os.read(self.fileno(), _READ_SIZE)
-            except BlockingIOError:
-                return out
-            except OSError as e:
-                raise ProfilingError(f"fanotify: reading events failed: {e.strerror}") from e
-            if not buf:
-                return out
-            now = time.monotonic()
-            raws = parse_events(buf)
-            for i, raw in enumerate(raws):
-                try:
-                    event = _resolve(raw, now)
-                except BaseException:
-                    for later in raws[i + 1:]:  # do not leak the rest of this batch
-                        if later.fd >= 0:
-                            os.close(later.fd)
-                    raise
-                if event.overflow:
-                    self.overflowed = True
-                out.append(event)
-
-    def events(self, timeout: Optional[float] = None) -> Iterator[Event]:
-        """Yield events as they arrive, until ``timeout`` seconds pass with no
-        event (forever if ``None``) or the watcher is closed."""
-        while self._fd >= 0:
-            batch = self.read_events()
-            if batch:
-                yield from batch
-                continue
-            ready, _, _ = select.select([self._fd], [], [], timeout)
-            if not ready:
-                return
-
-    def __iter__(self) -> Iterator[Event]:
-        return self.events()
+                event = _resolve(raw, now)
+            except BaseException:
+                for later in raws[i + 1:]:  # do not leak the rest of this batch
+                    if later.fd >= 0:
+                        os.close(later.fd)
+                raise
+            if event.overflow:
+                self.overflowed = True
+            out.append(event)
+        return out

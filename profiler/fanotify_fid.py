@@ -39,18 +39,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import select
 import struct
-import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 from .errors import ProfilingError
 from .fanotify import (AT_FDCWD, DEFAULT_MASK, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_MARK_ADD,
                        FAN_MARK_MOUNT, FAN_NOFD, FAN_NONBLOCK, FAN_Q_OVERFLOW,
                        FAN_UNLIMITED_QUEUE, FANOTIFY_METADATA_VERSION, METADATA_SIZE,
                        Kind, _lib, fanotify_mark, kind_of)
-from .fanotify import _METADATA
+from .fanotify import _METADATA, Group
 
 # --- constants (include/uapi/linux/fanotify.h, fcntl.h) --------------------------
 
@@ -68,7 +66,6 @@ MAX_HANDLE_SZ = 128
 _INFO_HEADER = struct.Struct("=BBH")         # info_type, pad, len
 _FSID = struct.Struct("=ii")                 # __kernel_fsid_t
 _FILE_HANDLE = struct.Struct("=Ii")          # handle_bytes, handle_type
-_READ_SIZE = 256 * 1024
 
 #: A handle as a dictionary key: (handle_type, f_handle bytes).
 HandleKey = tuple[int, bytes]
@@ -319,7 +316,7 @@ def fanotify_init_fid(flags: int) -> int:
     return fd
 
 
-class FidWatcher:
+class FidWatcher(Group[FidEvent]):
     """A FID-mode fanotify group with a mount mark on ``path``'s mount, read as
     :class:`FidEvent` resolved through a :class:`HandleTable` of ``path``.
 
@@ -334,20 +331,12 @@ class FidWatcher:
     def __init__(self, path: str, *, table: Optional[HandleTable] = None,
                  mask: int = DEFAULT_MASK, report_name: bool = False,
                  unlimited_queue: Optional[bool] = None) -> None:
+        super().__init__()
         self.path = path
         self.table = table
         self.mask = mask
         self.report_name = report_name
         self.unlimited_queue = unlimited_queue
-        self.overflowed = False
-        self._fd = -1
-
-    def __enter__(self) -> "FidWatcher":
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def open(self) -> None:
         if self._fd >= 0:
@@ -377,46 +366,12 @@ class FidWatcher:
             self.close()
             raise
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def fileno(self) -> int:
-        if self._fd < 0:
-            raise ValueError("the watcher is closed")
-        return self._fd
-
-    def read_events(self) -> list[FidEvent]:
-        """Every event queued now, in arrival order; empty if none (never blocks)."""
-        out: list[FidEvent] = []
+    def _decode(self, buf: bytes, now: float) -> list[FidEvent]:
         assert self.table is not None
-        while True:
-            try:
-                buf = os.read(self.fileno(), _READ_SIZE)
-            except BlockingIOError:
-                return out
-            except OSError as e:
-                raise ProfilingError(f"fanotify: reading events failed: {e.strerror}") from e
-            if not buf:
-                return out
-            now = time.monotonic()
-            for raw in parse_fid_events(buf):
-                path = None if raw.mask & FAN_Q_OVERFLOW else self.table.resolve(raw)
-                if raw.mask & FAN_Q_OVERFLOW:
-                    self.overflowed = True
-                out.append(FidEvent(path, raw.mask, raw.pid, now, raw.infos))
-
-    def events(self, timeout: Optional[float] = None) -> Iterator[FidEvent]:
-        """Yield events as they arrive, until ``timeout`` seconds pass with none."""
-        while self._fd >= 0:
-            batch = self.read_events()
-            if batch:
-                yield from batch
-                continue
-            ready, _, _ = select.select([self._fd], [], [], timeout)
-            if not ready:
-                return
-
-    def __iter__(self) -> Iterator[FidEvent]:
-        return self.events()
+        out = []
+        for raw in parse_fid_events(buf):
+            path = None if raw.mask & FAN_Q_OVERFLOW else self.table.resolve(raw)
+            if raw.mask & FAN_Q_OVERFLOW:
+                self.overflowed = True
+            out.append(FidEvent(path, raw.mask, raw.pid, now, raw.infos))
+        return out
