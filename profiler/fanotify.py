@@ -170,27 +170,32 @@ class RawEvent:
     pid: int
 
 
-def parse_events(buf: bytes) -> list[RawEvent]:
-    """Split what ``read(2)`` returned on a fanotify fd into events.
+def iter_records(buf: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """Walk the event records in what ``read(2)`` returned on a fanotify fd:
+    yield ``(offset, event_len, metadata_len, mask, fd, pid)`` for each.
 
     Follows ``event_len`` (not ``metadata_len``) from one record to the next,
     so records that carry extra information are skipped over correctly.
     Raises :class:`ProfilingError` on a version mismatch or a truncated
     record: either would mean mis-reading every later event."""
-    out: list[RawEvent] = []
     off = 0
     while off < len(buf):
         if len(buf) - off < METADATA_SIZE:
             raise ProfilingError(f"fanotify: truncated event record at byte {off}")
-        event_len, vers, _, _, mask, fd, pid = _METADATA.unpack_from(buf, off)
+        event_len, vers, _, metadata_len, mask, fd, pid = _METADATA.unpack_from(buf, off)
         if vers != FANOTIFY_METADATA_VERSION:
             raise ProfilingError(f"fanotify: event metadata version {vers}, expected"
                                  f" {FANOTIFY_METADATA_VERSION}: kernel and profiler disagree")
         if event_len < METADATA_SIZE or off + event_len > len(buf):
             raise ProfilingError(f"fanotify: bad event length {event_len} at byte {off}")
-        out.append(RawEvent(mask, fd, pid))
+        yield off, event_len, metadata_len, mask, fd, pid
         off += event_len
-    return out
+
+
+def parse_events(buf: bytes) -> list[RawEvent]:
+    """Split what ``read(2)`` returned on a fanotify fd into events
+    (see :func:`iter_records` for what is checked)."""
+    return [RawEvent(mask, fd, pid) for _, _, _, mask, fd, pid in iter_records(buf)]
 
 
 def pack_event(mask: int, fd: int = FAN_NOFD, pid: int = 0) -> bytes:

@@ -48,7 +48,7 @@ from .fanotify import (AT_FDCWD, DEFAULT_MASK, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN
                        FAN_MARK_MOUNT, FAN_NOFD, FAN_NONBLOCK, FAN_Q_OVERFLOW,
                        FAN_UNLIMITED_QUEUE, FANOTIFY_METADATA_VERSION, METADATA_SIZE,
                        Kind, _lib, fanotify_mark, kind_of)
-from .fanotify import _METADATA, Group
+from .fanotify import _METADATA, Group, iter_records
 
 # --- constants (include/uapi/linux/fanotify.h, fcntl.h) --------------------------
 
@@ -138,16 +138,8 @@ def parse_fid_events(buf: bytes) -> list[RawFidEvent]:
     Like :func:`profiler.fanotify.parse_events`, follows ``event_len`` and
     raises :class:`ProfilingError` on anything malformed rather than guess."""
     out: list[RawFidEvent] = []
-    off = 0
-    while off < len(buf):
-        if len(buf) - off < METADATA_SIZE:
-            raise ProfilingError(f"fanotify: truncated event record at byte {off}")
-        event_len, vers, _, metadata_len, mask, fd, pid = _METADATA.unpack_from(buf, off)
-        if vers != FANOTIFY_METADATA_VERSION:
-            raise ProfilingError(f"fanotify: event metadata version {vers}, expected"
-                                 f" {FANOTIFY_METADATA_VERSION}: kernel and profiler disagree")
-        if event_len < METADATA_SIZE or off + event_len > len(buf) \
-                or not METADATA_SIZE <= metadata_len <= event_len:
+    for off, event_len, metadata_len, mask, fd, pid in iter_records(buf):
+        if not METADATA_SIZE <= metadata_len <= event_len:
             raise ProfilingError(f"fanotify: bad event length {event_len} at byte {off}")
         if fd != FAN_NOFD:  # not FID mode: a descriptor we must not leak
             if fd >= 0:
@@ -161,7 +153,6 @@ def parse_fid_events(buf: bytes) -> list[RawFidEvent]:
                 infos.append(info)
             p += length
         out.append(RawFidEvent(mask, pid, tuple(infos)))
-        off += event_len
     return out
 
 
