@@ -315,8 +315,9 @@ class FidWatcher(Group[FidEvent]):
     (e.g. a tmpfs); see the module docstring for what refuses mount marks.
     ``unlimited_queue``: True requires it, False never asks, None (default)
     asks and falls back to a bounded queue where it is refused (it needs
-    CAP_SYS_ADMIN in the initial user namespace).  A dropped event shows as a ``FAN_Q_OVERFLOW`` event,
-    yielded like others, and sets :attr:`overflowed`: nothing is lost silently.
+    CAP_SYS_ADMIN in the initial user namespace).  A dropped event shows as a
+    ``FAN_Q_OVERFLOW`` event, yielded like others, and sets :attr:`overflowed`:
+    nothing is lost silently.
     """
 
     def __init__(self, path: str, *, table: Optional[HandleTable] = None,

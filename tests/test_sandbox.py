@@ -441,15 +441,20 @@ def _run_and_signal(lower: Path, tmp: Path, sig: int, wait_on_signal: bool,
     return proc.returncode, lines + out.splitlines() + [f"stderr: {err}"]
 
 
+def assert_nothing_left(tmp_path) -> None:
+    """No mount, workload process, bundle or cgroup outlives an interrupted run."""
+    assert mounts_under(tmp_path) == []
+    assert _processes_named("sleep 98761") == []
+    assert list((tmp_path / "bundles").iterdir()) == []
+    assert _profile_cgroups() == []
+
+
 @needs_root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_in_the_middle_of_a_run_leaves_nothing(lower, tmp_path, runc, sig):
     code, lines = _run_and_signal(lower, tmp_path, sig, wait_on_signal=False)
     assert code == 130 and "interrupted" in lines, lines
-    assert mounts_under(tmp_path) == []
-    assert _processes_named("sleep 98761") == []
-    assert list((tmp_path / "bundles").iterdir()) == []
-    assert _profile_cgroups() == []
+    assert_nothing_left(tmp_path)
 
 
 @needs_root
@@ -460,10 +465,7 @@ def test_interrupt_at_any_point_leaves_nothing(lower, tmp_path, runc, delay):
     code, lines = _run_and_signal(lower, tmp_path, signal.SIGINT, wait_on_signal=False,
                                   trigger="go", delay=delay)
     assert code == 130 and "interrupted" in lines, lines
-    assert mounts_under(tmp_path) == []
-    assert _processes_named("sleep 98761") == []
-    assert list((tmp_path / "bundles").iterdir()) == []
-    assert _profile_cgroups() == []
+    assert_nothing_left(tmp_path)
 
 
 @needs_root
