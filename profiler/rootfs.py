@@ -45,7 +45,29 @@ opacity the listing would not know about). Other aufs metadata
 (``.wh..wh.plnk`` etc.) is skipped, as Docker does.
 
 Everything here needs root: device nodes, whiteouts, ownership, ``trusted.*``
-xattrs and the mount itself.
+xattrs and the mount itself; all but flat mode.
+
+**Flat mode** (``extract_layer(..., flat=True)``) is for a caller without
+real root: rootless profiling runs as root of a user namespace of its own,
+where overlayfs cannot serve (fanotify refuses the mount marks it needs on
+overlayfs), so :mod:`profiler.flatroot` merges the layers into one plain
+tree instead. A layer extracted flat holds only what such a caller can make,
+and the listing still says everything the layer means:
+
+* whiteouts and opaque markers are recorded in the listing but nothing is
+  made on disk for them (a 0/0 device and ``trusted.overlay.opaque`` both
+  need real root); the merge applies them from the listing;
+* an owner the user namespace does not map (``chown`` gives EINVAL) leaves
+  the entry to the namespace's root: one warning per layer, not an error;
+* character and block devices are skipped with a warning and not listed,
+  whatever the privileges, so that a flat tree is the same whoever made it
+  (a sandbox mounts its own ``/dev``); FIFOs are made;
+* extended attributes the kernel refuses (EPERM, EOPNOTSUPP: ``trusted.*``
+  in a user namespace, any on a filesystem without them) are skipped and
+  recorded in ``skipped_xattrs``.
+
+The safety rules above are the same in both modes, and so is the listing,
+apart from the skipped devices and the warnings.
 """
 
 from __future__ import annotations
@@ -276,13 +298,19 @@ class _Extractor:
     """Applies tar entries, one at a time, below an open root directory."""
 
     def __init__(self, root_fd: int, dest: str,
-                 lowers: Sequence[tuple[str, LayerListing]]) -> None:
+                 lowers: Sequence[tuple[str, LayerListing]], flat: bool = False) -> None:
         self.root_fd = root_fd
         self.dest = dest
         self.lowers = lowers
         self.lower_listings = [listing for _, listing in lowers]
         self.listing = LayerListing()
+        self.flat = flat
+        # Root of a user namespace counts: it may chown to the ids it maps.
         self.as_root = os.geteuid() == 0
+        # Flat mode: entries whose owner the user namespace does not map
+        # (count, first entry, its ids), reported as one warning.
+        self._unmapped = 0
+        self._first_unmapped: tuple[str, int, int] = ("", 0, 0)
         # Directory fds by layer path, so that entries sharing a parent (a
         # sorted tar) do not walk from the root each time. Dropped for a
         # path whenever an entry removes it.
@@ -347,8 +375,13 @@ class _Extractor:
         except FileNotFoundError:
             if not create:
                 return None
-            self._mkdir_implicit(pfd, rel, base)
-            return _open_dir(base, pfd)
+            if not (self.flat and rel in self.listing.whiteouts):
+                self._mkdir_implicit(pfd, rel, base)
+                return _open_dir(base, pfd)
+            # Flat mode made nothing on disk for the whiteout of `rel`: this
+            # is the on-disk whiteout case below. (In either mode a path the
+            # listing whites out holds the whiteout or a later entry.)
+            return self._whited_out_parent(pfd, rel, base)
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -359,9 +392,12 @@ class _Extractor:
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
             raise UnsupportedEntry(printable(entry), f"its parent {printable(rel)!r} is "
                                    f"{what}; entries below one are refused")
-        # `.wh.d` then `d/x`: d is a directory of this layer again, and what
-        # the lower layers hold in it stays deleted.
         os.unlink(base, dir_fd=pfd)
+        return self._whited_out_parent(pfd, rel, base)
+
+    def _whited_out_parent(self, pfd: int, rel: str, base: str) -> int:
+        """`.wh.d` then `d/x`: d is a directory of this layer again, and what
+        the lower layers hold in it stays deleted (an opaque directory)."""
         self._mkdir_implicit(pfd, rel, base, from_lower=False)
         fd = _open_dir(base, pfd)
         try:
@@ -390,7 +426,8 @@ class _Extractor:
             return
         mode, uid, gid, mtime = meta
         if self.as_root:
-            os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            self._chown(lambda u, g: os.chown(base, u, g, dir_fd=pfd, follow_symlinks=False),
+                        uid, gid, rel)
         self._dir_meta[rel] = (mode, mtime)
 
     def _lower_dir_meta(self, rel: str) -> Optional[tuple[int, int, int, int]]:
@@ -466,10 +503,41 @@ class _Extractor:
         if not self.as_root:
             return
         if fd is not None:
-            os.fchown(fd, ti.uid, ti.gid)
+            self._chown(lambda u, g: os.fchown(fd, u, g), ti.uid, ti.gid, ti.name)
         else:
             assert at is not None
-            os.chown(at[1], ti.uid, ti.gid, dir_fd=at[0], follow_symlinks=False)
+            self._chown(lambda u, g: os.chown(at[1], u, g, dir_fd=at[0], follow_symlinks=False),
+                        ti.uid, ti.gid, ti.name)
+
+    def _chown(self, chown: Callable[[int, int], None], uid: int, gid: int,
+               entry: str) -> None:
+        """``chown(uid, gid)``; in flat mode, ids the user namespace does not
+        map (EINVAL) are left to its root, the other id still set."""
+        try:
+            chown(uid, gid)
+            return
+        except OSError as e:
+            if not (self.flat and e.errno == errno.EINVAL):
+                raise
+        for u, g in ((uid, -1), (-1, gid)):
+            try:
+                chown(u, g)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        if not self._unmapped:
+            self._first_unmapped = (entry, uid, gid)
+        self._unmapped += 1
+
+    def unmapped_warning(self) -> None:
+        """Add the one warning about owners the user namespace cannot hold."""
+        if self._unmapped:
+            entry, uid, gid = self._first_unmapped
+            n = self._unmapped
+            what = "entry has an owner" if n == 1 else "entries have owners"
+            self.listing.warnings.append(
+                f"{n} {what} this user namespace does not map (first "
+                f"{printable(entry)!r}, {uid}:{gid}); owned by its root instead")
 
     def _xattrs(self, ti: tarfile.TarInfo, rel: str, kind: str,
                 set_one: Callable[[str, bytes], None]) -> None:
@@ -489,14 +557,16 @@ class _Extractor:
             try:
                 set_one(name, value.encode("utf-8", "surrogateescape"))
             except OSError as e:
-                special = kind not in (REG, DIR) and e.errno in (errno.EPERM, errno.EOPNOTSUPP)
-                if name.startswith("security.") or special:
+                refused = e.errno in (errno.EPERM, errno.EOPNOTSUPP)
+                special = kind not in (REG, DIR) and refused
+                if name.startswith("security.") or special or (self.flat and refused):
                     self.listing.skipped_xattrs.append((rel, name, e.strerror or str(e)))
                     continue
                 raise
 
     def _set_opaque(self, fd: int, rel: str) -> None:
-        os.setxattr(fd, OPAQUE_XATTR, b"y")
+        if not self.flat:  # flat: the listing alone carries it to the merge
+            os.setxattr(fd, OPAQUE_XATTR, b"y")
         self.listing.opaque_dirs.add(rel)
 
     # -- entries --
@@ -566,7 +636,8 @@ class _Extractor:
         else:
             if st is not None:
                 self._make_room(pfd, rel, base, False)
-            os.mknod(base, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
+            if not self.flat:  # flat: the listing alone carries it to the merge
+                os.mknod(base, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
         self.listing.whiteouts.add(rel)
 
     def _directory(self, pfd: int, rel: str, base: str, ti: tarfile.TarInfo) -> None:
@@ -651,6 +722,13 @@ class _Extractor:
 
     def _special(self, pfd: int, rel: str, base: str, ti: tarfile.TarInfo) -> None:
         self._make_room(pfd, rel, base, False)
+        if self.flat and not ti.isfifo():
+            # A user namespace cannot make device nodes (EPERM). Skipped even
+            # when it could, so that a flat tree does not depend on who made it.
+            self.listing.warnings.append(
+                f"{rel!r}: {'character' if ti.ischr() else 'block'} device "
+                f"{ti.devmajor}/{ti.devminor} skipped (flat extraction)")
+            return
         if ti.isfifo():
             fmt, dev, kind = stat.S_IFIFO, 0, FIFO
         else:
@@ -716,15 +794,22 @@ def _prepare_dest(dest: str) -> bool:
 
 def extract_layer(tar_path: str, dest: str, *,
                   lowers: Sequence[tuple[str, LayerListing]] = (),
-                  spool_dir: Optional[str] = None) -> LayerListing:
+                  spool_dir: Optional[str] = None, flat: bool = False) -> LayerListing:
     """Extract the layer at ``tar_path`` (tar, tar+gzip or tar+zstd) into
     ``dest`` as an overlayfs lower directory, and say what it holds.
 
     ``dest`` must not exist or be empty; it is removed again on failure if
     this call created it. ``lowers`` are the already extracted layers below,
     bottom to top, as ``(directory, listing)``: directories this layer needs
-    but has no entry for take their metadata from there. ``spool_dir`` holds
-    the decompressed tar of a compressed layer while it is read.
+    but has no entry for take their metadata from there (in flat mode the
+    directory may be the same merged tree for every layer). ``spool_dir``
+    holds the decompressed tar of a compressed layer while it is read.
+
+    ``flat=True`` extracts for :mod:`profiler.flatroot`'s merge, as root of
+    a user namespace can (see the module docstring): no whiteout devices or
+    overlayfs xattrs, no device nodes, unmapped owners and refused xattrs
+    tolerated. The listing is the same as without it, but for the skipped
+    devices and the warnings.
 
     Raises :class:`~estargz.InvalidInput` (or its :class:`~estargz.UnsupportedEntry`)
     for a malformed or refused layer (see the module docstring) and
@@ -737,7 +822,7 @@ def extract_layer(tar_path: str, dest: str, *,
             root_fd = os.open(dest, _DIR_FLAGS)
         except OSError as e:
             raise StorageError(f"cannot open {dest}: {e.strerror}") from None
-        ex = _Extractor(root_fd, dest, lowers)
+        ex = _Extractor(root_fd, dest, lowers, flat=flat)
         try:
             with open_tar(tar_path, tmpdir=spool_dir) as f:
                 fd = f.fileno()
@@ -764,6 +849,7 @@ def extract_layer(tar_path: str, dest: str, *,
             except OSError as e:
                 raise StorageError(f"cannot set directory metadata in {dest}: "
                                    f"{e.strerror or e}") from None
+            ex.unmapped_warning()
         finally:
             ex.close()
             os.close(root_fd)
