@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Optional
@@ -213,6 +214,7 @@ class HandleTable:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self._paths: dict[HandleKey, str] = {}
+        self._regular: set[HandleKey] = set()
         self.skipped = 0
         self._dev = os.lstat(self.root).st_dev
         self.add(".")
@@ -240,10 +242,17 @@ class HandleTable:
             self.skipped += 1
             return False
         self._paths.setdefault(key, rel)
+        if stat.S_ISREG(st.st_mode):
+            self._regular.add(key)
         return True
 
     def lookup(self, key: HandleKey) -> Optional[str]:
         return self._paths.get(key)
+
+    def is_regular(self, raw: RawFidEvent) -> bool:
+        """Whether the event's file was a regular file when the table was built."""
+        fid = raw.info(FAN_EVENT_INFO_TYPE_FID)
+        return fid is not None and fid.key in self._regular
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -277,6 +286,8 @@ class FidEvent:
     pid: int
     time: float
     infos: tuple[FidInfo, ...] = field(default=(), repr=False)
+    #: A regular file of the table (not a directory, device or fifo).
+    regular: bool = False
 
     @property
     def kind(self) -> Kind:
@@ -365,5 +376,6 @@ class FidWatcher(Group[FidEvent]):
             path = None if raw.mask & FAN_Q_OVERFLOW else self.table.resolve(raw)
             if raw.mask & FAN_Q_OVERFLOW:
                 self.overflowed = True
-            out.append(FidEvent(path, raw.mask, raw.pid, now, raw.infos))
+            out.append(FidEvent(path, raw.mask, raw.pid, now, raw.infos,
+                                regular=path is not None and self.table.is_regular(raw)))
         return out
