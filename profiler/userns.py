@@ -1,0 +1,354 @@
+"""Run a function as root of a new user namespace, for rootless profiling.
+
+:func:`call_in_userns` starts a fresh interpreter (``python -m
+profiler.userns``), because ``unshare(CLONE_NEWUSER)`` is refused to a
+process with more than one thread, and the caller (a CLI with worker
+threads, a test runner) may have several.  The helper then::
+
+    unshare(USER | MOUNT | PID)   uid 0 inside = the caller's uid outside, gid
+                                  likewise (one id each; setgroups denied,
+                                  which the kernel requires for an
+                                  unprivileged gid_map)
+    fork                          the child is PID 1 of the new PID namespace
+      mount --make-rprivate /     nothing we mount leaks out, or in
+      mount proc /proc            pids in /proc are this namespace's, as the
+                                  runtime's pid file gives them
+      fn(*args)                   messages (output lines) and the result or
+                                  the error go back over a pipe
+
+Why a PID namespace of our own: when its PID 1 exits, the kernel kills
+every process left in it, whatever happened (SIGKILL of the helper
+included, through PR_SET_PDEATHSIG), and the mount namespace goes with the
+last of them: the tmpfs holding the image and the container's mounts
+disappear, and nothing is left behind.
+
+Signals: the helper runs in a session of its own, so a terminal's Ctrl-C
+reaches only the caller, which forwards SIGINT (for SIGTERM too: a PID 1
+ignores signals it has no handler for) and waits for the helper to finish
+tearing down.  ``fn`` sees KeyboardInterrupt as it would in the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+from typing import Any, Callable, Optional
+
+from .errors import ProfilingError
+
+CLONE_NEWNS = 0x0002_0000
+CLONE_NEWUSER = 0x1000_0000
+CLONE_NEWPID = 0x2000_0000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
+
+#: After forwarding SIGINT, how long the helper may take to tear down before
+#: it is killed (which still leaves nothing running: see the module docstring).
+TEARDOWN_TIMEOUT = 60.0
+
+_LENGTH = struct.Struct("=Q")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_char_p]
+
+
+def in_initial_user_namespace() -> bool:
+    """True when this process is in the machine's own user namespace (whose
+    uid_map is the identity over all ids)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def mount(source: str, target: str, fstype: Optional[str], flags: int,
+          data: Optional[str] = None) -> None:
+    """mount(2), raising OSError."""
+    if _libc.mount(source.encode(), os.fsencode(target),
+                   fstype.encode() if fstype else None, flags,
+                   data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+# --- the caller's side ----------------------------------------------------------
+
+def call_in_userns(fn: Callable[..., Any], *args: Any,
+                   on_message: Optional[Callable[[Any], None]] = None) -> Any:
+    """Call ``fn(*args)`` as root of a new user, mount and PID namespace.
+
+    ``fn`` must be a module-level function, and its arguments and result
+    picklable.  In the namespace, ``send_message(obj)`` passes ``obj`` to
+    ``on_message`` here, as it happens.  An :class:`~estargz.EstargzError`
+    raised by ``fn`` is raised here with the same class and message; a
+    KeyboardInterrupt there (ours forwarded as SIGINT) is one here.
+    Raises :class:`ProfilingError` when the namespaces cannot be created.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "profiler.userns", str(w)],
+            stdin=subprocess.PIPE, pass_fds=(w,), start_new_session=True,
+            env=_child_env())
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    os.close(w)
+    interrupted = False
+
+    def forward(_signum: int = signal.SIGINT, _frame: object = None) -> None:
+        nonlocal interrupted
+        interrupted = True
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+
+    outcome: Optional[tuple] = None
+    try:
+        with _forwarding(forward), os.fdopen(r, "rb") as pipe:
+            assert proc.stdin is not None
+            try:
+                pickle.dump((fn, args), proc.stdin)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it failed before reading: its message says why
+            while True:
+                try:
+                    msg = _read_message(pipe)
+                except KeyboardInterrupt:  # not the main thread: no handler
+                    forward()
+                    continue
+                if msg is None:
+                    break
+                if msg[0] == "message":
+                    if on_message is not None:
+                        on_message(msg[1])
+                else:
+                    outcome = msg
+            _wait(proc)
+    except BaseException:
+        if proc.poll() is None:
+            forward()
+            _wait(proc)
+        raise
+    if outcome is None:
+        code = proc.returncode
+        if interrupted:
+            raise KeyboardInterrupt
+        raise ProfilingError(f"the user-namespace helper died ({_describe(code)}) "
+                             "without a result")
+    kind = outcome[0]
+    if kind == "result":
+        return outcome[1]
+    if kind == "interrupted" or interrupted:
+        raise KeyboardInterrupt
+    if kind == "error":
+        raise _rebuild(outcome[1], outcome[2], outcome[3])
+    raise ProfilingError(f"the user-namespace helper sent {kind!r}")  # pragma: no cover
+
+
+def _child_env() -> dict[str, str]:
+    """The environment, with this package importable however we were started."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
+@contextlib.contextmanager
+def _forwarding(forward: Callable[..., None]):  # type: ignore[no-untyped-def]
+    """SIGINT and SIGTERM forward to the helper while it runs (main thread
+    only; elsewhere KeyboardInterrupt is caught and forwarded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(TEARDOWN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # Its PID 1 dies with it (PDEATHSIG), and every process in the
+        # namespace with that.
+        proc.kill()
+        proc.wait()
+
+
+def _describe(code: Optional[int]) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _rebuild(module: str, name: str, message: str) -> BaseException:
+    """The exception the helper raised, as the same class when it is ours."""
+    if module.split(".")[0] in ("estargz", "profiler"):
+        mod = sys.modules.get(module)
+        if mod is None:
+            with contextlib.suppress(ImportError):
+                __import__(module)
+                mod = sys.modules.get(module)
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            exc = cls.__new__(cls)
+            Exception.__init__(exc, message)
+            return exc
+    return ProfilingError(message)
+
+
+def _read_message(pipe: Any) -> Optional[tuple]:
+    head = pipe.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None
+    (n,) = _LENGTH.unpack(head)
+    body = pipe.read(n)
+    if len(body) < n:
+        return None
+    return pickle.loads(body)
+
+
+# --- the helper's side ------------------------------------------------------------
+
+_out_fd = -1
+
+
+def send_message(obj: Any) -> None:
+    """From ``fn`` in the namespace: hand ``obj`` to the caller's ``on_message``."""
+    _send(("message", obj))
+
+
+def _send(msg: tuple) -> None:
+    data = pickle.dumps(msg)
+    view = memoryview(_LENGTH.pack(len(data)) + data)
+    while view:
+        view = view[os.write(_out_fd, view):]
+
+
+def unshare_error(err: int) -> str:
+    """Why ``unshare(CLONE_NEWUSER)`` failed, and what to do, in one phrase."""
+    if err == errno.ENOSPC:
+        return ("user namespaces are disabled here (user.max_user_namespaces is 0, or its"
+                " limit is reached)")
+    if err == errno.EPERM:
+        return ("creating a user namespace is not permitted (kernel.unprivileged_userns_clone"
+                "=0, an AppArmor or SELinux policy, or a container that forbids it)")
+    if err == errno.EINVAL:
+        return "this kernel has no user namespaces (CONFIG_USER_NS)"
+    return f"creating a user namespace failed: {os.strerror(err)}"
+
+
+def _enter() -> None:
+    """unshare and write the id maps (one id each, as an unprivileged process may)."""
+    uid, gid = os.getuid(), os.getgid()
+    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0:
+        raise ProfilingError(unshare_error(ctypes.get_errno()))
+    try:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+    except OSError as e:
+        raise ProfilingError(f"cannot map ids in the new user namespace: {e.strerror}") from None
+
+
+def _init(fn: Callable[..., Any], args: tuple) -> int:
+    """PID 1 of the namespace: set up the mounts, run ``fn``, report."""
+    def term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, term)  # PID 1 ignores signals without a handler
+    try:
+        try:
+            mount("none", "/", None, MS_REC | MS_PRIVATE)
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError as e:
+            raise ProfilingError(f"cannot set up the mount namespace: {e.strerror}"
+                                 f" ({e.filename})") from None
+        result = fn(*args)
+    except KeyboardInterrupt:
+        _send(("interrupted",))
+        return 130
+    except Exception as e:
+        from estargz import EstargzError
+        if isinstance(e, EstargzError):
+            _send(("error", type(e).__module__, type(e).__name__, str(e)))
+            return 1
+        _send(("error", "builtins", "RuntimeError",
+               "unexpected error in the user namespace:\n" + traceback.format_exc()))
+        return 1
+    _send(("result", result))
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    global _out_fd
+    _out_fd = int(argv[0])
+    parent = os.getppid()
+    # The caller's death must not leave us (and through us, the workload) running.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the caller forwards them...
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        try:
+            fn, args = pickle.load(sys.stdin.buffer)
+        except Exception as e:  # a caller's bug: fn must be importable by name
+            raise ProfilingError(f"the user-namespace helper cannot load its job: {e}") from None
+        _enter()
+    except ProfilingError as e:
+        _send(("error", type(e).__module__, type(e).__name__, str(e)))
+        return 1
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            code = _init(fn, args)
+        finally:
+            os._exit(code)
+
+    def relay(_signum: int, _frame: object) -> None:  # ...to PID 1, as SIGINT
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    signal.signal(signal.SIGINT, relay)
+    signal.signal(signal.SIGTERM, relay)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            return 1
+    os.close(_out_fd)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+
+
+if __name__ == "__main__":
+    # Through the package, not this __main__ copy: ``fn`` calls
+    # profiler.userns.send_message, which must see the descriptor set here.
+    from profiler import userns as _userns
+    sys.exit(_userns._main(sys.argv[1:]))
