@@ -496,7 +496,7 @@ def doctor_cmd(as_json: bool, require: Optional[str]) -> None:
         click.echo(json.dumps({"modes": [m.to_dict() for m in modes]}, indent=2))
     else:
         for m in modes:
-            later = "" if m.used_by_optimize else " (estargz optimize does not use it yet)"
+            later = " (what estargz optimize uses for this user)" if m.used_by_optimize else ""
             click.echo(f"{m.name}: {'supported' if m.supported else 'not supported'}{later}")
             for c in m.checks:
                 click.echo(f"  [{'ok' if c.ok else 'no'}] {c.name}: {c.detail}")

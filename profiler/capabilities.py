@@ -74,9 +74,9 @@ class Mode:
 
     @property
     def used_by_optimize(self) -> bool:
-        """Whether ``estargz optimize`` profiles in this mode today: the
-        rootless profiler is still to come, its kernel support is probed."""
-        return self.name == "root"
+        """Whether ``estargz optimize``, run by this user, profiles in this
+        mode: ``root`` for euid 0, ``rootless`` for anyone else."""
+        return self.name == ("root" if os.geteuid() == 0 else "rootless")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "supported": self.supported,
@@ -187,14 +187,26 @@ def probe_root() -> Mode:
         reasons.append("overlayfs is not available (not in /proc/filesystems; try"
                        " modprobe overlay)")
 
-    runtimes = [(name, shutil.which(name)) for name in ("runc", "crun")]
-    found = [f"{name} ({path})" for name, path in runtimes if path]
+    _check_runtime(checks, reasons)
+    return Mode("root", not reasons, reasons, checks)
+
+
+def which_runtime(name: str) -> Optional[str]:
+    """Where OCI runtime ``name`` is: on PATH, else in the sbin directories,
+    which an ordinary user's PATH often lacks (Debian's runc is /usr/sbin/runc)."""
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/local/sbin",
+                            "/usr/sbin", "/sbin"])
+    return shutil.which(name, path=path)
+
+
+def _check_runtime(checks: list[Check], reasons: list[str]) -> None:
+    found = [f"{name} ({path})" for name in ("runc", "crun")
+             if (path := which_runtime(name)) is not None]
     if found:
         checks.append(Check("OCI runtime", True, ", ".join(found)))
     else:
-        checks.append(Check("OCI runtime", False, "neither runc nor crun on PATH"))
-        reasons.append("no OCI runtime (runc or crun) on PATH")
-    return Mode("root", not reasons, reasons, checks)
+        checks.append(Check("OCI runtime", False, "neither runc nor crun on PATH or in /usr/sbin"))
+        reasons.append("no OCI runtime (runc or crun) is installed")
 
 
 # --- rootless -------------------------------------------------------------------
@@ -242,6 +254,7 @@ def probe_rootless() -> Mode:
     checks.extend(steps)
     if failure:
         reasons.append(failure)
+    _check_runtime(checks, reasons)
     return Mode("rootless", not reasons, reasons, checks)
 
 

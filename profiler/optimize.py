@@ -2,7 +2,9 @@
 
 1. Pick the host platform's manifest and read its config.
 2. Assemble the root filesystem from the layers (``rootfs.py``: extracted
-   safely, stacked read-only under a throwaway upper layer).
+   safely, stacked read-only under a throwaway upper layer).  Without root,
+   ``rootless.py`` flattens them onto a tmpfs in a user namespace instead,
+   and runs steps 3 and 4 there.
 3. Run Entrypoint + Cmd in the sandbox (``sandbox.py``) while fanotify records
    every file it opens, reads or executes, in first-access order.
 4. Map each path, symlinks followed, to the layer that provides it
@@ -35,6 +37,7 @@ from .layermap import LayerListing, layer_for, link_targets, resolve
 from .record import Access, by_path, per_layer, write_record
 from .report import LayerSummary, Report
 from .rootfs import assemble_image_rootfs
+from .rootless import profile_rootless
 from .sandbox import BindMount, ProcessSpec, SandboxOptions, run_profiled
 
 
@@ -140,7 +143,10 @@ def process_from_config(config: dict, options: OptimizeOptions) -> ProcessSpec:
                        cwd=options.cwd or str(c.get("WorkingDir") or "/"))
 
 
-def _map_accesses(run_accesses, listings: list[LayerListing], root: str) -> list[Access]:
+def map_accesses(run_accesses, listings: list[LayerListing], root: str) -> list[Access]:
+    """The run's accesses as the record has them: symlinks resolved inside the
+    image, each file once, credited to the layer that provides it; files the
+    layers do not hold (written by the workload) are dropped."""
     links = link_targets(listings)
     out: list[Access] = []
     seen: set[str] = set()
@@ -226,11 +232,6 @@ def optimize_image(src: str, dst: Optional[str],
             accesses = _list_only(source, layers, options.prefetch_list, work)
             workload = ["(prefetch list)"]
         else:
-            if os.geteuid() != 0:
-                from .errors import ProfilingError
-                raise ProfilingError(
-                    "profiling needs root (overlay mounts, fanotify and an OCI runtime); "
-                    "run it as root, or give --prefetch-list to prioritize files without a run")
             process = process_from_config(config, options)
             workload = process.args
             sandbox = SandboxOptions(
@@ -238,10 +239,13 @@ def optimize_image(src: str, dst: Optional[str],
                 wait_on_line=options.wait_on_line, wait_on_signal=options.wait_on_signal,
                 net_host=options.net_host, mounts=list(options.mounts), quiet=options.quiet,
                 output=options.output, workdir=work)
-            with assemble_image_rootfs(source, layers, os.path.join(work, "root")) \
-                    as (root, listings):
-                run = run_profiled(root, process, sandbox)
-                accesses = _map_accesses(run.accesses, listings, root)
+            if os.geteuid() == 0:
+                with assemble_image_rootfs(source, layers, os.path.join(work, "root")) \
+                        as (root, listings):
+                    run = run_profiled(root, process, sandbox)
+                    accesses = map_accesses(run.accesses, listings, root)
+            else:
+                accesses, run = profile_rootless(source, layers, process, sandbox, work)
             if run.overflowed:
                 notes.append("the fanotify queue overflowed: the record may be incomplete")
     records = per_layer(accesses, desc.digest)

@@ -55,8 +55,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
+from .capabilities import which_runtime
 from .errors import ProfilingError
-from .fanotify import Event, Kind, MarkKind, Watcher
+from .fanotify import Event, Group, Kind, MarkKind, Watcher
+from .fanotify_fid import FidWatcher, HandleTable
+from .userns import in_initial_user_namespace
 
 # --- what the sandbox looks like --------------------------------------------------
 
@@ -350,11 +353,29 @@ def resolve_user(rootfs: str, user: str) -> ResolvedUser:
     return ResolvedUser(uid, gid, tuple(sorted(set(extra))), home)
 
 
+def _check_mapped(user: ResolvedUser) -> None:
+    """In a rootless run only root is mapped into the user namespace."""
+    ids = {user.uid, user.gid, *user.additional_gids}
+    if ids != {0}:
+        who = f"uid {user.uid}, gid {user.gid}" + (
+            f", groups {','.join(map(str, user.additional_gids))}" if user.additional_gids else "")
+        raise ProfilingError(f"the workload runs as {who}, but without root only root can be"
+                             " mapped into the sandbox's user namespace; run as root, or"
+                             " give --user 0")
+
+
 # --- the OCI spec -------------------------------------------------------------------
 
 def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
-               user: ResolvedUser, cgroups_path: str) -> dict:
-    """The OCI runtime spec (config.json) for one profiling run."""
+               user: ResolvedUser, cgroups_path: str, rootless: bool = False) -> dict:
+    """The OCI runtime spec (config.json) for one profiling run.
+
+    ``rootless``: for a runtime run by the root of a user namespace (see
+    :mod:`profiler.rootless`), as ``runc spec --rootless`` makes it: no
+    cgroup limits nor cgroup mount (a user namespace may not
+    create cgroups unless they were delegated to it), /sys bind-mounted
+    read-only from the host (sysfs may only be mounted with a network
+    namespace of its own), and no ``gid=5`` for /dev/pts (an unmapped id)."""
     env = list(process.env)
     if not any(e.startswith("PATH=") for e in env):
         env.append(f"PATH={DEFAULT_PATH}")
@@ -374,7 +395,7 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
         resources["memory"] = {"limit": int(options.memory_bytes)}
     if options.pids_limit is not None:
         resources["pids"] = {"limit": int(options.pids_limit)}
-    return {
+    spec = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
@@ -403,6 +424,20 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
             "readonlyPaths": list(_READONLY_PATHS),
         },
     }
+    if rootless:
+        mounts = []
+        for m in spec["mounts"]:
+            if m["destination"] == "/sys/fs/cgroup":
+                continue
+            if m["destination"] == "/sys":
+                m = {"destination": "/sys", "type": "none", "source": "/sys",
+                     "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+            elif m["destination"] == "/dev/pts":
+                m = dict(m, options=[o for o in m["options"] if not o.startswith("gid=")])
+            mounts.append(m)
+        spec["mounts"] = mounts
+        del spec["linux"]["resources"], spec["linux"]["cgroupsPath"]
+    return spec
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -413,7 +448,7 @@ def find_runtime(runtime: str) -> str:
         if os.access(runtime, os.X_OK) and os.path.isfile(runtime):
             return runtime
         raise ProfilingError(f"OCI runtime {runtime!r} is not an executable file")
-    found = shutil.which(runtime)
+    found = which_runtime(runtime)
     if found is None:
         raise ProfilingError(f"OCI runtime {runtime!r} not found on PATH: install it"
                              f" (Debian: apt-get install {runtime}) or give its path")
@@ -577,7 +612,11 @@ class _Run:
         self.is_child = False                    # init was adopted: we can wait for it
         self.exit_status: Optional[int] = None
         self.created = False
-        self.watcher: Optional[Watcher] = None
+        self.watcher: Optional[Group] = None
+        # Root of a user namespace (profiler.rootless): FID-mode fanotify,
+        # whose events name files by handle, through this table of the rootfs.
+        self.rootless = not in_initial_user_namespace()
+        self.table: Optional[HandleTable] = None
         self.pidfd = -1
         self.output_r = -1                       # the workload's stdout and stderr
         self.emit: Callable[[str], None] = (
@@ -629,7 +668,12 @@ class _Run:
         bundle = os.path.join(self.tmp, "bundle")
         os.mkdir(bundle)
         user = resolve_user(self.rootfs, self.process.user)
-        spec = build_spec(self.rootfs, self.process, self.options, user, self.id)
+        if self.rootless:
+            _check_mapped(user)
+            # Before the workload can create or rename anything.
+            self.table = HandleTable(self.rootfs)
+        spec = build_spec(self.rootfs, self.process, self.options, user, self.id,
+                          rootless=self.rootless)
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(spec, f, indent=2)
 
@@ -674,8 +718,22 @@ class _Run:
 
     def watch(self) -> None:
         """Mark the container's root mount, as /proc/INIT/root leads to it."""
-        self.watcher = Watcher(f"/proc/{self.pid}/root", mark=MarkKind.MOUNT)
+        if self.rootless:
+            self.watcher = FidWatcher(f"/proc/{self.pid}/root", table=self.table)
+        else:
+            self.watcher = Watcher(f"/proc/{self.pid}/root", mark=MarkKind.MOUNT)
         self.watcher.open()
+
+    def _read_events(self) -> list[Event]:
+        """Queued events as :class:`Event`, whatever the group's mode."""
+        assert self.watcher is not None
+        batch = self.watcher.read_events()
+        if not self.rootless:
+            return batch
+        # FID events carry paths relative to the rootfs, which is the
+        # container's "/".
+        return [Event(None if e.path is None else "/" if e.path == "." else "/" + e.path,
+                      e.mask, e.pid, e.time, regular=e.regular) for e in batch]
 
     def profile(self) -> ProfileRun:
         """``runtime start`` and record until a stop condition."""
@@ -713,7 +771,7 @@ class _Run:
                         timeout = left if timeout is None else min(timeout, left)
                     for key, _ in sel.select(timeout):
                         if key.data == "events":
-                            events.extend(self.watcher.read_events())
+                            events.extend(self._read_events())
                         elif key.data == "output":
                             chunk = _read_some(key.fd)
                             if chunk:
@@ -733,7 +791,7 @@ class _Run:
                     if stop is None and deadline is not None and time.monotonic() >= deadline:
                         stop = StopReason.PERIOD
             # Accesses up to now are queued already: read them before the kill.
-            events.extend(self.watcher.read_events())
+            events.extend(self._read_events())
             end = time.monotonic()
             if stop is StopReason.EXITED:
                 # Last words: the pipe reaches EOF once every process is gone.
@@ -742,7 +800,7 @@ class _Run:
                         and (left := limit - time.monotonic()) > 0:
                     for key, _ in sel.select(left):
                         if key.data == "events":
-                            events.extend(self.watcher.read_events())
+                            events.extend(self._read_events())
                             continue
                         chunk = _read_some(key.fd)
                         if chunk:
@@ -894,8 +952,9 @@ def run_profiled(rootfs: str, process: ProcessSpec,
             raise ProfilingError(f"mount source {m.source!r} does not exist")
     runtime = find_runtime(options.runtime)
     if os.geteuid() != 0:
-        raise ProfilingError("profiling a workload needs root: fanotify mount marks need"
-                             " CAP_SYS_ADMIN, and the sandbox is a rootful container")
+        raise ProfilingError("profiling a workload needs root, or the root of a user"
+                             " namespace (profiler.rootless): fanotify mount marks need"
+                             " CAP_SYS_ADMIN there")
     if not os.path.isdir(rootfs):
         raise ProfilingError(f"root filesystem {rootfs!r} is not a directory")
     run = _Run(rootfs, process, options, runtime)

@@ -166,3 +166,81 @@ def debian_layer() -> Path:
     if p.returncode != 0:
         pytest.fail(f"cannot build the Debian rootfs layer: {p.stderr.strip()[-2000:]}")
     return Path(p.stdout.strip().splitlines()[-1])
+
+
+# --- running as an ordinary user ---------------------------------------------
+
+def make_readable(top: Path) -> None:
+    """World-readable (and traversable) from ``top`` down."""
+    for p in [top, *top.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0))
+
+
+def public_dir(prefix: str = "estargz-public-") -> Path:
+    """A new directory every user can read (tmp_path lives under root's 0700 dirs)."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    return d
+
+
+@pytest.fixture(scope="session")
+def unprivileged() -> Path:
+    """``estargz`` in a world-readable venv built from Debian's python3, for
+    running the CLI as another user (root's own interpreter lives under
+    /root, mode 0700)."""
+    import shutil
+    base = shutil.which("python3", path="/usr/bin")
+    if base is None or os.geteuid() != 0:
+        pytest.skip("needs root and Debian's /usr/bin/python3 (python3-venv)")
+    public = public_dir("estargz-venv-")
+    venv = public / "venv"
+    subprocess.run([base, "-m", "venv", venv], check=True)
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check",
+                    str(REPO)], check=True)
+    make_readable(public)
+    yield venv / "bin" / "estargz"
+    shutil.rmtree(public)
+
+
+@dataclass(frozen=True)
+class Account:
+    """An ordinary user account: name, ids, and how to run a command as it."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def argv(self, *args: object) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                *map(str, args)]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        # An ordinary user's PATH: no sbin (runc is /usr/sbin/runc).
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/nonexistent",
+                "LANG": "C.UTF-8", **extra}
+
+    def processes(self) -> list[str]:
+        p = subprocess.run(["pgrep", "-a", "-u", str(self.uid)], capture_output=True,
+                           text=True)
+        return p.stdout.splitlines()
+
+
+@pytest.fixture(scope="session")
+def rootless_user() -> Account:
+    """A dedicated unprivileged account, created for the tests and deleted after."""
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("creating an account needs root")
+    name = "estargz-rootless"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+                       check=True)
+    entry = pwd.getpwnam(name)
+    yield Account(name, entry.pw_uid, entry.pw_gid)
+    subprocess.run(["pkill", "-KILL", "-u", str(entry.pw_uid)], check=False)
+    subprocess.run(["userdel", name], check=False)

@@ -12,24 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, make_readable, public_dir, run_cli
 from profiler.capabilities import Mode, probe
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/nonexistent"}
-
-
-def _public_dir() -> Path:
-    d = Path(tempfile.mkdtemp(prefix="estargz-nobody-"))
-    d.chmod(0o755)
-    return d
-
-
-def _make_readable(top: Path) -> None:
-    for p in [top, *top.rglob("*")]:
-        if not p.is_symlink():
-            p.chmod(p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0))
+ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
 
 
 @pytest.fixture(scope="module")
@@ -38,31 +26,14 @@ def nobody_profiler():
     stub ``errors`` so Debian's stdlib-only /usr/bin/python3 can import them."""
     if not os.path.exists("/usr/bin/python3"):
         pytest.skip("needs Debian's /usr/bin/python3")
-    public = _public_dir()
+    public = public_dir()
     (public / "profiler").mkdir()
     for name in ("__init__.py", "fanotify.py", "fanotify_fid.py", "capabilities.py"):
         shutil.copy(REPO / "profiler" / name, public / "profiler" / name)
     (public / "profiler" / "errors.py").write_text(
         "class ProfilingError(Exception):\n    pass\n")
-    _make_readable(public)
+    make_readable(public)
     yield public
-    shutil.rmtree(public)
-
-
-@pytest.fixture(scope="module")
-def unprivileged():
-    """A world-readable venv with estargz, from Debian's python3 (as in
-    tests/test_optimize.py), for running the CLI as user nobody."""
-    base = shutil.which("python3", path="/usr/bin")
-    if base is None:
-        pytest.skip("needs Debian's /usr/bin/python3 (python3-venv)")
-    public = _public_dir()
-    venv = public / "venv"
-    subprocess.run([base, "-m", "venv", venv], check=True)
-    subprocess.run([venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check",
-                    str(REPO)], check=True)
-    _make_readable(public)
-    yield venv / "bin" / "estargz"
     shutil.rmtree(public)
 
 
@@ -98,7 +69,7 @@ def test_probe_as_root_supports_root_mode():
     rootless = modes["rootless"]
     assert rootless.supported, rootless.reasons
     names = [c.name for c in rootless.checks]
-    assert "drop to nobody" in names and names[-1] == "event on read"
+    assert "drop to nobody" in names and names[-2:] == ["event on read", "OCI runtime"]
 
 
 @root_only
@@ -117,9 +88,10 @@ def test_probe_as_nobody(nobody_profiler):
     assert not checks["privileges"]["ok"] and not checks["fanotify"]["ok"]
     rootless = modes["rootless"]
     assert rootless["supported"], rootless["reasons"]
-    assert [c["name"] for c in rootless["checks"]][-5:] == [
+    assert [c["name"] for c in rootless["checks"]][-6:] == [
         "uid_map/gid_map", "mount tmpfs", "fanotify_init(FAN_REPORT_FID)",
-        "fanotify_mark(FAN_MARK_MOUNT)", "event on read"]
+        "fanotify_mark(FAN_MARK_MOUNT)", "event on read", "OCI runtime"]
+    assert rootless["checks"][-1]["detail"].startswith("runc (")
     assert "drop to nobody" not in [c["name"] for c in rootless["checks"]]
     # The probe cleans up its mount point.
     assert not list(Path(tempfile.gettempdir()).glob("estargz-probe-*"))
@@ -158,8 +130,9 @@ def test_doctor_json_shape():
         assert set(m) == {"name", "supported", "used_by_optimize", "reasons", "checks"}
         assert isinstance(m["supported"], bool)
         assert all(set(c) == {"name", "ok", "detail"} for c in m["checks"])
-    # Until the rootless profiler lands, optimize profiles as root only.
-    assert [m["used_by_optimize"] for m in out["modes"]] == [True, False]
+    # optimize profiles as root when it can, rootless otherwise.
+    expected = [True, False] if os.geteuid() == 0 else [False, True]
+    assert [m["used_by_optimize"] for m in out["modes"]] == expected
 
 
 def test_doctor_human():
@@ -188,7 +161,8 @@ def test_doctor_require_root_as_nobody(unprivileged):
     assert r.stderr.startswith("estargz: error: profiling mode root is not supported: "
                                "not root and no CAP_SYS_ADMIN (running as uid 65534)")
     assert r.stderr.strip().endswith("; run as root")
-    assert "root: not supported" in r.stdout
+    assert "root: not supported\n" in r.stdout
+    assert "rootless: supported (what estargz optimize uses for this user)" in r.stdout
     r = doctor("--require", "rootless", "--json")
     assert r.returncode == 0, r.stderr
     assert _by_name(json.loads(r.stdout)["modes"])["rootless"]["supported"]

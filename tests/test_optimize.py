@@ -152,47 +152,6 @@ def test_sigint_mid_run_leaves_nothing(tmp_path, test_images):
     assert sleepers.stdout.strip() == ""
 
 
-@pytest.fixture(scope="module")
-def unprivileged(tmp_path_factory):
-    """A world-readable venv with estargz, from Debian's python3, for running
-    the CLI as user nobody (root's own interpreter lives under /root, 0700)."""
-    import shutil
-    import tempfile
-    base = shutil.which("python3", path="/usr/bin")
-    if base is None:
-        pytest.skip("needs Debian's /usr/bin/python3 (python3-venv)")
-    public = Path(tempfile.mkdtemp(prefix="estargz-nobody-"))
-    public.chmod(0o755)
-    venv = public / "venv"
-    subprocess.run([base, "-m", "venv", venv], check=True)
-    subprocess.run([venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check",
-                    str(REPO)], check=True)
-    for p in [public, *public.rglob("*")]:
-        if not p.is_symlink():
-            p.chmod(p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0))
-    yield public, venv / "bin" / "estargz"
-    shutil.rmtree(public)
-
-
-def test_without_root_it_says_what_it_needs(test_images, unprivileged):
-    import shutil
-    public, estargz_bin = unprivileged
-    layout = public / "busybox"
-    shutil.copytree(test_images.busybox, layout)
-    for p in [layout, *layout.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        estargz_bin, "optimize", f"oci:{layout}:latest", f"oci:{public / 'o'}"],
-                       capture_output=True, text=True, cwd="/",
-                       env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
-    assert r.returncode == 1, r.stderr
-    assert r.stderr.strip() == (
-        "estargz: error: profiling needs root (overlay mounts, fanotify and an OCI "
-        "runtime); run it as root, or give --prefetch-list to prioritize files "
-        "without a run")
-    assert not (public / "o").exists()
-
-
 def test_reference_record_is_contained_in_ours(tmp_path, test_images, containerd):
     """ctr-remote image optimize (Debian's stargz-snapshotter, on the test's own
     containerd) records the same workload; every (path, layer) it records is in

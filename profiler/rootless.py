@@ -1,0 +1,221 @@
+"""Profiling without root: the image on a tmpfs, in a user namespace of our own.
+
+An ordinary user may not mount overlayfs for the host, nor use fanotify
+outside FID mode, nor create a rootful container.  Linux (6.8 and later)
+lets the root of a *user namespace* do what profiling needs, within that
+namespace: mount a tmpfs, create a FID-mode fanotify group, and place a
+mount mark on a filesystem mounted in the namespace.  So
+:func:`profile_rootless` does, as the caller::
+
+    fetch the layer blobs into the work directory (on disk)
+    check that the layers fit in memory (a tmpfs is memory)
+    call_in_userns(_job)          profiler.userns: uid 0 inside = the caller
+      mount a tmpfs (size-limited)
+      flatten the layers into it  profiler.flatroot: whiteouts and opaque
+                                  directories applied as overlayfs would;
+                                  overlayfs itself refuses FID mount marks
+      run_profiled                the same runc, the same spec as with root
+                                  (minus cgroup limits), the same fanotify
+                                  events, in FID mode: file handles, named
+                                  through a handle table of the tmpfs
+      map paths to layers         as with root
+    the namespace ends: the tmpfs and every process in it are gone
+
+The cost is memory: the whole root filesystem is held on the tmpfs while
+the workload runs.  :func:`check_memory` refuses to start when the layers'
+files, plus room for the workload's own writes, exceed the memory
+available to us (``MemAvailable``, and our cgroup's limit if it is lower).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
+
+from estargz._exceptions import InvalidInput, StorageError
+from estargz.descriptor import Descriptor
+from estargz.imagestore import ImageSource
+
+from .errors import ProfilingError
+from .record import Access
+from .sandbox import ProcessSpec, ProfileRun, SandboxOptions
+
+#: Room on the tmpfs, beyond the image's own files, for what the workload
+#: writes (caches, .pyc files, logs).  Writes past it fail with ENOSPC.
+WRITE_ROOM = 256 << 20
+
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the namespace side needs (picklable: it crosses a pipe)."""
+
+    blobs: tuple[str, ...]
+    process: ProcessSpec
+    sandbox: SandboxOptions
+    work: str
+    tmpfs_bytes: int
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _cgroup_room() -> Optional[int]:
+    """Memory our cgroup may still use (limit minus usage), if it has a limit.
+
+    cgroup v2 (``memory.max``) or the v1 memory controller
+    (``memory.limit_in_bytes``); every ancestor's limit counts too."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    room: Optional[int] = None
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and controllers == "":
+            base, limit_file, usage_file = "/sys/fs/cgroup", "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_file, usage_file = ("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
+                                            "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            d = os.path.join(base, *parts[:depth])
+            limit = _read_int(os.path.join(d, limit_file))
+            usage = _read_int(os.path.join(d, usage_file))
+            # v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages)
+            if limit is None or usage is None or limit >= 1 << 60:
+                continue
+            left = max(0, limit - usage)
+            room = left if room is None else min(room, left)
+    return room
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory a tmpfs could take now: ``MemAvailable``, or our
+    cgroup's remaining allowance if lower.  None if neither can be read."""
+    values = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
+    return min(values) if values else None
+
+
+def check_memory(layer_bytes: int, available: Optional[int] = None) -> int:
+    """The tmpfs size for layers needing ``layer_bytes``: that plus
+    :data:`WRITE_ROOM`.  Raises :class:`ProfilingError` when it exceeds the
+    memory available (``available``, default :func:`available_memory`)."""
+    need = layer_bytes + WRITE_ROOM
+    if available is None:
+        available = available_memory()
+    if available is not None and need > available:
+        raise ProfilingError(
+            f"rootless profiling holds the root filesystem in memory: it needs"
+            f" {_mib(need)} (layers {_mib(layer_bytes)} + {_mib(WRITE_ROOM)} for the"
+            f" workload's writes) but only {_mib(available)} is available; free memory,"
+            f" or run as root (overlayfs, nothing copied)")
+    return need
+
+
+def _mib(n: int) -> str:
+    return f"{n / _MIB:.0f} MiB" if n >= 10 * _MIB else f"{n / _MIB:.1f} MiB"
+
+
+def rootless_unavailable() -> Optional[str]:
+    """Why rootless profiling cannot work on this machine (one phrase), or None."""
+    from .capabilities import probe_rootless
+    mode = probe_rootless()
+    return None if mode.supported else "; ".join(mode.reasons)
+
+
+def _fetch_blobs(source: ImageSource, layers: Sequence[Descriptor], work: str) -> list[str]:
+    from .rootfs import LAYER_MEDIA_TYPES
+    blobs_dir = os.path.join(work, "blobs")
+    os.makedirs(blobs_dir, 0o700, exist_ok=True)
+    paths: list[str] = []
+    for i, desc in enumerate(layers):
+        if desc.media_type not in LAYER_MEDIA_TYPES:
+            raise InvalidInput(f"layer {i} ({desc.digest}) has media type "
+                               f"{desc.media_type!r}, not a tar layer")
+        path = source.local_blob_path(desc)
+        if path is None:
+            path = os.path.join(blobs_dir, desc.digest.split(":", 1)[1])
+            if not os.path.exists(path):
+                try:
+                    with open(path + ".part", "wb") as f:
+                        source.fetch_blob(desc, f)
+                    os.rename(path + ".part", path)
+                except OSError as e:
+                    raise StorageError(f"cannot store layer {desc.digest}:"
+                                       f" {e.strerror or e}") from None
+        paths.append(path)
+    return paths
+
+
+def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process: ProcessSpec,
+                     options: SandboxOptions, work: str,
+                     emit: Optional[Callable[[str], None]] = None
+                     ) -> tuple[list[Access], ProfileRun]:
+    """Profile ``process`` on the image's layers without root; the accesses
+    mapped to layers, and the run.  ``work`` is a private directory on disk
+    (blobs, decompressed layers while they are read, the runtime's state)."""
+    why = rootless_unavailable()
+    if why:
+        raise ProfilingError(f"cannot profile without root here: {why}; run as root,"
+                             " or give --prefetch-list to prioritize files without a run")
+    from .flatroot import layer_usage
+    blobs = _fetch_blobs(source, layers, work)
+    usage = {b: layer_usage(b, spool_dir=work) for b in dict.fromkeys(blobs)}
+    # Per occurrence: a layer listed twice is extracted beside its first copy
+    # before it replaces it.
+    size = check_memory(sum(usage[b] for b in blobs))
+    job = _Job(tuple(blobs), process, replace(options, output=None, workdir=work),
+               work, size)
+    from .userns import call_in_userns
+    show = emit or options.output or (lambda line: print(line, file=sys.stderr, flush=True))
+    return call_in_userns(_job, job, on_message=show)
+
+
+def _job(job: _Job) -> tuple[list[Access], ProfileRun]:
+    """In the namespace (PID 1, uid 0): tmpfs, flatten, run, map."""
+    from .flatroot import assemble_flat_rootfs
+    from .optimize import map_accesses
+    from .sandbox import run_profiled
+    from .userns import MS_NODEV, MS_NOSUID, mount, send_message
+    tmpfs = os.path.join(job.work, "tmpfs")
+    os.mkdir(tmpfs, 0o700)
+    try:
+        mount("tmpfs", tmpfs, "tmpfs", MS_NOSUID | MS_NODEV,
+              f"mode=0755,size={job.tmpfs_bytes}")
+    except OSError as e:
+        raise ProfilingError(f"cannot mount a tmpfs in the user namespace: {e.strerror}")
+    root = os.path.join(tmpfs, "rootfs")
+    listings = assemble_flat_rootfs(list(job.blobs), root, os.path.join(tmpfs, "scratch"),
+                                    spool_dir=job.work)
+    options = replace(job.sandbox, output=send_message)
+    run = run_profiled(root, job.process, options)
+    return map_accesses(run.accesses, listings, root), run
