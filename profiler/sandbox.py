@@ -854,6 +854,12 @@ class _Run:
                 self._runtime("kill", "--all", self.id, "KILL")  # fails if gone: fine
             except ProfilingError as e:
                 problems.append(str(e))
+            if self.pidfd >= 0:
+                # Without cgroups (rootless) `kill --all` cannot list the
+                # container's processes and fails; SIGKILL to its init ends
+                # them all, the kernel empties a PID namespace whose init dies.
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             if self.is_child:  # reap it: a zombie init would keep the container "running"
                 limit = time.monotonic() + _REAP_TIMEOUT
                 while not self._reap(block=False) and time.monotonic() < limit:

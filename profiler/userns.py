@@ -154,10 +154,10 @@ def call_in_userns(fn: Callable[..., Any], *args: Any,
     kind = outcome[0]
     if kind == "result":
         return outcome[1]
-    if kind == "interrupted" or interrupted:
-        raise KeyboardInterrupt
-    if kind == "error":
+    if kind == "error":  # even after Ctrl-C: a failed tear-down must be heard
         raise _rebuild(outcome[1], outcome[2], outcome[3])
+    if kind == "interrupted":
+        raise KeyboardInterrupt
     raise ProfilingError(f"the user-namespace helper sent {kind!r}")  # pragma: no cover
 
 

@@ -11,8 +11,9 @@ APT_PACKAGES=(
   golang-github-klauspost-compress-dev golang-github-cespare-xxhash-dev
   golang-github-opencontainers-go-digest-dev golang-github-vbatts-tar-split-dev
   golang-golang-x-sync-dev
-  # tools the tests and benchmarks run
-  tar gzip zstd pigz debootstrap python3-venv
+  # tools the tests and benchmarks run (setpriv, useradd and pgrep: the rootless
+  # tests run estargz as an account they create)
+  tar gzip zstd pigz debootstrap python3-venv util-linux passwd procps
   # real image tooling and daemons the image tests start on private sockets
   docker-registry skopeo umoci containerd runc crun docker.io busybox-static
   # the profiling report is checked in a real browser

@@ -149,6 +149,29 @@ def test_sigint_leaves_nothing(public, out, rootless_user, unprivileged):
     assert rootless_user.processes() == []
 
 
+def test_wait_on_signal_ends_the_profile_normally(public, out, rootless_user, unprivileged):
+    """--wait-on-signal: SIGINT reaches the sandbox through the namespace helper
+    and ends the run with a record, not an interruption."""
+    p = subprocess.Popen(
+        rootless_user.argv(unprivileged, "optimize", f"oci:{public / 'py'}:latest",
+                           "--no-optimize", "--wait-on-signal", "--record-out", out / "r.jsonl",
+                           "--entrypoint", '["/bin/sh", "-c"]',
+                           "--args", '["cat /etc/os-release; echo started; sleep 1000"]'),
+        stderr=subprocess.PIPE, text=True, cwd="/", env=rootless_user.env(TMPDIR=str(out)))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        if "started" in line or not line:
+            break
+    assert "workload: started" in line
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 0, rest
+    paths = [json.loads(l)["path"] for l in (out / "r.jsonl").read_text().splitlines()]
+    assert "usr/lib/os-release" in paths
+    assert rootless_user.processes() == []
+
+
 def test_sigkill_of_the_cli_leaves_no_process(public, out, rootless_user, unprivileged):
     """Even killed outright, the CLI takes the namespace and workload with it."""
     p = subprocess.Popen(
