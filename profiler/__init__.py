@@ -1,4 +1,7 @@
-"""Workload profiling for ``estargz optimize`` (records which files start-up reads).
+"""Workload profiling for ``estargz optimize``: run the image's entrypoint in a
+sandbox, record which files start-up reads, map them to layers.
 
-Empty until the profiling issue: the format and image layers come first.
+As root (``rootfs.py`` overlay, ``sandbox.py``, ``fanotify.py``) or without
+(``rootless.py``: ``userns.py``, ``flatroot.py``, ``fanotify_fid.py``); see
+docs/profiling.md.
 """

@@ -3,16 +3,16 @@
 :func:`probe` checks two modes and never raises: every failure becomes a
 check that did not pass and a reason, one clear phrase each.
 
-* ``root``: what ``estargz optimize`` needs today: euid 0 or CAP_SYS_ADMIN,
-  ``fanotify_init`` working, overlayfs in ``/proc/filesystems`` and an OCI
-  runtime (runc or crun) on ``PATH``.
-* ``rootless``: what profiling without root would need: user namespaces
+* ``root``: what ``estargz optimize`` run as root needs: euid 0 or
+  CAP_SYS_ADMIN, ``fanotify_init`` working, overlayfs in
+  ``/proc/filesystems`` and an OCI runtime (runc or crun).
+* ``rootless``: what it needs run by anyone else (:mod:`profiler.rootless`): user namespaces
   allowed by the sysctls, and a real probe in a forked child that unshares a
   user and mount namespace, mounts a tmpfs, opens a fanotify group in FID
   mode (``FAN_REPORT_FID``, the only mode an unprivileged user may have),
   places a mount mark on the tmpfs, reads a file there and waits for the
-  event.  Run as root, the child first drops to user nobody (65534), so the
-  answer is the one an unprivileged user would get.
+  event; and an OCI runtime.  Run as root, the child first drops to user
+  nobody (65534), so the answer is the one an unprivileged user would get.
 
 Everything here is stdlib and ctypes, and takes well under a second::
 

@@ -1,7 +1,7 @@
 """Profiling without root: the image on a tmpfs, in a user namespace of our own.
 
 An ordinary user may not mount overlayfs for the host, nor use fanotify
-outside FID mode, nor create a rootful container.  Linux (6.8 and later)
+outside FID mode, nor create a rootful container.  Recent Linux kernels
 lets the root of a *user namespace* do what profiling needs, within that
 namespace: mount a tmpfs, create a FID-mode fanotify group, and place a
 mount mark on a filesystem mounted in the namespace.  So
