@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,3 +245,18 @@ def rootless_user() -> Account:
     yield Account(name, entry.pw_uid, entry.pw_gid)
     subprocess.run(["pkill", "-KILL", "-u", str(entry.pw_uid)], check=False)
     subprocess.run(["userdel", name], check=False)
+
+
+def start_until(argv: list, marker: str = "started", timeout: float = 120,
+                **popen) -> tuple[subprocess.Popen, list[str]]:
+    """Start ``argv`` with stderr piped; return once a stderr line contains
+    ``marker`` (or stderr ends, or ``timeout`` passes), with the lines read."""
+    p = subprocess.Popen(list(map(str, argv)), stderr=subprocess.PIPE, text=True, **popen)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        lines.append(line)
+        if marker in line or not line:
+            break
+    return p, lines

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import inspect
-import io
 import json
 import os
 import shutil
@@ -36,18 +35,18 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import Callable, Optional
 
 import pytest
 
 from conftest import REPO, Spec, build_tar
 from estargz import InvalidInput, StorageError, UnsupportedEntry
-from estargz.descriptor import OCI_LAYER, Descriptor, sha256_digest
-from estargz.imagestore import ImageSource, copy_verified
+from estargz.descriptor import Descriptor
 from estargz.ocilayout import OCILayoutSource
 from profiler.flatroot import assemble_flat_rootfs, layer_usage, merge_layer
 from profiler.layermap import LayerListing, layer_for
 from profiler.rootfs import assemble_image_rootfs, extract_layer
+from test_rootfs import BlobSource  # blobs in memory, for assemble_image_rootfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root (tmpfs mounts, the overlayfs reference)")
@@ -196,29 +195,6 @@ def opaque_root_image(tmp: Path, zstd: bool = True) -> list[bytes]:
 
 IMAGES: dict[str, Callable[..., list[bytes]]] = {"main": main_image,
                                                  "opaque-root": opaque_root_image}
-
-
-class BlobSource(ImageSource):
-    """Blobs held in memory, for assemble_image_rootfs."""
-
-    name = "test blobs"
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def add(self, data: bytes) -> Descriptor:
-        desc = Descriptor(OCI_LAYER, sha256_digest(data), len(data))
-        self.blobs[desc.digest] = data
-        return desc
-
-    def root(self) -> tuple[bytes, str]:
-        raise NotImplementedError
-
-    def get_manifest(self, desc: Descriptor) -> bytes:
-        raise NotImplementedError
-
-    def fetch_blob(self, desc: Descriptor, dst: BinaryIO) -> None:
-        copy_verified(io.BytesIO(self.blobs[desc.digest]), dst, desc, self.name)
 
 
 def write_blobs(blobs: list[bytes], where: Path) -> list[str]:

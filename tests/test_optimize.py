@@ -20,7 +20,7 @@ import pytest
 
 from estargz.toc import clean_name
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, start_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="profiling needs root")
 
@@ -126,19 +126,11 @@ def test_no_optimize_writes_only_the_record(tmp_path, test_images):
 def test_sigint_mid_run_leaves_nothing(tmp_path, test_images):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    p = subprocess.Popen([sys.executable, "-m", "estargz", "optimize",
-                          f"oci:{test_images.debian_python3}:latest", f"oci:{tmp_path / 'o'}",
-                          "--entrypoint", '["/bin/sh", "-c"]', "--args",
-                          '["echo started; sleep 1000"]', "--period", "60"],
-                         stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         env={**os.environ, "TMPDIR": str(tmp)})
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = p.stderr.readline()
-        lines.append(line)
-        if "started" in line or not line:
-            break
+    p, lines = start_until([sys.executable, "-m", "estargz", "optimize",
+                            f"oci:{test_images.debian_python3}:latest", f"oci:{tmp_path / 'o'}",
+                            "--entrypoint", '["/bin/sh", "-c"]', "--args",
+                            '["echo started; sleep 1000"]', "--period", "60"],
+                           cwd=REPO, env={**os.environ, "TMPDIR": str(tmp)})
     assert any("workload: started" in l for l in lines), lines
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()

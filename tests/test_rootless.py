@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Account, make_readable, public_dir, run_cli
+from conftest import Account, make_readable, public_dir, run_cli, start_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates an account (root)")
 
@@ -127,18 +127,11 @@ def test_sigint_leaves_nothing(public, out, rootless_user, unprivileged):
     tmp = out / "tmp"
     tmp.mkdir()
     os.chown(tmp, rootless_user.uid, rootless_user.gid)
-    p = subprocess.Popen(
+    p, lines = start_until(
         rootless_user.argv(unprivileged, "optimize", f"oci:{public / 'py'}:latest",
                            f"oci:{out / 'o'}", "--entrypoint", '["/bin/sh", "-c"]',
                            "--args", '["echo started; sleep 1000"]', "--period", "60"),
-        stderr=subprocess.PIPE, text=True, cwd="/", env=rootless_user.env(TMPDIR=str(tmp)))
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = p.stderr.readline()
-        lines.append(line)
-        if "started" in line or not line:
-            break
+        cwd="/", env=rootless_user.env(TMPDIR=str(tmp)))
     assert any("workload: started" in l for l in lines), lines
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
@@ -152,18 +145,13 @@ def test_sigint_leaves_nothing(public, out, rootless_user, unprivileged):
 def test_wait_on_signal_ends_the_profile_normally(public, out, rootless_user, unprivileged):
     """--wait-on-signal: SIGINT reaches the sandbox through the namespace helper
     and ends the run with a record, not an interruption."""
-    p = subprocess.Popen(
+    p, lines = start_until(
         rootless_user.argv(unprivileged, "optimize", f"oci:{public / 'py'}:latest",
                            "--no-optimize", "--wait-on-signal", "--record-out", out / "r.jsonl",
                            "--entrypoint", '["/bin/sh", "-c"]',
                            "--args", '["cat /etc/os-release; echo started; sleep 1000"]'),
-        stderr=subprocess.PIPE, text=True, cwd="/", env=rootless_user.env(TMPDIR=str(out)))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = p.stderr.readline()
-        if "started" in line or not line:
-            break
-    assert "workload: started" in line
+        cwd="/", env=rootless_user.env(TMPDIR=str(out)))
+    assert "workload: started" in lines[-1]
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 0, rest
@@ -174,17 +162,12 @@ def test_wait_on_signal_ends_the_profile_normally(public, out, rootless_user, un
 
 def test_sigkill_of_the_cli_leaves_no_process(public, out, rootless_user, unprivileged):
     """Even killed outright, the CLI takes the namespace and workload with it."""
-    p = subprocess.Popen(
+    p, lines = start_until(
         rootless_user.argv(unprivileged, "optimize", f"oci:{public / 'py'}:latest",
                            "--no-optimize", "--entrypoint", '["/bin/sh", "-c"]',
                            "--args", '["echo started; sleep 1000"]', "--period", "60"),
-        stderr=subprocess.PIPE, text=True, cwd="/", env=rootless_user.env(TMPDIR=str(out)))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = p.stderr.readline()
-        if "started" in line or not line:
-            break
-    assert "started" in line
+        cwd="/", env=rootless_user.env(TMPDIR=str(out)))
+    assert "workload: started" in lines[-1]
     p.kill()
     p.wait(timeout=10)
     deadline = time.monotonic() + 10
