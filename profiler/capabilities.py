@@ -42,10 +42,8 @@ from .fanotify import (AT_FDCWD, FAN_ACCESS, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_M
 
 FAN_REPORT_FID = 0x0000_0200  # same value as profiler.fanotify_fid (kept import-light here)
 
-CLONE_NEWNS = 0x0002_0000
-CLONE_NEWUSER = 0x1000_0000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
+from .userns import CLONE_NEWNS, CLONE_NEWUSER, MS_PRIVATE, MS_REC, map_to_root
+
 MNT_DETACH = 2
 PR_SET_DUMPABLE = 4
 CAP_SYS_ADMIN = 21
@@ -385,11 +383,7 @@ def _child(wfd: int) -> None:
 
     step = "uid_map/gid_map"
     try:
-        for path, text in (("/proc/self/setgroups", "deny"),
-                           ("/proc/self/uid_map", f"0 {uid} 1"),
-                           ("/proc/self/gid_map", f"0 {gid} 1")):
-            with open(path, "w") as f:
-                f.write(text)
+        map_to_root(uid, gid)
     except OSError as e:
         report(step, False, f"{e.filename}: {e.strerror}")
         return

@@ -221,8 +221,22 @@ def kind_of(mask: int) -> Kind:
     return Kind.ACCESS
 
 
+class MaskedEvent:
+    """What every event type derives from its ``mask``."""
+
+    mask: int
+
+    @property
+    def kind(self) -> Kind:
+        return kind_of(self.mask)
+
+    @property
+    def overflow(self) -> bool:
+        return bool(self.mask & FAN_Q_OVERFLOW)
+
+
 @dataclass(frozen=True)
-class Event:
+class Event(MaskedEvent):
     """One file access.  ``path`` is as ``readlink /proc/self/fd/N`` gives it
     in the reader's view (see :class:`Watcher`); ``None`` for an overflow."""
 
@@ -235,14 +249,6 @@ class Event:
     regular: bool = True
     #: The file was unlinked by the time the event was read.
     deleted: bool = False
-
-    @property
-    def kind(self) -> Kind:
-        return kind_of(self.mask)
-
-    @property
-    def overflow(self) -> bool:
-        return bool(self.mask & FAN_Q_OVERFLOW)
 
 
 def _resolve(raw: RawEvent, now: float) -> Event:

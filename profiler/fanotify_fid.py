@@ -48,7 +48,7 @@ from .errors import ProfilingError
 from .fanotify import (AT_FDCWD, DEFAULT_MASK, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_MARK_ADD,
                        FAN_MARK_MOUNT, FAN_NOFD, FAN_NONBLOCK, FAN_Q_OVERFLOW,
                        FAN_UNLIMITED_QUEUE, FANOTIFY_METADATA_VERSION, METADATA_SIZE,
-                       Kind, _lib, fanotify_mark, kind_of)
+                       MaskedEvent, _lib, fanotify_mark)
 from .fanotify import _METADATA, Group, iter_records
 
 # --- constants (include/uapi/linux/fanotify.h, fcntl.h) --------------------------
@@ -276,7 +276,7 @@ class HandleTable:
 # --- the watcher ----------------------------------------------------------------
 
 @dataclass(frozen=True)
-class FidEvent:
+class FidEvent(MaskedEvent):
     """One access: ``path`` relative to the watched root (None for an overflow or
     a file the table cannot name: outside the root, or created after the walk
     without ``report_name``)."""
@@ -288,14 +288,6 @@ class FidEvent:
     infos: tuple[FidInfo, ...] = field(default=(), repr=False)
     #: A regular file of the table (not a directory, device or fifo).
     regular: bool = False
-
-    @property
-    def kind(self) -> Kind:
-        return kind_of(self.mask)
-
-    @property
-    def overflow(self) -> bool:
-        return bool(self.mask & FAN_Q_OVERFLOW)
 
 
 def fanotify_init_fid(flags: int) -> int:

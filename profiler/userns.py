@@ -246,6 +246,16 @@ def _send(msg: tuple) -> None:
         view = view[os.write(_out_fd, view):]
 
 
+def map_to_root(uid: int, gid: int) -> None:
+    """Just after ``unshare(CLONE_NEWUSER)``: make ``uid``/``gid`` (the
+    caller's, outside) root inside, one id each, as an unprivileged process
+    may; setgroups must be denied first for the gid_map.  Raises OSError."""
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
+                       ("/proc/self/gid_map", f"0 {gid} 1")):
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def unshare_error(err: int) -> str:
     """Why ``unshare(CLONE_NEWUSER)`` failed, and what to do, in one phrase."""
     if err == errno.ENOSPC:
@@ -265,12 +275,7 @@ def _enter() -> None:
     if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0:
         raise ProfilingError(unshare_error(ctypes.get_errno()))
     try:
-        with open("/proc/self/setgroups", "w") as f:
-            f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"0 {uid} 1")
-        with open("/proc/self/gid_map", "w") as f:
-            f.write(f"0 {gid} 1")
+        map_to_root(uid, gid)
     except OSError as e:
         raise ProfilingError(f"cannot map ids in the new user namespace: {e.strerror}") from None
 

@@ -28,7 +28,7 @@ def nobody_profiler():
         pytest.skip("needs Debian's /usr/bin/python3")
     public = public_dir()
     (public / "profiler").mkdir()
-    for name in ("__init__.py", "fanotify.py", "fanotify_fid.py", "capabilities.py"):
+    for name in ("__init__.py", "fanotify.py", "fanotify_fid.py", "capabilities.py", "userns.py"):
         shutil.copy(REPO / "profiler" / name, public / "profiler" / name)
     (public / "profiler" / "errors.py").write_text(
         "class ProfilingError(Exception):\n    pass\n")
