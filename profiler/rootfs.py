@@ -1096,6 +1096,30 @@ def _make_scratch(scratch: str) -> None:
         raise StorageError(f"cannot create {scratch}: {e.strerror}") from None
 
 
+def layer_blob(source: ImageSource, desc: Descriptor, index: int,
+               blobs_dir: str) -> tuple[str, bool]:
+    """A readable file holding layer ``index``'s blob, and whether it is a
+    copy in ``blobs_dir`` (the caller's to delete) rather than the source's
+    own file.  The copy is fetched (verified) once per digest and appears
+    whole or not at all.  Raises InvalidInput for a layer that is not a tar."""
+    if desc.media_type not in LAYER_MEDIA_TYPES:
+        raise InvalidInput(f"layer {index} ({desc.digest}) has media type "
+                           f"{desc.media_type!r}, not a tar layer")
+    path = source.local_blob_path(desc)
+    if path is not None:
+        return path, False
+    path = os.path.join(blobs_dir, desc.digest.split(":", 1)[1])
+    if not os.path.exists(path):
+        try:
+            os.makedirs(blobs_dir, 0o700, exist_ok=True)
+            with open(path + ".part", "wb") as f:
+                source.fetch_blob(desc, f)
+            os.rename(path + ".part", path)
+        except OSError as e:
+            raise StorageError(f"cannot store layer {desc.digest}: {e.strerror or e}") from None
+    return path, True
+
+
 def _extract_layers(source: ImageSource, layers: Sequence[Descriptor],
                     scratch: str) -> tuple[list[str], list[LayerListing]]:
     """Fetch (verified) and extract each layer into ``scratch/layers/N``."""
@@ -1103,32 +1127,17 @@ def _extract_layers(source: ImageSource, layers: Sequence[Descriptor],
     blobs_dir = os.path.join(scratch, "blobs")
     os.mkdir(layers_dir, 0o700)
     last_use = {d.digest: i for i, d in enumerate(layers)}
-    blob_of: dict[str, str] = {}
-    ours: set[str] = set()
     dirs: list[str] = []
     listings: list[LayerListing] = []
     for i, desc in enumerate(layers):
-        if desc.media_type not in LAYER_MEDIA_TYPES:
-            raise InvalidInput(f"layer {i} ({desc.digest}) has media type "
-                               f"{desc.media_type!r}, not a tar layer")
-        path = blob_of.get(desc.digest) or source.local_blob_path(desc)
-        if path is None:
-            os.makedirs(blobs_dir, 0o700, exist_ok=True)
-            path = os.path.join(blobs_dir, desc.digest.split(":", 1)[1])
-            try:
-                with open(path, "wb") as f:
-                    source.fetch_blob(desc, f)
-            except OSError as e:
-                raise StorageError(f"cannot store layer {desc.digest}: {e.strerror or e}") from None
-            ours.add(path)
-        blob_of[desc.digest] = path
+        path, ours = layer_blob(source, desc, i, blobs_dir)
         # Per occurrence, not per digest: a layer that comes twice must sit
         # at both places of the overlayfs stack.
         dest = os.path.join(layers_dir, str(i))
         listings.append(extract_layer(path, dest, lowers=list(zip(dirs, listings)),
                                       spool_dir=scratch))
         dirs.append(dest)
-        if last_use[desc.digest] == i and path in ours:
+        if last_use[desc.digest] == i and ours:
             os.unlink(path)
     if os.path.isdir(blobs_dir):
         os.rmdir(blobs_dir)

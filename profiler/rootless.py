@@ -34,7 +34,6 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
-from estargz._exceptions import InvalidInput, StorageError
 from estargz.descriptor import Descriptor
 from estargz.imagestore import ImageSource
 
@@ -152,30 +151,6 @@ def rootless_unavailable() -> Optional[str]:
     return None if mode.supported else "; ".join(mode.reasons)
 
 
-def _fetch_blobs(source: ImageSource, layers: Sequence[Descriptor], work: str) -> list[str]:
-    from .rootfs import LAYER_MEDIA_TYPES
-    blobs_dir = os.path.join(work, "blobs")
-    os.makedirs(blobs_dir, 0o700, exist_ok=True)
-    paths: list[str] = []
-    for i, desc in enumerate(layers):
-        if desc.media_type not in LAYER_MEDIA_TYPES:
-            raise InvalidInput(f"layer {i} ({desc.digest}) has media type "
-                               f"{desc.media_type!r}, not a tar layer")
-        path = source.local_blob_path(desc)
-        if path is None:
-            path = os.path.join(blobs_dir, desc.digest.split(":", 1)[1])
-            if not os.path.exists(path):
-                try:
-                    with open(path + ".part", "wb") as f:
-                        source.fetch_blob(desc, f)
-                    os.rename(path + ".part", path)
-                except OSError as e:
-                    raise StorageError(f"cannot store layer {desc.digest}:"
-                                       f" {e.strerror or e}") from None
-        paths.append(path)
-    return paths
-
-
 def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process: ProcessSpec,
                      options: SandboxOptions, work: str,
                      emit: Optional[Callable[[str], None]] = None
@@ -188,7 +163,9 @@ def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process:
         raise ProfilingError(f"cannot profile without root here: {why}; run as root,"
                              " or give --prefetch-list to prioritize files without a run")
     from .flatroot import layer_usage
-    blobs = _fetch_blobs(source, layers, work)
+    from .rootfs import layer_blob
+    blobs = [layer_blob(source, desc, i, os.path.join(work, "blobs"))[0]
+             for i, desc in enumerate(layers)]
     usage = {b: layer_usage(b, spool_dir=work) for b in dict.fromkeys(blobs)}
     # Per occurrence: a layer listed twice is extracted beside its first copy
     # before it replaces it.
