@@ -260,3 +260,35 @@ def start_until(argv: list, marker: str = "started", timeout: float = 120,
         if marker in line or not line:
             break
     return p, lines
+
+
+def sparse_content(size: int) -> bytes:
+    """What ``sparse`` in :func:`sparse_tar` holds: holes but for two runs."""
+    data = bytearray(size)
+    data[5 << 20:(5 << 20) + 18] = b"data in the middle"
+    data[size - 3:] = b"end"
+    return bytes(data)
+
+
+def sparse_tar(where: Path, size: int = 16 << 20) -> bytes:
+    """A PAX tar (GNU sparse 1.0, as GNU tar writes it) of ``sparse``, ``size``
+    bytes of :func:`sparse_content` with real holes, and ``plain``; built in a
+    scratch directory under ``where``, removed after."""
+    import shutil
+    import tempfile
+    src = Path(tempfile.mkdtemp(prefix="sparse-src-", dir=where))
+    try:
+        with open(src / "sparse", "wb") as fh:
+            fh.truncate(size)
+            fh.seek(5 << 20)
+            fh.write(b"data in the middle")
+            fh.seek(size - 3)
+            fh.write(b"end")
+        (src / "plain").write_bytes(b"plain\n" * 1000)
+        for name in ("sparse", "plain"):
+            os.utime(src / name, (1_600_000_000, 1_600_000_000))
+        return subprocess.run(["tar", "--sparse", "--format=pax", "--numeric-owner", "-cf", "-",
+                               "-C", str(src), "sparse", "plain"], check=True,
+                              capture_output=True).stdout
+    finally:
+        shutil.rmtree(src)

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import REPO, Spec, build_tar
+from conftest import REPO, Spec, build_tar, sparse_tar
 from estargz import InvalidInput, StorageError, UnsupportedEntry
 from estargz.descriptor import Descriptor
 from estargz.ocilayout import OCILayoutSource
@@ -93,26 +93,6 @@ def compress(data: bytes, how: str) -> bytes:
         import zstandard
         return zstandard.ZstdCompressor().compress(data)
     return data
-
-
-def sparse_tar(tmp: Path) -> bytes:
-    """A GNU tar (PAX 1.0 sparse) with a 16 MiB sparse file and a plain one."""
-    src = tmp / "sparse-src"
-    src.mkdir()
-    with open(src / "sparse", "wb") as fh:
-        fh.truncate(16 << 20)
-        fh.seek(5 << 20)
-        fh.write(b"data in the middle")
-        fh.seek((16 << 20) - 3)
-        fh.write(b"end")
-    (src / "plain").write_bytes(b"plain\n" * 1000)
-    os.utime(src / "sparse", (1_600_000_000, 1_600_000_000))
-    os.utime(src / "plain", (1_600_000_000, 1_600_000_000))
-    out = subprocess.run(["tar", "--sparse", "--format=pax", "--numeric-owner", "-cf", "-",
-                          "-C", str(src), "sparse", "plain"], check=True,
-                         capture_output=True).stdout
-    shutil.rmtree(src)
-    return out
 
 
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)  # security.capability v2, CAP_NET_BIND

@@ -39,7 +39,7 @@ from typing import BinaryIO, Optional
 
 import pytest
 
-from conftest import REPO, Spec, build_tar
+from conftest import REPO, Spec, build_tar, sparse_content, sparse_tar
 from daemons import mounts_under
 from estargz import InvalidInput, StorageError, UnsupportedEntry
 from estargz.descriptor import OCI_LAYER, OCI_LAYER_GZIP, Descriptor, sha256_digest
@@ -251,23 +251,13 @@ def test_same_tree_as_gnu_tar_on_a_real_debian_layer(tmp_path, debian_layer):
 
 @needs_root
 def test_sparse_gzip_and_zstd_layers(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    sparse = src / "sparse"
-    with open(sparse, "wb") as fh:
-        fh.truncate(64 << 20)
-        fh.seek(5 << 20)
-        fh.write(b"data in the middle")
-        fh.seek((64 << 20) - 3)
-        fh.write(b"end")
-    (src / "plain").write_bytes(b"plain\n" * 1000)
     tar = tmp_path / "sparse.tar"
-    subprocess.run(["tar", "--sparse", "--format=pax", "-cf", str(tar), "-C", str(src),
-                    "sparse", "plain"], check=True)
+    tar.write_bytes(sparse_tar(tmp_path, 64 << 20))
+    expected = sparse_content(64 << 20)
     assert tar.stat().st_size < 1 << 20  # GNU sparse 1.0 entries
     out = tmp_path / "out"
     extract_layer(str(tar), str(out))
-    assert (out / "sparse").read_bytes() == sparse.read_bytes()
+    assert (out / "sparse").read_bytes() == expected
     assert (out / "sparse").stat().st_blocks * 512 < 1 << 20  # holes stay holes
 
     import zstandard
@@ -277,7 +267,7 @@ def test_sparse_gzip_and_zstd_layers(tmp_path):
         extract_layer(str(tmp_path / f"layer.{name}"), str(tmp_path / name),
                       spool_dir=str(tmp_path))
         assert (tmp_path / name / "plain").read_bytes() == b"plain\n" * 1000
-        assert (tmp_path / name / "sparse").read_bytes() == sparse.read_bytes()
+        assert (tmp_path / name / "sparse").read_bytes() == expected
 
 
 @needs_root
