@@ -95,6 +95,18 @@ _STANDARD_MOUNTS: tuple[dict, ...] = (
      "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
 )
 
+# What a runtime run by the root of a user namespace mounts instead (as
+# `runc spec --rootless`): sysfs needs a network namespace of its own, so /sys
+# is the host's, read-only; a cgroup mount needs delegated cgroups; gid 5
+# (tty) is not mapped.
+_ROOTLESS_MOUNTS: dict[str, Optional[dict]] = {
+    "/sys": {"destination": "/sys", "type": "none", "source": "/sys",
+             "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+    "/sys/fs/cgroup": None,
+    "/dev/pts": {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+}
+
 # (path, type, major, minor): the devices every container gets in /dev.
 _STANDARD_DEVICES: tuple[tuple[str, str, int, int], ...] = (
     ("/dev/null", "c", 1, 3), ("/dev/zero", "c", 1, 5), ("/dev/full", "c", 1, 7),
@@ -372,10 +384,8 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
 
     ``rootless``: for a runtime run by the root of a user namespace (see
     :mod:`profiler.rootless`), as ``runc spec --rootless`` makes it: no
-    cgroup limits nor cgroup mount (a user namespace may not
-    create cgroups unless they were delegated to it), /sys bind-mounted
-    read-only from the host (sysfs may only be mounted with a network
-    namespace of its own), and no ``gid=5`` for /dev/pts (an unmapped id)."""
+    cgroup limits (a user namespace may not create cgroups unless they were
+    delegated to it), and the mounts of ``_ROOTLESS_MOUNTS``."""
     env = list(process.env)
     if not any(e.startswith("PATH=") for e in env):
         env.append(f"PATH={DEFAULT_PATH}")
@@ -390,12 +400,23 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
         # A new network namespace starts with `lo` down; runc and crun both
         # bring it up for a namespace they create (a "loopback" network).
         namespaces.append({"type": "network"})
-    resources: dict = {"devices": [dict(r) for r in _DEVICE_RULES]}
-    if options.memory_bytes is not None:
-        resources["memory"] = {"limit": int(options.memory_bytes)}
-    if options.pids_limit is not None:
-        resources["pids"] = {"limit": int(options.pids_limit)}
-    spec = {
+    mounts = []
+    for m in _STANDARD_MOUNTS:
+        if rootless and m["destination"] in _ROOTLESS_MOUNTS:
+            m = _ROOTLESS_MOUNTS[m["destination"]]  # type: ignore[assignment]
+            if m is None:
+                continue
+        mounts.append(dict(m, options=list(m["options"])))
+    linux: dict = {"namespaces": namespaces}
+    if not rootless:
+        resources: dict = {"devices": [dict(r) for r in _DEVICE_RULES]}
+        if options.memory_bytes is not None:
+            resources["memory"] = {"limit": int(options.memory_bytes)}
+        if options.pids_limit is not None:
+            resources["pids"] = {"limit": int(options.pids_limit)}
+        # Relative: runc nests it under our own cgroup in each hierarchy.
+        linux.update(cgroupsPath=cgroups_path, resources=resources)
+    return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
@@ -410,13 +431,9 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
         },
         "root": {"path": os.path.realpath(rootfs), "readonly": False},
         "hostname": options.hostname,
-        "mounts": [dict(m, options=list(m["options"])) for m in _STANDARD_MOUNTS]
-                  + [m.spec() for m in options.mounts],
+        "mounts": mounts + [m.spec() for m in options.mounts],
         "linux": {
-            "namespaces": namespaces,
-            # Relative: runc nests it under our own cgroup in each hierarchy.
-            "cgroupsPath": cgroups_path,
-            "resources": resources,
+            **linux,
             "devices": [{"path": p, "type": t, "major": ma, "minor": mi,
                          "fileMode": 0o666, "uid": 0, "gid": 0}
                         for p, t, ma, mi in _STANDARD_DEVICES],
@@ -424,20 +441,6 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
             "readonlyPaths": list(_READONLY_PATHS),
         },
     }
-    if rootless:
-        mounts = []
-        for m in spec["mounts"]:
-            if m["destination"] == "/sys/fs/cgroup":
-                continue
-            if m["destination"] == "/sys":
-                m = {"destination": "/sys", "type": "none", "source": "/sys",
-                     "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
-            elif m["destination"] == "/dev/pts":
-                m = dict(m, options=[o for o in m["options"] if not o.startswith("gid=")])
-            mounts.append(m)
-        spec["mounts"] = mounts
-        del spec["linux"]["resources"], spec["linux"]["cgroupsPath"]
-    return spec
 
 
 # --- helpers ------------------------------------------------------------------------
