@@ -324,7 +324,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
         "pigz": cmd_out(["pigz", "--version"]),
-        "go": cmd_out(["go", "version"]),
+        "go": cmd_out(["/usr/lib/go-1.19/bin/go", "version"]),
         "reference": cmd_out(["dpkg-query", "-W", "-f", "${Version}",
                               "golang-github-containerd-stargz-snapshotter-dev"]),
         "default_backend": DEFAULT_BACKEND,

@@ -31,8 +31,12 @@ gocode=/usr/share/gocode
 estargz_pkg="$gocode/src/github.com/containerd/stargz-snapshotter/estargz"
 apt_pkgs="golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-klauspost-compress-dev golang-github-opencontainers-go-digest-dev golang-github-vbatts-tar-split-dev golang-golang-x-sync-dev"
 
-command -v go >/dev/null 2>&1 ||
-    die "'go' not found in PATH; install it with: sudo apt-get install $apt_pkgs"
+# Debian's own toolchain (Go 1.19), not whatever `go` is first on PATH: the
+# packaged sources (0.12, Go 1.19 era) are built in GOPATH mode with the
+# toolchain they were packaged for; the newer Go on PATH is for module builds.
+GO=${GO_DEBIAN:-/usr/lib/go-1.19/bin/go}
+[ -x "$GO" ] ||
+    die "Debian's Go toolchain not found at $GO; install it with: sudo apt-get install $apt_pkgs"
 [ -d "$estargz_pkg" ] ||
     die "reference package not found at $estargz_pkg; install it with: sudo apt-get install $apt_pkgs"
 
@@ -77,7 +81,7 @@ if needs_build; then
         # needed and disabling it avoids requiring a C toolchain.
         GOPATH="$work:$gocode" GO111MODULE=off GOFLAGS= GOPROXY=off \
             CGO_ENABLED=0 GOCACHE="${GOCACHE:-$cache_dir/go-build}" \
-            go build -trimpath -o "$tmp_bin" .
+            "$GO" build -trimpath -o "$tmp_bin" .
     ) >&2 || die "go build failed"
     chmod 755 "$tmp_bin"
     mv -f "$tmp_bin" "$bin"
