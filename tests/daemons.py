@@ -538,6 +538,8 @@ class ImageSet:
     two_platform: Path         # OCI layout, tags latest and platforms-only (indexes)
     docker_media_types: Path   # OCI layout, tag latest, Docker schema 2 media types
     docker_archive: Path       # `docker save` tar of busybox, RepoTags busybox:latest
+    lazy_kinds: Path           # OCI layout, tag latest: busybox + 2 layers of every entry kind
+    lazy_kinds_oci_archive: Path  # the same as an oci-archive tar (ref "latest")
     dirs: dict                 # image name -> its cache directory
 
 
@@ -562,5 +564,7 @@ def test_images() -> ImageSet:
         two_platform=dirs["two-platform"] / "oci",
         docker_media_types=dirs["docker-media-types"] / "oci",
         docker_archive=dirs["docker-media-types"] / "docker-archive.tar",
+        lazy_kinds=dirs["lazy-kinds"] / "oci",
+        lazy_kinds_oci_archive=dirs["lazy-kinds"] / "oci-archive.tar",
         dirs=dirs,
     )

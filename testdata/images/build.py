@@ -27,6 +27,16 @@ IMAGE is one of:
   docker-media-types  The busybox image with Docker schema 2 media types, as an
                       OCI layout (oci/) and as a `docker save` archive
                       (docker-archive.tar, RepoTags busybox:latest).
+  lazy-kinds          OCI layout + oci-archive.tar: busybox's layer, then a
+                      GNU-format and a PAX-format gzip layer with every entry
+                      kind eStargz and overlayfs must carry (whiteouts of a
+                      file and a directory, an opaque directory, hardlinks,
+                      symlinks, char/block devices, a FIFO, user.* and
+                      security.capability xattrs, a 9 MiB file, an empty file,
+                      non-ASCII and >100-byte names, setuid/setgid/sticky/0000
+                      modes, uids 1000 and 65534, a sub-second mtime).  Its Cmd
+                      reads some of them and prints the one line stored in
+                      expected-output.txt.
 
 Output: ${ESTARGZ_CACHE:-$HOME/.cache/estargz-dev}/images/IMAGE/, holding
 oci/ (the OCI image layout), build-info.json and, depending on the image,
@@ -688,12 +698,253 @@ def docker_media_types_inputs() -> tuple[dict, Callable[[Path], None]]:
     return inputs, build
 
 
+# --- lazy-kinds: every entry kind eStargz and overlayfs must carry ---------------
+
+class Member:
+    """One tar member of the lazy-kinds layers, with everything a tar header
+    can say (make_tar's Entry is root-owned, integer-mtime and sorted)."""
+
+    def __init__(self, name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644,
+                 data: bytes = b"", linkname: str = "", uid: int = 0, gid: int = 0,
+                 mtime: float = EPOCH, dev: tuple[int, int] = (0, 0),
+                 xattrs: Optional[dict[str, bytes]] = None):
+        self.name, self.kind, self.mode, self.data = name, kind, mode, data
+        self.linkname, self.uid, self.gid, self.mtime = linkname, uid, gid, mtime
+        self.dev, self.xattrs = dev, xattrs or {}
+
+
+def members_tar(members: list[Member], fmt: int) -> bytes:
+    """A layer tar of ``members`` in the given order (a hardlink must follow
+    its target), in tar format ``fmt`` (GNU_FORMAT: long names as GNU
+    ././@LongLink records; PAX_FORMAT: path/linkpath/mtime/SCHILY.xattr)."""
+    seen: set[str] = set()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for m in members:
+            if m.kind == tarfile.LNKTYPE and m.linkname not in seen:
+                raise BuildError(f"hardlink {m.name} before its target {m.linkname}")
+            if m.xattrs and fmt != tarfile.PAX_FORMAT:
+                raise BuildError(f"{m.name}: xattrs need PAX_FORMAT")
+            ti = tarfile.TarInfo(m.name + "/" if m.kind == tarfile.DIRTYPE else m.name)
+            ti.type, ti.mode, ti.mtime, ti.linkname = m.kind, m.mode, m.mtime, m.linkname
+            ti.uid, ti.gid = m.uid, m.gid
+            ti.uname = {0: "root", 1000: "user", 65534: "nobody"}.get(m.uid, "")
+            ti.gname = {0: "root", 1000: "user", 65534: "nogroup"}.get(m.gid, "")
+            ti.devmajor, ti.devminor = m.dev
+            # Binary values (security.capability) go through surrogateescape,
+            # which tarfile turns back into the raw bytes.
+            ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                              for k, v in sorted(m.xattrs.items())}
+            if m.kind == tarfile.REGTYPE:
+                ti.size = len(m.data)
+                tf.addfile(ti, io.BytesIO(m.data))
+            else:
+                tf.addfile(ti)
+            seen.add(m.name)
+    return buf.getvalue()
+
+
+LAZY_BIG = "data/big/random-9MiB.bin"
+LAZY_LONG_GNU = "data/long/" + "gnu-long-name-" * 8 + "end.txt"      # > 100 bytes
+LAZY_LONG_PAX = "data/long/" + "pax-long-name-" * 8 + "end.txt"
+LAZY_LONG_TARGET = "../" + "long-symlink-target-" * 6 + "dangling"
+# The capability set of `setcap cap_net_bind_service+ep`: VFS_CAP_REVISION_2
+# with the effective flag, permitted = bit 10, inheritable = 0 (20 bytes).
+LAZY_CAPABILITY = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")
+
+
+def lazy_kinds_layers() -> tuple[list[Member], list[Member]]:
+    """The two layers above busybox: a lower one in GNU tar format and an
+    upper one in PAX format that whiteouts, makes opaque, replaces and adds."""
+    t1, t2 = EPOCH + 3600, EPOCH + 7200
+    D, F, L, S = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE
+    big = hashlib.shake_256(b"estargz lazy-kinds big file").digest(9 << 20)
+    lower = [
+        Member("data", D, 0o755, mtime=t1),
+        Member("data/keep.txt", F, 0o644, b"kept from layer 2\n", mtime=t1),
+        Member("data/remove-me.txt", F, 0o644, b"whited out by layer 3\n", mtime=t1),
+        Member("data/remove-dir", D, 0o755, mtime=t1),
+        Member("data/remove-dir/inner.txt", F, 0o644, b"gone\n", mtime=t1),
+        Member("data/remove-dir/sub", D, 0o700, mtime=t1),
+        Member("data/remove-dir/sub/deep.txt", F, 0o600, b"gone too\n", mtime=t1),
+        Member("data/opaque", D, 0o755, mtime=t1),
+        Member("data/opaque/old-a.txt", F, 0o644, b"hidden by the opaque dir\n", mtime=t1),
+        Member("data/opaque/old-dir", D, 0o755, mtime=t1),
+        Member("data/opaque/old-dir/x.txt", F, 0o644, b"hidden\n", mtime=t1),
+        Member("data/replaced.txt", F, 0o644, b"old content\n", mtime=t1),
+        Member("data/big", D, 0o755, mtime=t1),
+        Member(LAZY_BIG, F, 0o644, big, mtime=t1),
+        Member("data/hardlinks", D, 0o755, mtime=t1),
+        Member("data/hardlinks/lower-a", F, 0o640, b"one inode, two names (layer 2)\n",
+               uid=65534, gid=65534, mtime=t1),
+        Member("data/hardlinks/lower-b", L, 0o640, linkname="data/hardlinks/lower-a",
+               uid=65534, gid=65534, mtime=t1),
+        Member("data/long", D, 0o755, mtime=t1),
+        Member(LAZY_LONG_GNU, F, 0o644, b"a GNU long name\n", mtime=t1),
+        Member("data/long/gnu-long-link", S, 0o777, linkname=LAZY_LONG_TARGET, mtime=t1),
+        Member("données", D, 0o755, mtime=t1),
+        Member("données/naïve-ü.txt", F, 0o644, b"na\xc3\xafve\n", mtime=t1),
+        Member("home", D, 0o755, mtime=t1),
+        Member("home/user", D, 0o750, uid=1000, gid=1000, mtime=t1),
+        Member("home/user/.profile", F, 0o644, b"export PS1='$ '\n", uid=1000, gid=1000, mtime=t1),
+    ]
+    upper = [
+        Member("data", D, 0o755, mtime=t2),
+        Member("data/.wh.remove-me.txt", F, 0o644, mtime=t2),
+        Member("data/.wh.remove-dir", F, 0o644, mtime=t2),
+        Member("data/opaque", D, 0o755, mtime=t2),
+        Member("data/opaque/.wh..wh..opq", F, 0o644, mtime=t2),
+        Member("data/opaque/new.txt", F, 0o644, b"the only entry left\n", mtime=t2),
+        Member("data/replaced.txt", F, 0o600, b"new content from layer 3\n",
+               uid=1000, gid=1000, mtime=t2),
+        Member("data/read", D, 0o755, mtime=t2),
+        Member("data/read/config.txt", F, 0o644, b"lazy-config\n", mtime=t2),
+        Member("data/hardlinks", D, 0o755, mtime=t2),
+        # A second name for a file the workload reads (prioritized by optimize)...
+        Member("data/hardlinks/config-link", L, 0o644, linkname="data/read/config.txt", mtime=t2),
+        # ...and a file the workload reads only through its second name.
+        Member("data/hardlinks/target.txt", F, 0o644, b"read-via-link\n", mtime=t2),
+        Member("data/hardlinks/via-link", L, 0o644, linkname="data/hardlinks/target.txt", mtime=t2),
+        Member("data/hardlinks/via-link-2", L, 0o644, linkname="data/hardlinks/target.txt", mtime=t2),
+        Member("data/links", D, 0o755, mtime=t2),
+        Member("data/links/relative", S, 0o777, linkname="../keep.txt", mtime=t2),
+        Member("data/links/absolute", S, 0o777, linkname="/data/keep.txt", mtime=t2),
+        Member("data/links/dangling", S, 0o777, linkname="../does-not-exist", mtime=t2),
+        Member("data/links/to-dir", S, 0o777, linkname="../../données", mtime=t2),
+        Member("data/links/pax-long-link", S, 0o777, linkname=LAZY_LONG_TARGET + "-pax", mtime=t2),
+        Member("data/dev", D, 0o755, mtime=t2),
+        Member("data/dev/char-null", tarfile.CHRTYPE, 0o666, dev=(1, 3), mtime=t2),
+        Member("data/dev/block-loop0", tarfile.BLKTYPE, 0o660, dev=(7, 0), uid=0, gid=6, mtime=t2),
+        Member("data/dev/fifo", tarfile.FIFOTYPE, 0o620, mtime=t2),
+        Member("data/bin", D, 0o755, mtime=t2),
+        Member("data/bin/tool", F, 0o755, b"\x7fELF\x02\x01\x01" + bytes(57) + b"not really\n",
+               mtime=t2, xattrs={"security.capability": LAZY_CAPABILITY,
+                                 "user.origin": b"estargz lazy-kinds"}),
+        Member("data/xattr-dir", D, 0o755, mtime=t2, xattrs={"user.dir": b"on a directory"}),
+        Member("data/xattr-dir/two.txt", F, 0o644, b"two xattrs\n", mtime=t2,
+               xattrs={"user.a": b"1", "user.\xc3\xbcmlaut": "wert-ä".encode()}),
+        Member("data/empty", F, 0o644, b"", mtime=t2),
+        Member(LAZY_LONG_PAX, F, 0o644, b"a PAX long name\n", mtime=t2),
+        Member("data/modes", D, 0o755, mtime=t2),
+        Member("data/modes/setuid", F, 0o4755, b"#!/bin/sh\n", mtime=t2),
+        Member("data/modes/setgid", F, 0o2755, b"#!/bin/sh\n", mtime=t2),
+        Member("data/modes/zero", F, 0o000, b"no access\n", mtime=t2),
+        Member("data/modes/sticky", D, 0o1777, mtime=t2),
+        Member("data/modes/setgid-dir", D, 0o2775, gid=1000, mtime=t2),
+        Member("data/owners", D, 0o755, uid=1000, gid=1000, mtime=t2),
+        Member("data/owners/user", F, 0o644, b"1000\n", uid=1000, gid=1000, mtime=t2),
+        Member("data/owners/nobody", F, 0o644, b"65534\n", uid=65534, gid=65534, mtime=t2),
+        Member("data/owners/mixed", F, 0o640, b"1000:65534\n", uid=1000, gid=65534, mtime=t2),
+        Member("data/times", D, 0o755, mtime=t2),
+        Member("data/times/one-second", F, 0o644, b"1970\n", mtime=1),
+        Member("data/times/subsecond", F, 0o644, b"frac\n", mtime=t2 + 0.25),
+        Member("data/times/y2038", F, 0o644, b"2038+\n", mtime=2**31 + 7),
+        Member("データ", D, 0o755, mtime=t2),
+        Member("データ/日本語のファイル名.txt", F, 0o644, "こんにちは\n".encode(), mtime=t2),
+    ]
+    return lower, upper
+
+
+# The workload: reads files through names of several kinds and prints one line
+# (busybox ls prints non-ASCII names as '?', so names are only cat'ed).
+LAZY_SCRIPT = ('echo "lazy-kinds ok: $(cat /data/read/config.txt) $(cat /data/hardlinks/via-link)'
+               ' $(cat /données/naïve-ü.txt) opaque=$(ls /data/opaque)'
+               ' to-dir=$(cat /data/links/to-dir/naïve-ü.txt) big=$(sha256sum < /data/big/random-9MiB.bin'
+               ' | cut -c1-16)"')
+
+
+def lazy_kinds_inputs() -> tuple[dict, Callable[[Path], None]]:
+    bb = ensure("busybox")
+    need("skopeo", "skopeo")
+    inputs = {"busybox": json.loads((bb / "build-info.json").read_text())["key"],
+              "skopeo": run("skopeo", "--version", capture=True).strip(),
+              "python": "%d.%d" % sys.version_info[:2], "zlib": zlib.ZLIB_RUNTIME_VERSION}
+
+    def build(out: Path) -> None:
+        src = bb / "oci"
+        _, desc = read_layout(src)
+        bb_manifest = json.loads(blob_path(src, desc["digest"]).read_bytes())
+        bb_config = json.loads(blob_path(src, bb_manifest["config"]["digest"]).read_bytes())
+        lower, upper = lazy_kinds_layers()
+        tars = [members_tar(lower, tarfile.GNU_FORMAT), members_tar(upper, tarfile.PAX_FORMAT)]
+        layout = Layout(out / "oci")
+        base = bb_manifest["layers"][0]
+        layers = [layout.blob(blob_path(src, base["digest"]).read_bytes(), base["mediaType"])]
+        layers += [layout.blob(gzip_bytes(t), OCI_LAYER_GZIP) for t in tars]
+        t1, t2 = iso(EPOCH + 3600), iso(EPOCH + 7200)
+        config = {
+            "created": t2, **host_platform(),
+            "config": {"Env": [ENV_PATH], "Cmd": ["sh", "-c", LAZY_SCRIPT]},
+            "rootfs": {"type": "layers",
+                       "diff_ids": [bb_config["rootfs"]["diff_ids"][0], *map(sha256, tars)]},
+            "history": [*bb_config["history"],
+                        {"created": t1, "created_by": "estargz testdata/images/build.py "
+                         "lazy-kinds: lower layer (GNU tar)"},
+                        {"created": t2, "created_by": "estargz testdata/images/build.py "
+                         "lazy-kinds: upper layer (PAX tar: whiteouts, opaque dir, xattrs)"}],
+        }
+        cfg = layout.blob(canonical_json(config), OCI_CONFIG)
+        m = layout.blob(canonical_json(
+            {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cfg, "layers": layers}),
+            OCI_MANIFEST)
+        layout.tag(m, TAG)
+        layout.finish()
+        check_lazy_kinds(out / "oci")
+        validate(out / "oci", TAG)
+        big = next(x.data for x in lower if x.name == LAZY_BIG)
+        (out / "expected-output.txt").write_text(
+            f"lazy-kinds ok: lazy-config read-via-link naïve opaque=new.txt to-dir=naïve "
+            f"big={hashlib.sha256(big).hexdigest()[:16]}\n")
+        run("skopeo", "copy", "--quiet", f"oci:{out / 'oci'}:{TAG}",
+            f"oci-archive:{out / 'oci-archive.tar'}:{TAG}")
+        normalize_tar(out / "oci-archive.tar")
+
+    return inputs, build
+
+
+def check_lazy_kinds(img: Path) -> None:
+    """The lazy-kinds layers hold every kind they are meant to (read back
+    with tarfile from the stored gzip blobs)."""
+    _, desc = read_layout(img)
+    manifest = json.loads(blob_path(img, desc["digest"]).read_bytes())
+    if len(manifest["layers"]) != 3:
+        raise BuildError(f"lazy-kinds: expected 3 layers, got {len(manifest['layers'])}")
+    got: set[str] = set()
+    for i, layer in enumerate(manifest["layers"][1:], 2):
+        raw = gzip.decompress(blob_path(img, layer["digest"]).read_bytes())
+        if i == 2 and b"././@LongLink" not in raw:
+            raise BuildError("lazy-kinds: layer 2 has no GNU long name record")
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+            for m in tf:
+                base = posixpath.basename(m.name.rstrip("/"))
+                got.update(k for k, ok in {
+                    "whiteout": base.startswith(".wh.") and base != ".wh..wh..opq",
+                    "opaque": base == ".wh..wh..opq", "hardlink": m.islnk(),
+                    "symlink": m.issym(), "char": m.ischr(), "block": m.isblk(),
+                    "fifo": m.isfifo(), "capability": "SCHILY.xattr.security.capability"
+                    in m.pax_headers, "user-xattr": any(k.startswith("SCHILY.xattr.user.")
+                                                        for k in m.pax_headers),
+                    "over-chunk": m.size > 4 << 20, "empty": m.isreg() and m.size == 0
+                    and not base.startswith(".wh."), "non-ascii": not m.name.isascii(),
+                    "long-name": len(m.name.encode()) > 100, "setuid": bool(m.mode & 0o4000),
+                    "setgid": bool(m.mode & 0o2000), "sticky": bool(m.mode & 0o1000),
+                    "mode-0": m.isreg() and m.mode == 0, "uid-1000": m.uid == 1000,
+                    "uid-65534": m.uid == 65534, "subsecond": m.mtime != int(m.mtime),
+                }.items() if ok)
+    want = {"whiteout", "opaque", "hardlink", "symlink", "char", "block", "fifo", "capability",
+            "user-xattr", "over-chunk", "empty", "non-ascii", "long-name", "setuid", "setgid",
+            "sticky", "mode-0", "uid-1000", "uid-65534", "subsecond"}
+    if want - got:
+        raise BuildError(f"lazy-kinds layers lack {sorted(want - got)}")
+
+
 BUILDERS = {
     "busybox": busybox_inputs,
     "debian-multilayer": debian_multilayer_inputs,
     "debian-python3": debian_python3_inputs,
     "two-platform": two_platform_inputs,
     "docker-media-types": docker_media_types_inputs,
+    "lazy-kinds": lazy_kinds_inputs,
 }
 
 
