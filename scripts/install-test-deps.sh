@@ -11,6 +11,12 @@ APT_PACKAGES=(
   golang-github-klauspost-compress-dev golang-github-cespare-xxhash-dev
   golang-github-opencontainers-go-digest-dev golang-github-vbatts-tar-split-dev
   golang-golang-x-sync-dev
+  # the Stargz Snapshotter daemon our lazy-pull tests build from Debian's 0.12
+  # sources (scripts/build-stargz-snapshotter.sh debian); v0.18 comes from the
+  # Go module proxy with the Go on PATH
+  golang-github-containerd-containerd-dev golang-github-burntsushi-toml-dev
+  golang-google-grpc-dev golang-github-hashicorp-go-retryablehttp-dev
+  golang-github-hanwen-go-fuse-dev
   # tools the tests and benchmarks run (setpriv, useradd and pgrep: the rootless
   # tests run estargz as an account they create)
   tar gzip zstd pigz debootstrap python3-venv util-linux passwd procps

@@ -1,0 +1,139 @@
+#!/bin/sh
+# Build a Stargz Snapshotter daemon (a containerd proxy snapshotter, like
+# containerd-stargz-grpc) into a cache dir and print the binary's path as the
+# last line of stdout.
+#
+#   scripts/build-stargz-snapshotter.sh v0.18    # -> ~/.cache/estargz-dev/bin/containerd-stargz-grpc-v018
+#   scripts/build-stargz-snapshotter.sh debian   # -> ~/.cache/estargz-dev/bin/containerd-stargz-grpc-debian
+#   ESTARGZ_CACHE=/tmp/c scripts/build-stargz-snapshotter.sh v0.18
+#
+# v0.18   github.com/containerd/stargz-snapshotter v0.18.x (the newest v0.18
+#         release when tests/lazypull/snapshotter-v018/go.mod was last
+#         updated; `go get github.com/containerd/stargz-snapshotter@v0.18`
+#         there moves it), built in module mode with the Go first on PATH
+#         (>= 1.25) through the Go module proxy.  Modules and the build cache
+#         live under the cache dir, so only the first build downloads.
+# debian  Debian bookworm's packaged 0.12 sources (/usr/share/gocode) in GOPATH
+#         mode with Debian's Go 1.19, no network.
+#
+# The sources are ours (tests/lazypull/snapshotter-*/): a small main that
+# serves the library's snapshotter over gRPC on a unix socket, see main.go.
+# It only rebuilds when those sources (or, for debian, the packaged library)
+# are newer than the binary, and it is safe to run concurrently: each run
+# builds into its own temp file and atomically renames it into place.
+set -eu
+
+die() {
+    echo "build-stargz-snapshotter: $*" >&2
+    exit 1
+}
+
+[ $# -eq 1 ] || die "usage: $0 v0.18|debian"
+version=$1
+
+script=$(readlink -f -- "$0" 2>/dev/null) || script=$0
+script_dir=$(CDPATH= cd -- "$(dirname -- "$script")" && pwd) ||
+    die "cannot locate script directory from $0"
+lazypull_dir="$script_dir/../tests/lazypull"
+
+cache_dir="${ESTARGZ_CACHE:-${HOME:?HOME is not set and ESTARGZ_CACHE is empty}/.cache/estargz-dev}"
+bin_dir="$cache_dir/bin"
+mkdir -p "$bin_dir" || die "cannot create cache dir $bin_dir (set ESTARGZ_CACHE to a writable dir)"
+
+gocode=/usr/share/gocode
+stargz_pkg="$gocode/src/github.com/containerd/stargz-snapshotter"
+debian_pkgs="golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-containerd-containerd-dev golang-github-burntsushi-toml-dev golang-google-grpc-dev golang-github-hashicorp-go-retryablehttp-dev"
+
+case "$version" in
+    v0.18)
+        src_dir="$lazypull_dir/snapshotter-v018"
+        name=containerd-stargz-grpc-v018
+        GO=${GO_MODULES:-go}
+        command -v "$GO" >/dev/null 2>&1 ||
+            die "no Go toolchain on PATH (needs Go >= 1.25 for stargz-snapshotter v0.18)"
+        # "go1.26.8" -> 26; the library's go.mod says go 1.25.0.
+        minor=$("$GO" env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+        [ "${minor:-0}" -ge 25 ] ||
+            die "$("$GO" env GOVERSION) on PATH is too old: stargz-snapshotter v0.18 needs Go >= 1.25"
+        sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
+        ;;
+    debian)
+        src_dir="$lazypull_dir/snapshotter-debian"
+        name=containerd-stargz-grpc-debian
+        # Debian's own toolchain: the packaged sources are Go 1.19 era and
+        # have no go.mod (see build-goref.sh).
+        GO=${GO_DEBIAN:-/usr/lib/go-1.19/bin/go}
+        [ -x "$GO" ] ||
+            die "Debian's Go toolchain not found at $GO; install it with: apt-get install $debian_pkgs"
+        [ -d "$stargz_pkg/snapshot" ] ||
+            die "Debian's stargz-snapshotter sources not found at $stargz_pkg; install them with: apt-get install $debian_pkgs"
+        sources="$src_dir/main.go"
+        ;;
+    *)
+        die "unknown version '$version' (expected v0.18 or debian)"
+        ;;
+esac
+for f in $sources; do
+    [ -f "$f" ] || die "missing $f"
+done
+bin="$bin_dir/$name"
+
+needs_build() {
+    [ -x "$bin" ] || return 0
+    for f in $sources; do
+        [ "$f" -nt "$bin" ] && return 0
+    done
+    if [ "$version" = debian ]; then
+        # Rebuild after an apt upgrade of the library, so tests never run a
+        # stale copy.
+        for f in "$stargz_pkg"/fs/*.go "$stargz_pkg"/fs/*/*.go "$stargz_pkg"/snapshot/*.go; do
+            [ "$f" -nt "$bin" ] && return 0
+        done
+    fi
+    return 1
+}
+
+if needs_build; then
+    work=$(mktemp -d "${TMPDIR:-/tmp}/stargz-build.XXXXXX")
+    tmp_bin=""
+    cleanup() {
+        rm -rf "$work"
+        [ -z "$tmp_bin" ] || rm -f "$tmp_bin"
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    # Temp file in the destination dir so the final mv is an atomic rename.
+    tmp_bin=$(mktemp "$bin_dir/.$name.XXXXXX")
+    echo "build-stargz-snapshotter: building $bin" >&2
+    gocache="${GOCACHE:-$cache_dir/go-build}"
+    # CGO is not needed (go-fuse mounts through /dev/fuse directly) and
+    # disabling it avoids requiring a C toolchain.
+    if [ "$version" = v0.18 ]; then
+        # The module is built where it is; -mod=readonly: go fetches exactly
+        # what the committed go.mod/go.sum pin and never edits them.
+        # GOTOOLCHAIN=local: never download another Go.
+        (
+            cd "$src_dir"
+            GOMODCACHE="${GOMODCACHE:-$cache_dir/go-mod}" GOCACHE="$gocache" \
+                GOFLAGS="-mod=readonly -buildvcs=false" GO111MODULE=on GOTOOLCHAIN=local \
+                GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}" CGO_ENABLED=0 \
+                "$GO" build -trimpath -o "$tmp_bin" .
+        ) >&2 || die "go build failed"
+    else
+        # Private GOPATH whose src/ holds only our program; the dependencies
+        # come from the second GOPATH entry, Debian's /usr/share/gocode.
+        mkdir -p "$work/src/$name"
+        cp "$src_dir/main.go" "$work/src/$name/main.go"
+        (
+            cd "$work/src/$name"
+            GOPATH="$work:$gocode" GO111MODULE=off GOFLAGS= GOPROXY=off \
+                CGO_ENABLED=0 GOCACHE="$gocache" \
+                "$GO" build -trimpath -o "$tmp_bin" .
+        ) >&2 || die "go build failed"
+    fi
+    chmod 755 "$tmp_bin"
+    mv -f "$tmp_bin" "$bin"
+    tmp_bin=""
+fi
+
+echo "$bin"
