@@ -76,8 +76,13 @@ def _tls(value: str) -> bool:
 
 
 _IMAGE_OPTIONS = [
-    click.option("--oci", is_flag=True, help="Write OCI media types (Docker ones cannot "
-                 "carry the TOC digest annotation)."),
+    # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
+    # digest annotation, and snapshotters then fall back to a full pull
+    # without saying so. --oci stays accepted, as ctr-remote and nerdctl spell it.
+    click.option("--oci/--docker-media-types", "oci", default=True,
+                 help="Media types of the output: OCI (default; layers carry the TOC "
+                      "digest) or, for a Docker schema 2 source, keep Docker's (lazy "
+                      "pulling then needs allow_no_verification)."),
     click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
                  help="Platform to convert from an index (repeatable; default: this host's)."),
     click.option("--all-platforms", is_flag=True, help="Convert every platform of an index."),

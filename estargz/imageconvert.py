@@ -47,8 +47,9 @@ class ImageConvertOptions:
     """Options of :func:`convert_image` (the ``estargz convert`` flags)."""
 
     layer: ConvertOptions = ConvertOptions()
-    #: Write OCI media types even for a Docker schema 2 source.
-    oci: bool = False
+    #: Write OCI media types even for a Docker schema 2 source (the default:
+    #: only OCI layer descriptors can carry the TOC digest annotation).
+    oci: bool = True
     #: Platforms to convert; empty means the host's. Ignored for a single manifest.
     platforms: tuple[Platform, ...] = ()
     all_platforms: bool = False
@@ -330,8 +331,8 @@ class _Run:
         if docker:
             self.result.warnings.append(
                 "Docker schema 2 manifests cannot carry annotations: lazy pulling this "
-                "image needs allow_no_verification in the snapshotter (use --oci to "
-                "write OCI manifests with TOC digests)")
+                "image needs allow_no_verification in the snapshotter (drop "
+                "--docker-media-types to write OCI manifests with TOC digests)")
         elif not self.dest.keeps_annotations:
             self.result.warnings.append(
                 f"{self.dest.name} cannot store layer annotations: lazy pulling this "

@@ -130,19 +130,25 @@ def test_index_platform_selection_and_dropped_artifacts(tmp_path, test_images):
 
 def test_docker_media_types_kept_with_warning_or_made_oci(tmp_path, test_images):
     src = f"oci:{test_images.docker_media_types}:latest"
-    r = run_cli("convert", src, f"oci:{tmp_path / 'docker'}", "--json")
+    r = run_cli("convert", src, f"oci:{tmp_path / 'docker'}", "--docker-media-types", "--json")
     assert r.code == 0, r.err
     assert "allow_no_verification" in r.err
     m = load(tmp_path / "docker", r.json()["digest"])
     assert m["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
     assert m["layers"][0]["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip"
     assert "annotations" not in m["layers"][0]
-    r = run_cli("convert", src, f"oci:{tmp_path / 'oci'}", "--oci", "--json")
-    assert r.code == 0 and "allow_no_verification" not in r.err
-    m = load(tmp_path / "oci", r.json()["digest"])
-    assert m["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
-    assert m["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
-    assert TOC in m["layers"][0]["annotations"]
+    # OCI is the default; --oci (ctr-remote's and nerdctl's spelling) says the same.
+    digests = set()
+    for name, flags in (("default", ()), ("oci", ("--oci",))):
+        r = run_cli("convert", src, f"oci:{tmp_path / name}", *flags, "--json")
+        assert r.code == 0 and r.err == "", r.err
+        m = load(tmp_path / name, r.json()["digest"])
+        assert m["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+        assert m["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+        assert m["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+        assert TOC in m["layers"][0]["annotations"]
+        digests.add(r.json()["digest"])
+    assert len(digests) == 1
 
 
 def test_docker_archive_round_trip_through_the_engine(tmp_path, test_images, dockerd):
