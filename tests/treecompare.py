@@ -20,14 +20,17 @@ mount cannot leak into the comparison.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import hashlib
+import json
 import os
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from profiler.rootfs import mounts_under
 
@@ -269,3 +272,45 @@ def assert_same_tree(a: dict[str, EntryState], b: dict[str, EntryState], *,
     if diffs:
         more = f"\n... and {len(diffs) - limit} more" if len(diffs) > limit else ""
         raise AssertionError(f"{len(diffs)} differences:\n" + "\n".join(diffs[:limit]) + more)
+
+
+# --- getting a tree to compare: a containerd snapshot, mounted --------------------
+
+def chain_id(diff_ids: list[str]) -> str:
+    """The OCI ChainID of a layer stack: the name containerd's snapshotters
+    give the committed snapshot of an image's layers ``diff_ids``."""
+    chain = diff_ids[0]
+    for d in diff_ids[1:]:
+        chain = "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
+    return chain
+
+
+@contextlib.contextmanager
+def mounted_view(ctr: Callable[..., subprocess.CompletedProcess], snapshotter: str,
+                 parent: str, key: str, target: Path) -> Iterator[Path]:
+    """Mount a read-only view of containerd snapshot ``parent`` at ``target``.
+
+    ``ctr`` is e.g. ``Containerd.ctr`` (``ctr(*args)`` runs ctr against the
+    daemon and raises on failure).  Runs ``ctr snapshots --snapshotter S view
+    --mounts KEY PARENT``, labels the view a GC root (ctr holds no lease, so
+    containerd's garbage collector would remove it at its next run, e.g.
+    after a container is deleted), mounts what it printed with ``ro`` added,
+    and on exit unmounts and removes the view."""
+    snap = ("snapshots", "--snapshotter", snapshotter)
+    out = ctr(*snap, "view", "--mounts", key, parent).stdout
+    try:
+        ctr(*snap, "label", key, "containerd.io/gc.root=treecompare")
+        mounts = json.loads(out)
+        if len(mounts) != 1:
+            raise AssertionError(f"expected one mount for view {key}, got {out!r}")
+        m = mounts[0]
+        # "bind" for a one-layer parent, "overlay" (lowerdirs only) otherwise
+        subprocess.run(["mount", "-t", m["Type"], m["Source"], str(target),
+                        "-o", ",".join(["ro", *m.get("Options", [])])],
+                       check=True, capture_output=True)
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", str(target)], check=True, capture_output=True)
+    finally:
+        ctr(*snap, "rm", key)
