@@ -23,8 +23,8 @@ import pytest
 
 from conftest import run_cli
 from daemons import build_images, mounts_under
-from treecompare import (RUNTIME_PATHS, EntryState, assert_same_tree, chain_id, diff_trees,
-                         mounted_view, snapshot_tree)
+from treecompare import (ESTARGZ_FILES, RUNTIME_PATHS, EntryState, assert_same_tree, chain_id,
+                         diff_trees, mounted_view, snapshot_tree)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="owners, devices and trusted.* xattrs need root")
@@ -268,16 +268,10 @@ def check_lazy_kinds_tree(s: dict[str, EntryState]) -> None:
     assert s["bin/busybox"].kind == "file" and s["bin/sh"].link_target == "/bin/busybox"
 
 
-# Entries a plain consumer of an eStargz layer extracts as files: the TOC and
-# the landmark are tar members (for the lazy puller's benefit), which a lazy
-# puller hides and umoci/containerd write to the root directory.
-ESTARGZ_EXTRA = ("stargz.index.json", ".no.prefetch.landmark", ".prefetch.landmark")
-
-
 @pytest.fixture(scope="module")
-def lazy_kinds() -> Path:
-    """The lazy-kinds image's cache directory (only it and busybox built)."""
-    return build_images("lazy-kinds")["lazy-kinds"]
+def images() -> dict[str, Path]:
+    """Cache directories of lazy-kinds and busybox (only these built)."""
+    return build_images("busybox", "lazy-kinds")
 
 
 def umoci_unpack(layout: Path, tag: str, dest: Path) -> Path:
@@ -292,51 +286,89 @@ def diff_ids(layout: Path, tag: str = "latest") -> list[str]:
     return json.loads(out)["rootfs"]["diff_ids"]
 
 
+def overlayfs_tree(containerd, archive: Path, name: str, layout: Path, tag: str,
+                   mnt: Path, layers: int = 0, **snapshot_options) -> dict[str, EntryState]:
+    """Import ``archive`` into containerd as ``name`` (unpacked by the
+    overlayfs snapshotter), mount a read-only view of the snapshot of its
+    first ``layers`` layers (all by default) and snapshot the tree."""
+    containerd.ctr("images", "import", "--base-name", name, archive)
+    ids = diff_ids(layout, tag)
+    mnt.mkdir()
+    # The image's committed snapshots are named by their ChainIDs.
+    with mounted_view(containerd.ctr, "overlayfs", chain_id(ids[:layers or len(ids)]),
+                      f"treecompare-{os.getpid()}-{mnt.name}", mnt):
+        assert mounts_under(mnt) == [str(mnt)]
+        tree = snapshot_tree(mnt, **snapshot_options)
+    assert mounts_under(mnt) == []
+    return tree
+
+
 @needs_root
-def test_umoci_unpack_of_lazy_kinds(lazy_kinds, tmp_path):
-    rootfs = umoci_unpack(lazy_kinds / "oci", "latest", tmp_path / "bundle")
+def test_lazy_kinds_is_reproducible(images, tmp_path):
+    """A build into an empty cache gives the same bytes."""
+    fresh = build_images("lazy-kinds", env={"ESTARGZ_CACHE": str(tmp_path)})["lazy-kinds"]
+    old = images["lazy-kinds"]
+    files = sorted(p.relative_to(old) for p in old.rglob("*")
+                   if p.is_file() and p.name != "build-info.json")
+    assert Path("oci-archive.tar") in files and Path("expected-output.txt") in files
+    for f in files:
+        assert (fresh / f).read_bytes() == (old / f).read_bytes(), f
+
+
+@needs_root
+def test_umoci_unpack_of_lazy_kinds(images, tmp_path):
+    rootfs = umoci_unpack(images["lazy-kinds"] / "oci", "latest", tmp_path / "bundle")
     check_lazy_kinds_tree(snapshot_tree(rootfs))
 
 
 @needs_root
-def test_containerd_overlayfs_view_equals_umoci_unpack(containerd, lazy_kinds, tmp_path):
+def test_containerd_overlayfs_view_equals_umoci_unpack(containerd, images, tmp_path):
     """The reference tree for the lazy-pull tests.  Nothing needs excusing:
     containerd 1.6's overlayfs snapshotter and umoci 0.4 agree on every
-    field of every entry, sub-second mtimes and xattrs included."""
-    want = snapshot_tree(umoci_unpack(lazy_kinds / "oci", "latest", tmp_path / "bundle"))
-    containerd.ctr("images", "import", "--base-name", "treecompare/lazy-kinds",
-                   lazy_kinds / "oci-archive.tar")
-    # ctr images import unpacks for the overlayfs snapshotter; the image's
-    # committed snapshot is named by its ChainID.
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    field of every entry, sub-second mtimes and xattrs included; so they do
+    for the busybox layer alone (a bind mount, not an overlay)."""
+    lazy = images["lazy-kinds"]
+    want = snapshot_tree(umoci_unpack(lazy / "oci", "latest", tmp_path / "bundle"))
+    name = "treecompare/lazy-kinds"
     try:
-        with mounted_view(containerd.ctr, "overlayfs", chain_id(diff_ids(lazy_kinds / "oci")),
-                          f"treecompare-{os.getpid()}", mnt):
-            assert mounts_under(mnt) == [str(mnt)]
-            got = snapshot_tree(mnt)
-            run = containerd.run("treecompare/lazy-kinds:latest")
+        got = overlayfs_tree(containerd, lazy / "oci-archive.tar", name, lazy / "oci",
+                             "latest", tmp_path / "mnt")
+        base = overlayfs_tree(containerd, lazy / "oci-archive.tar", name, lazy / "oci",
+                              "latest", tmp_path / "mnt-base", layers=1)
+        run = containerd.run(f"{name}:latest")
     finally:
-        containerd.ctr("images", "rm", "treecompare/lazy-kinds:latest", check=False)
-    assert mounts_under(mnt) == []
+        containerd.ctr("images", "rm", f"{name}:latest", check=False)
     check_lazy_kinds_tree(got)
     assert_same_tree(got, want)
-    assert run.stdout == (lazy_kinds / "expected-output.txt").read_text()
+    assert_same_tree(base, snapshot_tree(umoci_unpack(images["busybox"] / "oci", "latest",
+                                                      tmp_path / "busybox")))
+    assert run.stdout == (lazy / "expected-output.txt").read_text()
 
 
 @needs_root
-def test_estargz_convert_unpacks_to_the_same_tree(lazy_kinds, tmp_path):
-    """`estargz convert --oci`, read by a plain consumer (umoci), gives the
-    original tree plus the TOC and landmark files at the root."""
-    out = tmp_path / "esgz"
-    run_cli("convert", f"oci:{lazy_kinds / 'oci'}:latest", f"oci:{out}:esgz", "--oci",
+def test_estargz_convert_unpacks_to_the_same_tree(containerd, images, tmp_path):
+    """`estargz convert --oci`, read by plain consumers (umoci, and
+    containerd's overlayfs applier), gives the original tree; they also
+    write the TOC and the landmark as files at the root, which a lazy
+    puller does not show (ESTARGZ_FILES)."""
+    lazy = images["lazy-kinds"]
+    out, archive = tmp_path / "esgz", tmp_path / "esgz.tar"
+    run_cli("convert", f"oci:{lazy / 'oci'}:latest", f"oci:{out}:esgz", "--oci", check=True)
+    run_cli("convert", f"oci:{lazy / 'oci'}:latest", f"oci-archive:{archive}:esgz", "--oci",
             check=True)
-    want = snapshot_tree(umoci_unpack(lazy_kinds / "oci", "latest", tmp_path / "orig"))
+    # the converted layers are new blobs, not the originals passed through
+    assert not set(diff_ids(out, "esgz")) & set(diff_ids(lazy / "oci"))
+    want = snapshot_tree(umoci_unpack(lazy / "oci", "latest", tmp_path / "orig"))
     got_root = umoci_unpack(out, "esgz", tmp_path / "converted")
-    got = snapshot_tree(got_root, skip=ESTARGZ_EXTRA)
     assert (got_root / "stargz.index.json").is_file()
     assert (got_root / ".no.prefetch.landmark").is_file()
+    got = snapshot_tree(got_root, skip=ESTARGZ_FILES)
     check_lazy_kinds_tree(got)
     assert_same_tree(got, want)
-    # the converted layers are new blobs, not the originals passed through
-    assert not set(diff_ids(out, "esgz")[1:]) & set(diff_ids(lazy_kinds / "oci")[1:])
+    name = "treecompare/lazy-kinds-esgz"
+    try:
+        in_containerd = overlayfs_tree(containerd, archive, name, out, "esgz", tmp_path / "mnt",
+                                       skip=ESTARGZ_FILES)
+    finally:
+        containerd.ctr("images", "rm", f"{name}:esgz", check=False)
+    assert_same_tree(in_containerd, want)

@@ -51,6 +51,13 @@ DEFAULT_ONE_SIDED_XATTRS: tuple[str, ...] = ("security.selinux",)
 RUNTIME_PATHS: tuple[str, ...] = ("dev/*", "proc/*", "sys/*", "run/*", "etc/hosts",
                                   "etc/hostname", "etc/resolv.conf", "etc/mtab")
 
+# What a plain consumer (umoci, containerd's overlayfs applier, tar) of an
+# eStargz layer writes in addition to the original layer's files: the TOC and
+# the prefetch landmark are tar members at the layer's root.  A lazy puller
+# (the Stargz Snapshotter) does not show them.
+ESTARGZ_FILES: tuple[str, ...] = ("stargz.index.json", ".prefetch.landmark",
+                                  ".no.prefetch.landmark")
+
 # Field names used by diff_trees, also usable in its ``ignore`` argument
 # either alone ("mtime") or for one kind only ("symlink.mtime").
 FIELDS: tuple[str, ...] = ("kind", "mode", "uid", "gid", "size", "sha256", "link_target",
