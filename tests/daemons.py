@@ -303,8 +303,11 @@ class Containerd(Daemon):
     name = "containerd"
     _ids = itertools.count()
 
-    def __init__(self, base: Path, namespace: str = NAMESPACE):
+    def __init__(self, base: Path, namespace: str = NAMESPACE, extra_config: str = ""):
+        """``extra_config``: TOML appended to the generated config (after
+        its last table), e.g. a ``[proxy_plugins.NAME]`` table."""
         super().__init__(base)
+        self.extra_config = extra_config
         self.binary = _need("containerd", "containerd")
         self.ctr_binary = _need("ctr", "containerd")
         self.namespace = namespace
@@ -337,6 +340,7 @@ class Containerd(Daemon):
             '  address = ""',
             "[metrics]",
             '  address = ""',
+            self.extra_config,
             "",
         ]))
         self._spawn([self.binary, "--config", str(self.config)])
@@ -364,11 +368,13 @@ class Containerd(Daemon):
         return p
 
     def run(self, image: str, *cmd: str, runtime: str = "runc", check: bool = True,
-            timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess:
-        """``ctr run --rm`` a container with overlayfs and ``runtime``
-        (runc or crun, through containerd's runc shim)."""
+            timeout: float = CMD_TIMEOUT, snapshotter: str = "overlayfs"
+            ) -> subprocess.CompletedProcess:
+        """``ctr run --rm`` a container with ``snapshotter`` (overlayfs, or a
+        proxy snapshotter of ``extra_config``) and ``runtime`` (runc or crun,
+        through containerd's runc shim)."""
         cid = f"t{os.getpid()}-{next(self._ids)}"
-        return self.ctr("run", "--rm", "--snapshotter", "overlayfs",
+        return self.ctr("run", "--rm", "--snapshotter", snapshotter,
                         "--runc-binary", _need(runtime, runtime),
                         "--runc-root", self.runc_root / runtime, "--fifo-dir", self.fifo_dir,
                         image, cid, *cmd, check=check, timeout=timeout)
