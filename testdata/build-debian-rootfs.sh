@@ -2,11 +2,18 @@
 # Build a real Debian root filesystem and pack it as an uncompressed,
 # OCI-style layer tar, cached outside the repository.
 #
-# Usage: testdata/build-debian-rootfs.sh [--with-python3] [--force]
+# Usage: testdata/build-debian-rootfs.sh [--with-python3 | --with-gcc | --with-jre
+#                                         | --with-nginx] [--force]
 #
 #   (no option)      debian-bookworm-minbase.tar          (debootstrap --variant=minbase)
 #   --with-python3   debian-bookworm-minbase-python3.tar  (same, plus --include=python3)
+#   --with-gcc       debian-bookworm-minbase-gcc.tar      (plus gcc and libc6-dev)
+#   --with-jre       debian-bookworm-minbase-jre.tar      (plus openjdk-17-jre-headless)
+#   --with-nginx     debian-bookworm-minbase-nginx.tar    (plus nginx)
 #   --force          rebuild even if the output already exists
+#
+# The --with-* variants are the start-up benchmark's application layers
+# (benchmarks/images.py diffs each against the minbase tar); one at a time.
 #
 # Output: ${ESTARGZ_CACHE:-$HOME/.cache/estargz-dev}/testdata/<name>.tar
 # The path of the output is printed as the last line on stdout; all progress
@@ -214,10 +221,18 @@ build_layer() {
 # --- main -------------------------------------------------------------------
 
 FORCE=0
-WITH_PYTHON3=0
+WITH=""       # name suffix of the variant
+INCLUDE=""    # its extra packages (debootstrap --include)
+with() {
+    [[ -z $WITH ]] || die "--with-$WITH and --with-$1 given; build one variant at a time"
+    WITH=$1 INCLUDE=$2
+}
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --with-python3) WITH_PYTHON3=1 ;;
+        --with-python3) with python3 python3 ;;
+        --with-gcc) with gcc gcc,libc6-dev ;;
+        --with-jre) with jre openjdk-17-jre-headless ;;
+        --with-nginx) with nginx nginx ;;
         --force) FORCE=1 ;;
         -h|--help) usage; exit 0 ;;
         *) usage; die "unknown argument: $1" ;;
@@ -225,8 +240,8 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-if [[ $WITH_PYTHON3 -eq 1 ]]; then
-    set -- debian-$SUITE-minbase-python3 --include=python3
+if [[ -n $WITH ]]; then
+    set -- debian-$SUITE-minbase-$WITH --include="$INCLUDE"
 else
     set -- debian-$SUITE-minbase
 fi
