@@ -143,16 +143,30 @@ def process_from_config(config: dict, options: OptimizeOptions) -> ProcessSpec:
                        cwd=options.cwd or str(c.get("WorkingDir") or "/"))
 
 
+#: Files the container runtime reads from the image before the entrypoint's
+#: first instruction, where fanotify cannot see them (it is armed on the
+#: container's root between ``runc create`` and ``runc start``): containerd
+#: reads etc/group for the supplementary groups of the image's user (also when
+#: the image names none), runc's init reads etc/passwd and etc/group to set up
+#: the user. Through a lazy snapshotter each would be fetched on demand, a
+#: registry round trip apiece, before the workload could start; recorded first,
+#: they are prefetched instead.
+RUNTIME_READS = ("etc/passwd", "etc/group")
+
+
 def map_accesses(run_accesses, listings: list[LayerListing], root: str) -> list[Access]:
-    """The run's accesses as the record has them: symlinks resolved inside the
-    image, each file once, credited to the layer that provides it; files the
-    layers do not hold (written by the workload) are dropped."""
+    """The run's accesses as the record has them: the runtime's own reads
+    (:data:`RUNTIME_READS`, where the image has them as regular files) first,
+    then the workload's; symlinks resolved inside the image, each file once,
+    credited to the layer that provides it; files the layers do not hold
+    (written by the workload) are dropped."""
     links = link_targets(listings)
     out: list[Access] = []
     seen: set[str] = set()
-    for a in run_accesses:
+    observed = [(a.path, a.time, str(getattr(a.kind, "value", a.kind))) for a in run_accesses]
+    for path, seconds, kind in [*((p, 0.0, "runtime") for p in RUNTIME_READS), *observed]:
         try:
-            real = resolve(a.path, listings, links)
+            real = resolve(path, listings, links)
         except InvalidInput:
             continue
         if not real or real in seen:
@@ -160,12 +174,14 @@ def map_accesses(run_accesses, listings: list[LayerListing], root: str) -> list[
         layer = layer_for(real, listings)
         if layer is None:
             continue  # written by the workload, or not there at all
+        if kind == "runtime" and listings[layer].kinds.get(real) not in ("reg", "hardlink"):
+            continue
         seen.add(real)
         try:
             size = os.lstat(os.path.join(root, real)).st_size
         except OSError:
             size = 0
-        out.append(Access(real, layer, round(a.time, 4), size, str(getattr(a.kind, "value", a.kind))))
+        out.append(Access(real, layer, round(seconds, 4), size, kind))
     return out
 
 

@@ -24,7 +24,7 @@ class Access:
     layer: int                # index into the manifest's layers
     seconds: float = 0.0      # first access, from the workload's start
     size: int = 0             # bytes of the file in its layer
-    kind: str = "open"        # open, access or exec
+    kind: str = "open"        # open, access, exec, or runtime (read before the entrypoint)
 
 
 def write_record(accesses: Iterable[Access], manifest_digest: str, out: IO[str]) -> int:

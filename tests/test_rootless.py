@@ -73,7 +73,8 @@ def test_same_record_and_image_as_root(public, out, rootless_user, unprivileged,
     user_lines = user_record.read_text().splitlines()
     assert len(root_lines) >= 40
     assert user_lines == root_lines
-    assert json.loads(user_lines[0])["path"] == "usr/bin/python3.11"
+    assert [json.loads(l)["path"] for l in user_lines[:3]] == \
+        ["etc/passwd", "etc/group", "usr/bin/python3.11"]
     # Same output format, same result.
     assert rootless.keys() == as_root.keys()
     assert rootless["image"]["digest"] == as_root["image"]["digest"]
@@ -88,16 +89,18 @@ def test_same_record_and_image_as_root(public, out, rootless_user, unprivileged,
 
 
 def test_dynamic_loader_and_exec_are_recorded(public, out, rootless_user, unprivileged):
-    """Every access counts from the first instruction: the binary (exec), the
-    dynamic loader the kernel maps, then libc, in that order."""
+    """Every access counts from the first instruction: after what the runtime
+    reads (etc/passwd, etc/group), the binary (exec), the dynamic loader the
+    kernel maps, then libc, in that order."""
     p = as_user(rootless_user, unprivileged, "optimize", f"oci:{public / 'py'}:latest",
                 "--no-optimize", "--record-out", out / "r.jsonl", "--entrypoint", '["/bin/true"]',
                 tmp=out)
     assert p.returncode == 0, p.stderr
     paths = [json.loads(l)["path"] for l in (out / "r.jsonl").read_text().splitlines()]
-    assert paths[0] == "usr/bin/true"
-    assert paths[1] == "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-    assert "usr/lib/x86_64-linux-gnu/libc.so.6" in paths[2:4]
+    assert paths[:2] == ["etc/passwd", "etc/group"]
+    assert paths[2] == "usr/bin/true"
+    assert paths[3] == "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    assert "usr/lib/x86_64-linux-gnu/libc.so.6" in paths[4:6]
 
 
 def test_the_sandbox_holds(public, out, rootless_user, unprivileged):
@@ -264,15 +267,17 @@ def test_fanotify_queue_overflow_is_reported(public, out, rootless_user, unprivi
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
         env=rootless_user.env(TMPDIR=str(out)))
     try:
-        helpers = []
+        def pgrep(pattern: str) -> list[str]:
+            return subprocess.run(["pgrep", "-u", str(rootless_user.uid), "-f", "--", pattern],
+                                  capture_output=True, text=True).stdout.split()
+
+        # Stop the profiler only once the workload runs (its `sleep 1` comes
+        # before the reads): a fixed delay was too short on a loaded machine.
         deadline = time.monotonic() + 120
-        while not helpers and time.monotonic() < deadline:
-            found = subprocess.run(["pgrep", "-u", str(rootless_user.uid), "-f", "--",
-                                    "-m profiler.userns"], capture_output=True, text=True)
-            helpers = found.stdout.split()
-            time.sleep(0.05)
-        assert helpers, "the user-namespace helper never started"
-        time.sleep(0.3)  # the run has started; the workload sleeps 1 s before reading
+        while not pgrep("^sleep 1$") and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        helpers = pgrep("-m profiler.userns")
+        assert helpers, "the user-namespace helper is not running"
         for pid in helpers:
             os.kill(int(pid), signal.SIGSTOP)
         time.sleep(3)
@@ -286,7 +291,8 @@ def test_fanotify_queue_overflow_is_reported(public, out, rootless_user, unprivi
     result = json.loads(stdout)
     assert result["notes"] == ["the fanotify queue overflowed: the record may be incomplete"]
     # What did arrive is still recorded, in order, from the entrypoint on.
-    assert json.loads((out / "r.jsonl").read_text().splitlines()[0])["path"] == "usr/bin/dash"
+    paths = [json.loads(l)["path"] for l in (out / "r.jsonl").read_text().splitlines()]
+    assert paths[:3] == ["etc/passwd", "etc/group", "usr/bin/dash"]
 
 
 def test_not_enough_memory_for_the_tmpfs(public, out, rootless_user, unprivileged):
