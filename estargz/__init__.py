@@ -1,7 +1,7 @@
 """estargz: convert container image layers to eStargz, and read and verify them.
 
 The public API is re-exported here; the modules behind it are private to
-the package layout, not to callers::
+the package layout, not to callers (``profiler`` included)::
 
     import estargz
     result = estargz.convert_layer("layer.tar", "layer.esgz",
@@ -14,21 +14,56 @@ __version__ = "0.1.0"
 from ._exceptions import (AuthenticationError, DigestMismatch, EstargzError, FooterError,
                           InvalidBlob, InvalidInput, MissingPrioritizedFiles, NotFound,
                           RegistryError, StorageError, TOCError, UnsupportedEntry)
+from ._fsutil import atomic_output
+from ._tarstream import PeekableStream, iter_headers
+from .compression import BACKENDS, DEFAULT_BACKEND, get_backend
 from .converter import ConvertOptions, LayerResult, convert_layer
+from .descriptor import (CONVERTIBLE_LAYERS, DOCKER_CONFIG, DOCKER_FOREIGN_LAYER,
+                         DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, INDEX_TYPES,
+                         MANIFEST_TYPES, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP,
+                         OCI_LAYER_NONDIST_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST, Descriptor,
+                         Platform, sha256_digest)
 from .footer import FOOTER_SIZE, footer_bytes, parse_footer
+from .imageconvert import (ImageConvertOptions, ImageResult, LayerReport, convert_image,
+                           host_platform_default, read_records)
+from .imagestore import (ImageDestination, ImageSource, TransportOptions, copy_verified,
+                         open_destination, open_source)
+from .layerinput import open_tar
 from .reader import LayerReader
+from .reference import ImageRef, parse_reference
 from .source import BytesSource, CountingSource, FileSource, RangeSource
+from .tarindex import check_member, printable
 from .toc import (NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC, TOC_DIGEST_ANNOTATION,
                   TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, TOCEntry, clean_name,
                   decode_toc)
 from .verify import VerifyReport, verify_blob
 
 __all__ = [
-    "AuthenticationError", "RegistryError", "BytesSource", "ConvertOptions", "CountingSource", "DigestMismatch", "EstargzError",
-    "FOOTER_SIZE", "FileSource", "FooterError", "InvalidBlob", "InvalidInput",
-    "LayerReader", "LayerResult", "MissingPrioritizedFiles", "NO_PREFETCH_LANDMARK",
-    "NotFound", "PREFETCH_LANDMARK", "RangeSource", "StorageError", "TOC",
-    "TOCEntry", "TOCError", "TOC_DIGEST_ANNOTATION", "TOC_TAR_NAME",
-    "UNCOMPRESSED_SIZE_ANNOTATION", "UnsupportedEntry", "VerifyReport", "clean_name",
-    "convert_layer", "decode_toc", "footer_bytes", "parse_footer", "verify_blob",
+    # errors
+    "AuthenticationError", "DigestMismatch", "EstargzError", "FooterError", "InvalidBlob",
+    "InvalidInput", "MissingPrioritizedFiles", "NotFound", "RegistryError", "StorageError",
+    "TOCError", "UnsupportedEntry",
+    # layer format: conversion, reading, verifying
+    "BACKENDS", "DEFAULT_BACKEND", "get_backend",
+    "ConvertOptions", "LayerResult", "convert_layer",
+    "FOOTER_SIZE", "footer_bytes", "parse_footer",
+    "LayerReader", "VerifyReport", "verify_blob",
+    "NO_PREFETCH_LANDMARK", "PREFETCH_LANDMARK", "TOC", "TOCEntry", "TOC_DIGEST_ANNOTATION",
+    "TOC_TAR_NAME", "UNCOMPRESSED_SIZE_ANNOTATION", "clean_name", "decode_toc",
+    # range sources
+    "BytesSource", "CountingSource", "FileSource", "RangeSource",
+    # tar input: the one checked tar walk
+    "PeekableStream", "check_member", "iter_headers", "open_tar", "printable",
+    # files
+    "atomic_output",
+    # images
+    "CONVERTIBLE_LAYERS", "DOCKER_CONFIG", "DOCKER_FOREIGN_LAYER", "DOCKER_LAYER_GZIP",
+    "DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "INDEX_TYPES", "MANIFEST_TYPES", "OCI_CONFIG",
+    "OCI_INDEX", "OCI_LAYER", "OCI_LAYER_GZIP", "OCI_LAYER_NONDIST_GZIP", "OCI_LAYER_ZSTD",
+    "OCI_MANIFEST", "Descriptor", "Platform", "sha256_digest",
+    "ImageRef", "parse_reference",
+    "ImageDestination", "ImageSource", "TransportOptions", "copy_verified", "open_destination",
+    "open_source",
+    "ImageConvertOptions", "ImageResult", "LayerReport", "convert_image",
+    "host_platform_default", "read_records",
 ]
