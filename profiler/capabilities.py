@@ -24,28 +24,26 @@ Everything here is stdlib and ctypes, and takes well under a second::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
 import select
-import shutil
 import signal
-import struct
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
-from .fanotify import (AT_FDCWD, FAN_ACCESS, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_MARK_ADD,
-                       FAN_MARK_MOUNT, FAN_NONBLOCK, FAN_OPEN, _lib)
+from .fanotify import (AT_FDCWD, FAN_ACCESS, FAN_CLASS_NOTIF, FAN_CLOEXEC,
+                       FAN_EVENT_INFO_TYPE_FID, FAN_MARK_ADD, FAN_MARK_MOUNT, FAN_NONBLOCK,
+                       FAN_OPEN, FAN_REPORT_FID, METADATA, METADATA_SIZE, fanotify_lib)
+from .linux import (CLONE_NEWNS, CLONE_NEWUSER, MNT_DETACH, MS_PRIVATE, MS_REC,
+                    PR_SET_DUMPABLE, in_initial_user_namespace, map_to_root, mount, prctl,
+                    umount, unshare, which_sbin)
 
-FAN_REPORT_FID = 0x0000_0200  # same value as profiler.fanotify_fid (kept import-light here)
-
-from .userns import CLONE_NEWNS, CLONE_NEWUSER, MS_PRIVATE, MS_REC, map_to_root
-
-MNT_DETACH = 2
-PR_SET_DUMPABLE = 4
 CAP_SYS_ADMIN = 21
 NOBODY = 65534
 
@@ -97,7 +95,7 @@ def probe() -> list[Mode]:
 
 # --- small readers --------------------------------------------------------------
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str) -> str | None:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             return f.read()
@@ -105,7 +103,7 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def _sysctl(path: str) -> Optional[int]:
+def _sysctl(path: str) -> int | None:
     text = _read(path)
     try:
         return int(text.split()[0]) if text else None
@@ -127,7 +125,7 @@ def _has_cap_sys_admin() -> bool:
 def _fanotify_init_errno(flags: int) -> int:
     """0 if ``fanotify_init(flags)`` works (the group is closed at once), else errno."""
     try:
-        lib = _lib()
+        lib = fanotify_lib()
     except Exception:
         return errno.ENOSYS
     fd = lib.fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
@@ -135,12 +133,6 @@ def _fanotify_init_errno(flags: int) -> int:
         return ctypes.get_errno() or errno.EPERM
     os.close(fd)
     return 0
-
-
-def _in_initial_userns() -> bool:
-    """Whether this process's user namespace maps every uid to itself (the
-    initial one; inside ``unshare -U`` root cannot become nobody)."""
-    return (_read("/proc/self/uid_map") or "").split() == ["0", "0", "4294967295"]
 
 
 def _errname(err: int) -> str:
@@ -189,17 +181,9 @@ def probe_root() -> Mode:
     return Mode("root", not reasons, reasons, checks)
 
 
-def which_runtime(name: str) -> Optional[str]:
-    """Where OCI runtime ``name`` is: on PATH, else in the sbin directories,
-    which an ordinary user's PATH often lacks (Debian's runc is /usr/sbin/runc)."""
-    path = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/local/sbin",
-                            "/usr/sbin", "/sbin"])
-    return shutil.which(name, path=path)
-
-
 def _check_runtime(checks: list[Check], reasons: list[str]) -> None:
     found = [f"{name} ({path})" for name in ("runc", "crun")
-             if (path := which_runtime(name)) is not None]
+             if (path := which_sbin(name)) is not None]
     if found:
         checks.append(Check("OCI runtime", True, ", ".join(found)))
     else:
@@ -268,7 +252,7 @@ _STEP_REASONS = {
 }
 
 
-def _run_child_probe() -> tuple[list[Check], Optional[str]]:
+def _run_child_probe() -> tuple[list[Check], str | None]:
     """Fork, probe in the child, collect its steps.  (checks, first failure reason)."""
     try:
         rfd, wfd = os.pipe()
@@ -345,6 +329,9 @@ def _run_child_probe() -> tuple[list[Check], Optional[str]]:
     return checks, None
 
 
+_Report = Callable[[str, bool, str], bool]
+
+
 def _child(wfd: int) -> None:
     """The probe's child: report each step as one JSON line on ``wfd``; stop at
     the first failure.  Runs single-threaded (just forked), as unshare needs."""
@@ -352,32 +339,16 @@ def _child(wfd: int) -> None:
         os.write(wfd, (json.dumps([name, ok, detail]) + "\n").encode())
         return ok
 
-    import ctypes.util
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    fan = _lib()
-
-    def fail(name: str, what: str) -> bool:
-        return report(name, False, f"{what}: {_errname(ctypes.get_errno())}")
-
-    if os.geteuid() == 0 and _in_initial_userns():  # answer for a user, not for root
-        try:
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
-        except OSError as e:
-            report("drop to nobody", False, e.strerror or str(e))
+    if os.geteuid() == 0 and in_initial_user_namespace():  # answer for a user, not for root
+        if not _drop_to_nobody(report):
             return
-        # Changing credentials made us non-dumpable, which makes /proc/self/*
-        # root's: uid_map could not be written.  An ordinary user is dumpable.
-        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
-        report("drop to nobody", True, f"probing as uid {NOBODY}")
     uid, gid = os.geteuid(), os.getegid()
 
     step = "unshare user+mount namespace"
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
-        fail(step, "unshare(CLONE_NEWUSER|CLONE_NEWNS)")
+    try:
+        unshare(CLONE_NEWUSER | CLONE_NEWNS)
+    except OSError as e:
+        report(step, False, f"unshare(CLONE_NEWUSER|CLONE_NEWNS): {_errname(e.errno)}")
         return
     report(step, True, "unshare(CLONE_NEWUSER|CLONE_NEWNS) works")
 
@@ -388,10 +359,29 @@ def _child(wfd: int) -> None:
         report(step, False, f"{e.filename}: {e.strerror}")
         return
     report(step, True, f"uid {uid} and gid {gid} mapped to 0")
+    _child_tmpfs(report)
 
+
+def _drop_to_nobody(report: _Report) -> bool:
+    try:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+    except OSError as e:
+        return report("drop to nobody", False, e.strerror or str(e))
+    # Changing credentials made us non-dumpable, which makes /proc/self/*
+    # root's: uid_map could not be written.  An ordinary user is dumpable.
+    with contextlib.suppress(OSError):
+        prctl(PR_SET_DUMPABLE, 1)
+    return report("drop to nobody", True, f"probing as uid {NOBODY}")
+
+
+def _child_tmpfs(report: _Report) -> None:
     step = "mount tmpfs"
-    libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)  # best effort
+    with contextlib.suppress(OSError):  # best effort
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
     target = None
+    problem = "no directory for a mount point"
     for parent in dict.fromkeys([tempfile.gettempdir(), "/tmp", "/dev/shm"]):
         try:
             target = tempfile.mkdtemp(prefix="estargz-probe-", dir=parent)
@@ -402,22 +392,28 @@ def _child(wfd: int) -> None:
         report(step, False, problem)
         return
     try:
-        if libc.mount(b"estargz-probe", os.fsencode(target), b"tmpfs", 0, b"size=64k") != 0:
-            fail(step, f"mount -t tmpfs on {target}")
+        try:
+            mount("estargz-probe", target, "tmpfs", 0, "size=64k")
+        except OSError as e:
+            report(step, False, f"mount -t tmpfs on {target}: {_errname(e.errno)}")
             return
         report(step, True, f"tmpfs on {target}")
         try:
-            _child_fanotify(report, fail, fan, target)
+            _child_fanotify(report, target)
         finally:
-            libc.umount2(os.fsencode(target), MNT_DETACH)
+            with contextlib.suppress(OSError):
+                umount(target, MNT_DETACH)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(target)
-        except OSError:
-            pass
 
 
-def _child_fanotify(report, fail, fan, target: str) -> None:
+def _child_fanotify(report: _Report, target: str) -> None:
+    fan = fanotify_lib()
+
+    def fail(name: str, what: str) -> bool:
+        return report(name, False, f"{what}: {_errname(ctypes.get_errno())}")
+
     path = os.path.join(target, "probe")
     with open(path, "wb") as f:
         f.write(b"estargz")
@@ -445,11 +441,11 @@ def _child_fanotify(report, fail, fan, target: str) -> None:
             report(step, False, "no event within 1 s")
             return
         buf = os.read(fd, 4096)
-        if len(buf) < 24:
+        if len(buf) < METADATA_SIZE:
             report(step, False, f"short read of {len(buf)} bytes")
             return
-        event_len, _, _, metadata_len, mask, efd, _ = struct.unpack_from("=IBBHQii", buf)
-        has_fid = event_len > metadata_len and buf[metadata_len] == 1  # FAN_EVENT_INFO_TYPE_FID
+        event_len, _, _, metadata_len, mask, _, _ = METADATA.unpack_from(buf)
+        has_fid = event_len > metadata_len and buf[metadata_len] == FAN_EVENT_INFO_TYPE_FID
         report(step, bool(has_fid), f"event mask {mask:#x}"
                + (" with a file handle" if has_fid else " without a file handle record"))
     finally:

@@ -1,14 +1,15 @@
 """``estargz optimize``: profile the workload, then convert with what it read first.
 
 1. Pick the host platform's manifest and read its config.
-2. Assemble the root filesystem from the layers (``rootfs.py``: extracted
-   safely, stacked read-only under a throwaway upper layer).  Without root,
-   ``rootless.py`` flattens them onto a tmpfs in a user namespace instead,
+2. Assemble the root filesystem from the layers (``profiler.rootfs``:
+   extracted safely, stacked read-only under a throwaway upper layer).
+   Without root, ``profiler.rootless`` flattens them onto a tmpfs in a user
+   namespace instead,
    and runs steps 3 and 4 there.
-3. Run Entrypoint + Cmd in the sandbox (``sandbox.py``) while fanotify records
+3. Run Entrypoint + Cmd in the sandbox (``profiler.sandbox``) while fanotify records
    every file it opens, reads or executes, in first-access order.
 4. Map each path, symlinks followed, to the layer that provides it
-   (``layermap.py``): that is the record, per layer.
+   (``profiler.record.map_accesses``): that is the record, per layer.
 5. Convert the image with those prioritized files (``estargz convert``):
    accessed files precede ``.prefetch.landmark`` in their layers; layers with
    none get ``.no.prefetch.landmark``. Other platforms of an index get the
@@ -23,20 +24,17 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
 
-from estargz._exceptions import InvalidInput
-from estargz.descriptor import INDEX_TYPES, Descriptor, sha256_digest
-from estargz.imageconvert import (ImageConvertOptions, ImageResult, convert_image,
-                                  host_platform_default)
-from estargz.imagestore import ImageSource, open_source
-from estargz.reference import parse_reference
+from estargz import (INDEX_TYPES, Descriptor, ImageConvertOptions, ImageResult, ImageSource,
+                     InvalidInput, PeekableStream, atomic_output, check_member, clean_name,
+                     convert_image, host_platform_default, iter_headers, open_source, open_tar,
+                     parse_reference, sha256_digest)
 
-from .layermap import LayerListing, layer_for, link_targets, resolve
-from .record import Access, by_path, per_layer, write_record
-from .report import LayerSummary, Report
-from .rootfs import assemble_image_rootfs
+from .record import Access, by_path, map_accesses, per_layer, write_record
+from .report import Report, write_html
+from .rootfs import LayerListing, assemble_image_rootfs, layer_blob, layer_for
 from .rootless import profile_rootless
 from .sandbox import BindMount, ProcessSpec, SandboxOptions, run_profiled
 
@@ -48,23 +46,23 @@ class OptimizeOptions:
     convert: ImageConvertOptions = ImageConvertOptions()
     runtime: str = "runc"
     period: float = 10.0
-    wait_on_line: Optional[str] = None
+    wait_on_line: str | None = None
     wait_on_signal: bool = False
-    entrypoint: Optional[list[str]] = None
-    args: Optional[list[str]] = None
+    entrypoint: list[str] | None = None
+    args: list[str] | None = None
     env: tuple[str, ...] = ()
-    user: Optional[str] = None
-    cwd: Optional[str] = None
+    user: str | None = None
+    cwd: str | None = None
     mounts: tuple[BindMount, ...] = ()
     net_host: bool = False
-    record_out: Optional[str] = None
+    record_out: str | None = None
     #: Paths and globs to prefetch instead of running the workload.
-    prefetch_list: Optional[tuple[str, ...]] = None
+    prefetch_list: tuple[str, ...] | None = None
     #: Profile (and write the record) but do not convert.
     no_optimize: bool = False
-    report_html: Optional[str] = None
+    report_html: str | None = None
     quiet: bool = False
-    output: Optional[Callable[[str], None]] = None
+    output: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -74,7 +72,7 @@ class OptimizeResult:
     manifest_digest: str
     accesses: list[Access]
     report: Report
-    image: Optional[ImageResult] = None
+    image: ImageResult | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -143,69 +141,18 @@ def process_from_config(config: dict, options: OptimizeOptions) -> ProcessSpec:
                        cwd=options.cwd or str(c.get("WorkingDir") or "/"))
 
 
-#: Files the container runtime reads from the image before the entrypoint's
-#: first instruction, where fanotify cannot see them (it is armed on the
-#: container's root between ``runc create`` and ``runc start``): containerd
-#: reads etc/group for the supplementary groups of the image's user (also when
-#: the image names none), runc's init reads etc/passwd and etc/group to set up
-#: the user. Through a lazy snapshotter each would be fetched on demand, a
-#: registry round trip apiece, before the workload could start; recorded first,
-#: they are prefetched instead.
-RUNTIME_READS = ("etc/passwd", "etc/group")
-
-
-def map_accesses(run_accesses, listings: list[LayerListing], root: str) -> list[Access]:
-    """The run's accesses as the record has them: the runtime's own reads
-    (:data:`RUNTIME_READS`, where the image has them as regular files) first,
-    then the workload's; symlinks resolved inside the image, each file once,
-    credited to the layer that provides it; files the layers do not hold
-    (written by the workload) are dropped."""
-    links = link_targets(listings)
-    out: list[Access] = []
-    seen: set[str] = set()
-    observed = [(a.path, a.time, str(getattr(a.kind, "value", a.kind))) for a in run_accesses]
-    for path, seconds, kind in [*((p, 0.0, "runtime") for p in RUNTIME_READS), *observed]:
-        try:
-            real = resolve(path, listings, links)
-        except InvalidInput:
-            continue
-        if not real or real in seen:
-            continue
-        layer = layer_for(real, listings)
-        if layer is None:
-            continue  # written by the workload, or not there at all
-        if kind == "runtime" and listings[layer].kinds.get(real) not in ("reg", "hardlink"):
-            continue
-        seen.add(real)
-        try:
-            size = os.lstat(os.path.join(root, real)).st_size
-        except OSError:
-            size = 0
-        out.append(Access(real, layer, round(seconds, 4), size, kind))
-    return out
-
-
 def _list_only(source: ImageSource, layers: list[Descriptor], patterns: tuple[str, ...],
                work: str) -> list[Access]:
     """``--prefetch-list``: match paths and globs against the layers, no run."""
-    from estargz._tarstream import PeekableStream, iter_headers
-    from estargz.layerinput import open_tar
-    from estargz.toc import clean_name
-
     listings: list[LayerListing] = []
     names_in_order: list[list[str]] = []
-    for desc in layers:
-        path = source.local_blob_path(desc)
-        tmp = None
-        if path is None:
-            fd, tmp = tempfile.mkstemp(dir=work)
-            with os.fdopen(fd, "wb") as f:
-                source.fetch_blob(desc, f)
-            path = tmp
+    for i, desc in enumerate(layers):
+        path, ours = layer_blob(source, desc, i, os.path.join(work, "blobs"))
         listing = LayerListing()
         names: list[str] = []
         with open_tar(path, work) as tar:
             for ti in iter_headers(PeekableStream(tar, seekable=True)):
+                check_member(ti)
                 name = clean_name(ti.name)
                 base = os.path.basename(name)
                 if base == ".wh..wh..opq":
@@ -215,8 +162,8 @@ def _list_only(source: ImageSource, layers: list[Descriptor], patterns: tuple[st
                 else:
                     listing.kinds[name] = "reg" if ti.isreg() else "other"
                     names.append(name)
-        if tmp:
-            os.unlink(tmp)
+        if ours:
+            os.unlink(path)
         listings.append(listing)
         names_in_order.append(names)
     out: list[Access] = []
@@ -233,7 +180,7 @@ def _list_only(source: ImageSource, layers: list[Descriptor], patterns: tuple[st
     return out
 
 
-def optimize_image(src: str, dst: Optional[str],
+def optimize_image(src: str, dst: str | None,
                    options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
     """Profile image ``src`` and write the optimized eStargz image to ``dst``."""
     started = time.monotonic()
@@ -266,7 +213,6 @@ def optimize_image(src: str, dst: Optional[str],
                 notes.append("the fanotify queue overflowed: the record may be incomplete")
     records = per_layer(accesses, desc.digest)
     if options.record_out:
-        from estargz._fsutil import atomic_output
         with atomic_output(options.record_out) as f:
             text = io.StringIO()
             write_record(accesses, desc.digest, text)
@@ -282,17 +228,11 @@ def optimize_image(src: str, dst: Optional[str],
                          "the same files prioritized by path")
         image = convert_image(src, dst, convert)
     layer_reports = [l for l in (image.layers if image else []) if l.manifest == desc.digest]
-    counts: dict[int, int] = {}
-    for a in accesses:
-        counts[a.layer] = counts.get(a.layer, 0) + 1
-    summaries = [LayerSummary(l.index, l.new_digest, l.new_size, l.prefetch_size, l.toc_size,
-                              counts.get(l.index, 0)) for l in layer_reports]
     report = Report(image=str(sref), workload=list(workload), accesses=accesses,
-                    layers=summaries, seconds=round(run.duration if run else 0.0, 2),
+                    layers=layer_reports, seconds=round(run.duration if run else 0.0, 2),
                     exit_status=run.exit_code if run else None,
                     timed_out=bool(run and run.timed_out), notes=notes)
     if options.report_html:
-        from .report import write_html
         write_html(report, options.report_html)
     return OptimizeResult(desc.digest, accesses, report, image, notes,
                           round(time.monotonic() - started, 3))

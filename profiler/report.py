@@ -8,48 +8,44 @@ bar of the bytes prefetched against the layer's size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import jinja2
 
-from estargz._fsutil import atomic_output
+from estargz import LayerReport, atomic_output
 
 from .record import Access
 
 
-@dataclass(frozen=True)
-class LayerSummary:
-    """One converted layer of the profiled image."""
-
-    index: int
-    digest: str
-    size: int            # compressed blob size
-    prefetch_size: int   # compressed bytes before .prefetch.landmark
-    toc_size: int        # compressed TOC and footer
-    files: int = 0       # accessed files this layer provides
-
-    @property
-    def share(self) -> float:
-        """Fraction of the layer prefetched at start, 0..1."""
-        return self.prefetch_size / self.size if self.size else 0.0
-
-
 @dataclass
 class Report:
-    """Everything the summary and the page show."""
+    """Everything the summary and the page show.
+
+    ``layers`` are the profiled manifest's converted layers as the image
+    conversion reports them (one result type per layer: the report adds no
+    copy of its own); what profiling adds per layer, the number of accessed
+    files, comes from ``accesses`` (:meth:`files`)."""
 
     image: str
     workload: list[str]
     accesses: list[Access]
-    layers: list[LayerSummary]
+    layers: list[LayerReport]
     seconds: float = 0.0
-    exit_status: Optional[int] = None
+    exit_status: int | None = None
     timed_out: bool = False
     notes: list[str] = field(default_factory=list)
 
+    def files(self, layer: int) -> int:
+        """Accessed files that layer ``layer`` provides."""
+        return sum(1 for a in self.accesses if a.layer == layer)
+
+    @staticmethod
+    def share(layer: LayerReport) -> float:
+        """Fraction of the layer prefetched at start, 0..1."""
+        return layer.prefetch_size / layer.new_size if layer.new_size else 0.0
+
     @property
     def full_pull(self) -> int:
-        return sum(l.size for l in self.layers)
+        return sum(l.new_size for l in self.layers)
 
     @property
     def lazy_start(self) -> int:
@@ -72,8 +68,9 @@ def render_text(report: Report) -> str:
              f"{' '.join(report.workload)} in {report.seconds:.2f}s"
              + (" (period ended)" if report.timed_out else "")]
     for l in report.layers:
-        lines.append(f"  layer {l.index}: {l.files:>5} files, prefetch {human(l.prefetch_size):>10}"
-                     f" of {human(l.size):>10} ({l.share:6.1%})")
+        lines.append(f"  layer {l.index}: {report.files(l.index):>5} files, prefetch "
+                     f"{human(l.prefetch_size):>10} of {human(l.new_size):>10} "
+                     f"({report.share(l):6.1%})")
     full = report.full_pull
     lazy = report.lazy_start
     ratio = lazy / full if full else 0.0
@@ -90,6 +87,7 @@ _ENV.filters["human"] = human
 
 
 def render_html(report: Report) -> str:
+    """The page, as one HTML document."""
     return _ENV.get_template("report.html.j2").render(r=report)
 
 

@@ -59,7 +59,7 @@ from typing import Optional, Sequence
 
 import pytest
 
-from profiler.rootfs import mounts_under as _mounts_under
+from profiler.linux import mounts_under as _mounts_under
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_IMAGES = REPO / "testdata" / "images" / "build.py"

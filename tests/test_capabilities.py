@@ -27,8 +27,9 @@ def nobody_profiler():
     if not os.path.exists("/usr/bin/python3"):
         pytest.skip("needs Debian's /usr/bin/python3")
     public = public_dir()
-    (public / "profiler").mkdir()
-    for name in ("__init__.py", "fanotify.py", "fanotify_fid.py", "capabilities.py", "userns.py"):
+    (public / "profiler" / "fanotify").mkdir(parents=True)
+    for name in ("__init__.py", "linux.py", "capabilities.py", "fanotify/__init__.py",
+                 "fanotify/events.py", "fanotify/classic.py", "fanotify/fid.py"):
         shutil.copy(REPO / "profiler" / name, public / "profiler" / name)
     (public / "profiler" / "errors.py").write_text(
         "class ProfilingError(Exception):\n    pass\n")

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from profiler.errors import ProfilingError
 from profiler.fanotify import FAN_ACCESS, FAN_OPEN, FAN_Q_OVERFLOW, pack_event
-from profiler.fanotify_fid import (FAN_EVENT_INFO_TYPE_DFID_NAME, FAN_EVENT_INFO_TYPE_FID,
+from profiler.fanotify.fid import (FAN_EVENT_INFO_TYPE_DFID_NAME, FAN_EVENT_INFO_TYPE_FID,
                                    FidInfo, HandleTable, RawFidEvent, name_to_handle_at,
                                    pack_fid_event, parse_fid_events)
 
@@ -82,7 +82,7 @@ def test_handle_table_walks_without_following_symlinks(tmp_path):
 SCRIPT = r'''
 import json, os, subprocess, sys, tempfile
 sys.path.insert(0, sys.argv[1])
-from profiler.fanotify_fid import FidWatcher
+from profiler.fanotify import FidWatcher
 from profiler.errors import ProfilingError
 out = {"uid": os.getuid()}
 d = tempfile.mkdtemp(dir=sys.argv[1])
@@ -124,8 +124,9 @@ def test_rootless_watch_resolves_paths_in_order():
     public = Path(tempfile.mkdtemp(prefix="estargz-nobody-"))
     try:
         public.chmod(0o777)
-        (public / "profiler").mkdir()
-        for name in ("__init__.py", "fanotify.py", "fanotify_fid.py"):
+        (public / "profiler" / "fanotify").mkdir(parents=True)
+        for name in ("__init__.py", "linux.py", "fanotify/__init__.py", "fanotify/events.py",
+                     "fanotify/classic.py", "fanotify/fid.py"):
             shutil.copy(REPO / "profiler" / name, public / "profiler" / name)
         (public / "profiler" / "errors.py").write_text(
             "class ProfilingError(Exception):\n    pass\n")

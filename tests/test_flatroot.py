@@ -1,5 +1,5 @@
-"""The flattened root filesystem of rootless profiling: profiler/flatroot.py and
-the flat mode of profiler/rootfs.py's extractor.
+"""The flattened root filesystem of rootless profiling: profiler/rootfs/flat.py and
+the flat mode of profiler/rootfs/extract.py's extractor.
 
 * equivalence with overlayfs: crafted images covering whiteouts (a file, a
   deep directory, below a lower symlink, a 0/0 device), opaque directories
@@ -40,12 +40,10 @@ from typing import Callable, Optional
 import pytest
 
 from conftest import REPO, Spec, build_tar, sparse_tar
-from estargz import InvalidInput, StorageError, UnsupportedEntry
-from estargz.descriptor import Descriptor
-from estargz.ocilayout import OCILayoutSource
-from profiler.flatroot import assemble_flat_rootfs, layer_usage, merge_layer
-from profiler.layermap import LayerListing, layer_for
-from profiler.rootfs import assemble_image_rootfs, extract_layer
+from estargz import (Descriptor, InvalidInput, StorageError, UnsupportedEntry, open_source,
+                     parse_reference)
+from profiler.rootfs import (LayerListing, assemble_flat_rootfs, assemble_image_rootfs,
+                             extract_layer, layer_for, layer_usage, merge_layer)
 from test_rootfs import BlobSource  # blobs in memory, for assemble_image_rootfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
@@ -385,7 +383,7 @@ def test_real_debian_image(tmp_path, tmpfs, test_images):
     """The two-layer Debian image (a diff layer with a whiteout and implied
     parents), flattened and as overlayfs shows it."""
     layout = Path(test_images.debian_multilayer)
-    src = OCILayoutSource(str(layout), "latest")
+    src = open_source(parse_reference(f"oci:{layout}:latest"))
     manifest = json.loads(src.root()[0])
     layers = [Descriptor.from_json(x) for x in manifest["layers"]]
     assert len(layers) == 2
@@ -438,8 +436,7 @@ from __future__ import annotations
 import ctypes, ctypes.util, json, os, sys
 sys.dont_write_bytecode = True
 sys.path.insert(0, sys.argv[1])
-from profiler.flatroot import assemble_flat_rootfs
-from profiler.layermap import LayerListing
+from profiler.rootfs import LayerListing, assemble_flat_rootfs
 ''' + inspect.getsource(snapshot_tree) + inspect.getsource(listing_dict) + '''
 mnt, recent, blobs = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -523,7 +520,7 @@ def test_rootless_assembly_in_a_user_namespace(tmp_path, tmpfs, nobody_python, i
                                                request):
     if image == "debian":
         layout = Path(request.getfixturevalue("test_images").debian_multilayer)
-        manifest = json.loads(OCILayoutSource(str(layout), "latest").root()[0])
+        manifest = json.loads(open_source(parse_reference(f"oci:{layout}:latest")).root()[0])
         blobs = [(layout / "blobs" / "sha256" / x["digest"].split(":", 1)[1]).read_bytes()
                  for x in manifest["layers"]]
     else:
@@ -599,7 +596,7 @@ def test_layer_usage_bounds_what_tmpfs_uses(tmp_path, tmpfs, debian_layer):
 
 def test_a_tmpfs_of_the_summed_usage_holds_the_assembly(tmp_path, tmpfs, test_images):
     layout = Path(test_images.debian_multilayer)
-    manifest = json.loads(OCILayoutSource(str(layout), "latest").root()[0])
+    manifest = json.loads(open_source(parse_reference(f"oci:{layout}:latest")).root()[0])
     images = {
         "main": write_blobs(main_image(tmp_path), tmp_path / "main"),
         "debian": [str(layout / "blobs" / "sha256" / x["digest"].split(":", 1)[1])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from estargz.toc import clean_name
+from estargz import clean_name
 
 from conftest import REPO, run_cli, start_until
 

@@ -7,8 +7,17 @@ import subprocess
 
 import pytest
 
+from estargz import LayerReport
 from profiler.record import Access
-from profiler.report import LayerSummary, Report, render_text, write_html
+from profiler.report import Report, render_text, write_html
+
+
+def layer(index: int, digest: str, size: int, prefetch_size: int, toc_size: int) -> LayerReport:
+    """A converted layer as the image conversion reports it."""
+    return LayerReport(manifest="sha256:" + "m" * 64, index=index, old_digest="sha256:" + "0" * 64,
+                       old_size=size, new_digest=digest, new_size=size,
+                       toc_digest="sha256:" + "t" * 64, seconds=0.1, action="converted",
+                       prefetch_size=prefetch_size, toc_size=toc_size)
 
 
 def sample() -> Report:
@@ -17,8 +26,8 @@ def sample() -> Report:
         accesses=[Access("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", 0, 0.001, 210_000),
                   Access("usr/bin/python3.11", 1, 0.004, 6_000_000),
                   Access("usr/lib/python3.11/json/__init__.py", 1, 0.05, 14_000)],
-        layers=[LayerSummary(0, "sha256:" + "a" * 64, 30 << 20, 1 << 20, 100_000, 1),
-                LayerSummary(1, "sha256:" + "b" * 64, 20 << 20, 5 << 20, 50_000, 2)],
+        layers=[layer(0, "sha256:" + "a" * 64, 30 << 20, 1 << 20, 100_000),
+                layer(1, "sha256:" + "b" * 64, 20 << 20, 5 << 20, 50_000)],
         seconds=1.25, exit_status=0)
 
 

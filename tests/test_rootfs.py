@@ -1,4 +1,4 @@
-"""Assembling an image's root filesystem: profiler/rootfs.py and profiler/layermap.py.
+"""Assembling an image's root filesystem: profiler/rootfs (extraction, overlay, layer map).
 
 * extraction fidelity: every entry kind, modes, owners, exact mtimes, xattrs,
   hardlinks, devices, sparse files, gzip and zstd input, identical to GNU tar
@@ -41,14 +41,12 @@ import pytest
 
 from conftest import REPO, Spec, build_tar, sparse_content, sparse_tar
 from daemons import mounts_under
-from estargz import InvalidInput, StorageError, UnsupportedEntry
-from estargz.descriptor import OCI_LAYER, OCI_LAYER_GZIP, Descriptor, sha256_digest
-from estargz.imagestore import ImageSource, copy_verified
-from estargz.ocilayout import OCILayoutSource
-from profiler import rootfs
-from profiler.layermap import (LayerListing, layer_for, link_targets, normalize,
-                               prioritized_lists, resolve)
-from profiler.rootfs import OverlayRoot, assemble_image_rootfs, extract_layer
+from estargz import (OCI_LAYER, OCI_LAYER_GZIP, Descriptor, ImageSource, InvalidInput,
+                     StorageError, UnsupportedEntry, copy_verified, open_source, parse_reference,
+                     sha256_digest)
+from profiler.rootfs import (LayerListing, OverlayRoot, assemble_image_rootfs, extract_layer,
+                             layer_for, link_targets, normalize, prioritized_lists, remove_tree,
+                             resolve)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown, mount)")
 
@@ -348,7 +346,7 @@ def test_deep_trees_long_names_and_out_of_range_values(tmp_path):
 
     keep = tmp_path / "keep"
     extract_layer(str(layer(tmp_path, [f(deep + "/leaf", b"bottom")])), str(keep))
-    rootfs.remove_tree(str(keep))
+    remove_tree(str(keep))
     assert not keep.exists()
 
     with pytest.raises(UnsupportedEntry, match="PATH_MAX"):
@@ -846,7 +844,7 @@ def multiarch() -> str:
 @needs_root
 def test_debian_python3_image(tmp_path, test_images):
     import json
-    src = OCILayoutSource(str(test_images.debian_python3), "latest")
+    src = open_source(parse_reference(f"oci:{test_images.debian_python3}:latest"))
     data, _ = src.root()
     manifest = json.loads(data)
     layers = [Descriptor.from_json(x) for x in manifest["layers"]]
@@ -954,17 +952,17 @@ def test_overlay_root_refuses_a_used_scratch_and_a_failed_mount(tmp_path):
 SIGINT_CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path[:0] = [{repo!r}]
-    from profiler import rootfs
+    from profiler.rootfs import overlay
     lowers = {lowers!r}
     if sys.argv[1].startswith("during-cleanup"):
-        real = rootfs._unmount_all
+        real = overlay.unmount_all
         sig = signal.SIGTERM if sys.argv[1].endswith("sigterm") else signal.SIGINT
         def interrupted(path):
             os.kill(os.getpid(), sig)  # Ctrl-C (or kill) as the clean-up starts
             print("cleanup ran", flush=True)
             return real(path)
-        rootfs._unmount_all = interrupted
-    with rootfs.OverlayRoot(lowers, {scratch!r}) as mnt:
+        overlay.unmount_all = interrupted
+    with overlay.OverlayRoot(lowers, {scratch!r}) as mnt:
         print("mounted", mnt, flush=True)
         if sys.argv[1] == "in-body":
             os.kill(os.getpid(), signal.SIGINT)

@@ -276,7 +276,7 @@ def test_fanotify_queue_overflow_is_reported(public, out, rootless_user, unprivi
         deadline = time.monotonic() + 120
         while not pgrep("^sleep 1$") and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        helpers = pgrep("-m profiler.userns")
+        helpers = pgrep("-m profiler.rootless")
         assert helpers, "the user-namespace helper is not running"
         for pid in helpers:
             os.kill(int(pid), signal.SIGSTOP)

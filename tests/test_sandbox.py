@@ -1,4 +1,4 @@
-"""The profiling sandbox (profiler/sandbox.py) and its fanotify binding.
+"""The profiling sandbox (profiler/sandbox) and its fanotify binding.
 
 Sandbox tests run real containers with runc on a tiny root filesystem: a
 static busybox, plus the host's dynamically linked ``cat`` with its ld.so and
@@ -215,7 +215,7 @@ def test_dynamic_binary_records_loader_libc_and_binary_in_order(rootfs, workdir,
     kinds = {a.path: a.kind for a in run.accesses}
     assert kinds["/usr/bin/cat"] is Kind.EXEC and kinds[ld] is Kind.EXEC
     assert kinds[libc] is Kind.OPEN and kinds["/etc/hostname"] is Kind.OPEN
-    times = [a.time for a in run.accesses]
+    times = [a.seconds for a in run.accesses]
     assert times == sorted(times) and 0 <= times[0] < run.duration < 10
     assert not run.overflowed
 
@@ -566,7 +566,7 @@ def test_accesses_from_events_dedupes_filters_and_keeps_order():
               ev("/data/x", t=1.9), ev("/etc/conf", FAN_ACCESS, 2.0),
               ev("/etc/fifo", regular=False), ev(None, FAN_Q_OVERFLOW), ev("relative")]
     out = accesses_from_events(events, 1.0, ["/dev", "/data/"])
-    assert [(a.path, a.kind, round(a.time, 3)) for a in out] == [
+    assert [(a.path, a.kind, round(a.seconds, 3)) for a in out] == [
         ("/bin/app", Kind.EXEC, 0.5), ("/lib/libc.so", Kind.OPEN, 0.6),
         ("/etc/conf", Kind.ACCESS, 1.0)]
 

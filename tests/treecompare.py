@@ -33,7 +33,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from profiler.rootfs import mounts_under
+from profiler.linux import mounts_under
 
 # xattrs the kernel makes or interprets itself rather than the image:
 # overlayfs keeps its whiteout/opaque/redirect/origin state in

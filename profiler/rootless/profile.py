@@ -9,9 +9,9 @@ mount mark on a filesystem mounted in the namespace.  So
 
     fetch the layer blobs into the work directory (on disk)
     check that the layers fit in memory (a tmpfs is memory)
-    call_in_userns(_job)          profiler.userns: uid 0 inside = the caller
+    call_in_userns(_job)          profiler.rootless.userns: uid 0 inside = the caller
       mount a tmpfs (size-limited)
-      flatten the layers into it  profiler.flatroot: whiteouts and opaque
+      flatten the layers into it  profiler.rootfs.flat: whiteouts and opaque
                                   directories applied as overlayfs would;
                                   overlayfs itself refuses FID mount marks
       run_profiled                the same runc, the same spec as with root
@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
 
-from estargz.descriptor import Descriptor
-from estargz.imagestore import ImageSource
+from estargz import Descriptor, ImageSource
 
-from .errors import ProfilingError
-from .record import Access
-from .sandbox import ProcessSpec, ProfileRun, SandboxOptions
+from ..capabilities import probe_rootless
+from ..errors import ProfilingError
+from ..linux import MS_NODEV, MS_NOSUID, mount
+from ..record import Access, map_accesses
+from ..rootfs import assemble_flat_rootfs, layer_blob, layer_usage
+from ..sandbox import ProcessSpec, ProfileRun, SandboxOptions, run_profiled
+from .userns import call_in_userns, send_message
 
 #: Room on the tmpfs, beyond the image's own files, for what the workload
 #: writes (caches, .pyc files, logs).  Writes past it fail with ENOSPC.
@@ -59,7 +62,7 @@ class _Job:
     tmpfs_bytes: int
 
 
-def _meminfo_available() -> Optional[int]:
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -70,7 +73,7 @@ def _meminfo_available() -> Optional[int]:
     return None
 
 
-def _read_int(path: str) -> Optional[int]:
+def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
             text = f.read().strip()
@@ -84,7 +87,7 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
-def _cgroup_room() -> Optional[int]:
+def _cgroup_room() -> int | None:
     """Memory our cgroup may still use (limit minus usage), if it has a limit.
 
     cgroup v2 (``memory.max``) or the v1 memory controller
@@ -94,7 +97,7 @@ def _cgroup_room() -> Optional[int]:
             lines = f.read().splitlines()
     except OSError:
         return None
-    room: Optional[int] = None
+    room: int | None = None
     for line in lines:
         hid, controllers, path = line.split(":", 2)
         if hid == "0" and controllers == "":
@@ -117,14 +120,14 @@ def _cgroup_room() -> Optional[int]:
     return room
 
 
-def available_memory() -> Optional[int]:
+def available_memory() -> int | None:
     """Bytes of memory a tmpfs could take now: ``MemAvailable``, or our
     cgroup's remaining allowance if lower.  None if neither can be read."""
     values = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
     return min(values) if values else None
 
 
-def check_memory(layer_bytes: int, available: Optional[int] = None) -> int:
+def check_memory(layer_bytes: int, available: int | None = None) -> int:
     """The tmpfs size for layers needing ``layer_bytes``: that plus
     :data:`WRITE_ROOM`.  Raises :class:`ProfilingError` when it exceeds the
     memory available (``available``, default :func:`available_memory`)."""
@@ -144,16 +147,15 @@ def _mib(n: int) -> str:
     return f"{n / _MIB:.0f} MiB" if n >= 10 * _MIB else f"{n / _MIB:.1f} MiB"
 
 
-def rootless_unavailable() -> Optional[str]:
+def rootless_unavailable() -> str | None:
     """Why rootless profiling cannot work on this machine (one phrase), or None."""
-    from .capabilities import probe_rootless
     mode = probe_rootless()
     return None if mode.supported else "; ".join(mode.reasons)
 
 
 def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process: ProcessSpec,
                      options: SandboxOptions, work: str,
-                     emit: Optional[Callable[[str], None]] = None
+                     emit: Callable[[str], None] | None = None
                      ) -> tuple[list[Access], ProfileRun]:
     """Profile ``process`` on the image's layers without root; the accesses
     mapped to layers, and the run.  ``work`` is a private directory on disk
@@ -162,8 +164,6 @@ def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process:
     if why:
         raise ProfilingError(f"cannot profile without root here: {why}; run as root,"
                              " or give --prefetch-list to prioritize files without a run")
-    from .flatroot import layer_usage
-    from .rootfs import layer_blob
     blobs = [layer_blob(source, desc, i, os.path.join(work, "blobs"))[0]
              for i, desc in enumerate(layers)]
     usage = {b: layer_usage(b, spool_dir=work) for b in dict.fromkeys(blobs)}
@@ -172,24 +172,19 @@ def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process:
     size = check_memory(sum(usage[b] for b in blobs))
     job = _Job(tuple(blobs), process, replace(options, output=None, workdir=work),
                work, size)
-    from .userns import call_in_userns
     show = emit or options.output or (lambda line: print(line, file=sys.stderr, flush=True))
     return call_in_userns(_job, job, on_message=show)
 
 
 def _job(job: _Job) -> tuple[list[Access], ProfileRun]:
     """In the namespace (PID 1, uid 0): tmpfs, flatten, run, map."""
-    from .flatroot import assemble_flat_rootfs
-    from .optimize import map_accesses
-    from .sandbox import run_profiled
-    from .userns import MS_NODEV, MS_NOSUID, mount, send_message
     tmpfs = os.path.join(job.work, "tmpfs")
     os.mkdir(tmpfs, 0o700)
     try:
         mount("tmpfs", tmpfs, "tmpfs", MS_NOSUID | MS_NODEV,
               f"mode=0755,size={job.tmpfs_bytes}")
     except OSError as e:
-        raise ProfilingError(f"cannot mount a tmpfs in the user namespace: {e.strerror}")
+        raise ProfilingError(f"cannot mount a tmpfs in the user namespace: {e.strerror}") from None
     root = os.path.join(tmpfs, "rootfs")
     listings = assemble_flat_rootfs(list(job.blobs), root, os.path.join(tmpfs, "scratch"),
                                     spool_dir=job.work)

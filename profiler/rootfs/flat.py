@@ -1,7 +1,7 @@
 """An image's root filesystem as one flattened directory tree, for rootless profiling.
 
 Profiling as root stacks the extracted layers with overlayfs
-(:class:`profiler.rootfs.OverlayRoot`). An ordinary user profiles as root of
+(:class:`profiler.rootfs.overlay.OverlayRoot`). An ordinary user profiles as root of
 a user namespace of its own, with a private mount namespace, and there
 overlayfs cannot serve: fanotify refuses the mount marks that profiling
 needs (file-handle events, ``FAN_MARK_MOUNT``) on an overlayfs mount
@@ -11,7 +11,7 @@ the overlay would show, on a tmpfs mounted inside that namespace:
 1. each layer, bottom first, is extracted in flat mode
    (``extract_layer(..., flat=True)``) into ``scratch/layer``, on the same
    tmpfs: no whiteout devices, overlayfs xattrs or device nodes, which need
-   real root; the :class:`~profiler.layermap.LayerListing` still records
+   real root; the :class:`~profiler.rootfs.layermap.LayerListing` still records
    every whiteout and opaque directory;
 2. :func:`merge_layer` applies it to the tree with overlayfs's semantics:
    first what the layer deletes from the layers below (its whiteouts, the
@@ -19,8 +19,8 @@ the overlay would show, on a tmpfs mounted inside that namespace:
    ``rename(2)``: O(1) a file or a whole directory, however large, and
    hardlinks stay hardlinks.
 
-The listings are the ones :func:`profiler.rootfs.assemble_image_rootfs`
-gives for the same layers, so :mod:`profiler.layermap` works unchanged.
+The listings are the ones :func:`profiler.rootfs.image.assemble_image_rootfs`
+gives for the same layers, so :mod:`profiler.rootfs.layermap` works unchanged.
 :func:`layer_usage` bounds the tmpfs space a layer takes, to size the mount.
 
 Like extraction, the merge never follows a symlink: every path in the tree
@@ -35,16 +35,15 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from estargz._exceptions import StorageError
-from estargz._tarstream import PeekableStream, iter_headers
-from estargz.layerinput import open_tar
-from estargz.tarindex import check_member, printable
+from estargz import PeekableStream, StorageError, check_member, iter_headers, open_tar, printable
 
+from ..linux import PAGE_SIZE, add_note
+from .dirfd import (DIR_FLAGS, MAX_CACHED_FDS, lstat_at, open_dir, prepare_dest, remove_at,
+                    remove_tree)
+from .extract import extract_layer
 from .layermap import LayerListing
-from .rootfs import (_DIR_FLAGS, _MAX_CACHED_FDS, _PAGE_SIZE, _add_note, _lstat, _open_dir,
-                     _prepare_dest, _remove_at, extract_layer, remove_tree)
 
 __all__ = ["layer_usage", "merge_layer", "assemble_flat_rootfs", "LAYER_SUBDIR"]
 
@@ -62,10 +61,10 @@ def _pages(start: int, length: int) -> int:
     """Pages touched by ``length`` bytes written at ``start``."""
     if length <= 0:
         return 0
-    return (start + length - 1) // _PAGE_SIZE - start // _PAGE_SIZE + 1
+    return (start + length - 1) // PAGE_SIZE - start // PAGE_SIZE + 1
 
 
-def layer_usage(blob_path: str, spool_dir: Optional[str] = None) -> int:
+def layer_usage(blob_path: str, spool_dir: str | None = None) -> int:
     """An upper bound of the bytes of tmpfs that the layer at ``blob_path``
     (tar, tar+gzip or tar+zstd) takes once extracted.
 
@@ -93,12 +92,12 @@ def layer_usage(blob_path: str, spool_dir: Optional[str] = None) -> int:
             check_member(ti)
             if ti.isreg():
                 if ti.sparse:
-                    total += sum(_pages(off, n) for off, n in ti.sparse) * _PAGE_SIZE
+                    total += sum(_pages(off, n) for off, n in ti.sparse) * PAGE_SIZE
                 else:
-                    total += _pages(0, ti.size) * _PAGE_SIZE
+                    total += _pages(0, ti.size) * PAGE_SIZE
             elif ti.issym() and len(ti.linkname.encode("utf-8", "surrogateescape")) \
                     >= _SHMEM_SHORT_SYMLINK:
-                total += _PAGE_SIZE
+                total += PAGE_SIZE
     return total
 
 
@@ -110,7 +109,7 @@ class _Dirs:
     Each is reached from the nearest directory already open, one component
     at a time with ``O_NOFOLLOW | O_DIRECTORY``: a symlink or a file on the
     way means "no such directory". At most
-    :data:`~profiler.rootfs._MAX_CACHED_FDS` stay open, the least recently
+    :data:`~profiler.rootfs.dirfd.MAX_CACHED_FDS` stay open, the least recently
     used closed first: a depth-first walk keeps its parent open however deep
     it goes (a hostile tree may be 2 000 deep), and a path below the
     limit's depth is never walked from the root again and again."""
@@ -119,7 +118,7 @@ class _Dirs:
         self.root_fd = root_fd
         self._fds: dict[str, int] = {}  # in order of use, the latest last
 
-    def get(self, rel: str) -> Optional[int]:
+    def get(self, rel: str) -> int | None:
         """The fd (cached: do not close) of directory ``rel``, or ``None``."""
         if not rel:
             return self.root_fd
@@ -137,7 +136,7 @@ class _Dirs:
         for base in reversed(below):
             at = _join(at, base)
             try:
-                fd = _open_dir(base, fd)
+                fd = open_dir(base, fd)
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     fd = -1
@@ -151,7 +150,7 @@ class _Dirs:
     def _trim(self) -> None:
         """Close the least recently used fds beyond the limit (before one
         more is added, so the newest ones, in use, stay)."""
-        while len(self._fds) >= _MAX_CACHED_FDS:
+        while len(self._fds) >= MAX_CACHED_FDS:
             os.close(self._fds.pop(next(iter(self._fds))))
 
     def forget(self, rel: str, below_only: bool = False) -> None:
@@ -223,12 +222,12 @@ def merge_layer(root: str, layer_dir: str, listing: LayerListing) -> None:
     filesystem fails; ``root`` is then partly merged.
     """
     try:
-        root_fd = os.open(root, _DIR_FLAGS)
+        root_fd = os.open(root, DIR_FLAGS)
     except OSError as e:
         raise StorageError(f"cannot open {root}: {e.strerror}") from None
     try:
         try:
-            layer_fd = os.open(layer_dir, _DIR_FLAGS)
+            layer_fd = os.open(layer_dir, DIR_FLAGS)
         except OSError as e:
             raise StorageError(f"cannot open {layer_dir}: {e.strerror}") from None
         rdirs, ldirs = _Dirs(root_fd), _Dirs(layer_fd)
@@ -246,10 +245,10 @@ def merge_layer(root: str, layer_dir: str, listing: LayerListing) -> None:
             for at in sorted(listing.whiteouts):
                 parent, _, base = at.rpartition("/")
                 pfd = rdirs.get(parent)
-                if pfd is not None and _lstat(base, pfd) is not None:
+                if pfd is not None and lstat_at(base, pfd) is not None:
                     touch(parent, pfd)
                     rdirs.forget(at)
-                    _remove_at(pfd, base)
+                    remove_at(pfd, base)
             for at in sorted(listing.opaque_dirs):
                 fd = rdirs.get(at)
                 if fd is None:
@@ -257,7 +256,7 @@ def merge_layer(root: str, layer_dir: str, listing: LayerListing) -> None:
                 touch(at, fd)
                 rdirs.forget(at, below_only=True)
                 for name in os.listdir(fd):
-                    _remove_at(fd, name)
+                    remove_at(fd, name)
 
             # Depth first through the directories both trees hold, with the
             # layer's stat from before anything moves out (which changes its mtime).
@@ -273,14 +272,14 @@ def merge_layer(root: str, layer_dir: str, listing: LayerListing) -> None:
                     entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
                 for name, is_dir in entries:
                     child = _join(at, name)
-                    st = _lstat(name, rfd)
+                    st = lstat_at(name, rfd)
                     if st is not None and stat.S_ISDIR(st.st_mode):
                         if is_dir:
                             todo.append(child)
                             continue
                         # rename(2) cannot put a non-directory over one
                         rdirs.forget(child)
-                        _remove_at(rfd, name)
+                        remove_at(rfd, name)
                     elif st is not None and is_dir:
                         os.unlink(name, dir_fd=rfd)  # nor a directory over a non-directory
                     # over a non-directory: replaced in one step
@@ -314,17 +313,17 @@ def merge_layer(root: str, layer_dir: str, listing: LayerListing) -> None:
 # --- a whole image -------------------------------------------------------------------------
 
 def assemble_flat_rootfs(blobs: Sequence[str], root: str, scratch: str,
-                         spool_dir: Optional[str] = None) -> list[LayerListing]:
+                         spool_dir: str | None = None) -> list[LayerListing]:
     """Build the root filesystem of an image as one plain directory tree at
-    ``root``; return each layer's :class:`~profiler.layermap.LayerListing`.
+    ``root``; return each layer's :class:`~profiler.rootfs.layermap.LayerListing`.
 
     ``blobs`` are the paths of the layer blobs (tar, tar+gzip or tar+zstd),
     bottom first, as in the manifest. Each is extracted in flat mode into
     ``scratch/layer`` and merged into ``root`` (:func:`merge_layer`). The
-    listings are those :func:`profiler.rootfs.assemble_image_rootfs` gives
+    listings are those :func:`profiler.rootfs.image.assemble_image_rootfs` gives
     for the same layers, but for device nodes, which are skipped (and not
     listed), and the warnings. Nothing here needs privileges beyond those of
-    root in a user namespace; see :mod:`profiler.rootfs` for what happens to
+    root in a user namespace; see :mod:`profiler.rootfs.extract` for what happens to
     owners, devices and xattrs such a caller cannot set.
 
     ``root`` must be an empty directory or not exist (it is created 0755);
@@ -342,7 +341,7 @@ def assemble_flat_rootfs(blobs: Sequence[str], root: str, scratch: str,
     is removed whatever happens; ``root`` is then incomplete, for the caller
     to throw away.
     """
-    _prepare_dest(root)  # created 0755, or an empty directory
+    prepare_dest(root)  # created 0755, or an empty directory
     layer_dir = os.path.join(scratch, LAYER_SUBDIR)
     try:
         with contextlib.suppress(FileExistsError):
@@ -368,7 +367,7 @@ def assemble_flat_rootfs(blobs: Sequence[str], root: str, scratch: str,
             try:
                 remove_tree(layer_dir)
             except StorageError as cleanup:
-                _add_note(e, str(cleanup))
+                add_note(e, str(cleanup))
             if isinstance(e, OSError):
                 raise StorageError(f"cannot assemble {root}: {e.strerror or e}") from None
             raise

@@ -1,7 +1,7 @@
 """Run a function as root of a new user namespace, for rootless profiling.
 
 :func:`call_in_userns` starts a fresh interpreter (``python -m
-profiler.userns``), because ``unshare(CLONE_NEWUSER)`` is refused to a
+profiler.rootless``, whose ``__main__`` runs :func:`helper_main`), because ``unshare(CLONE_NEWUSER)`` is refused to a
 process with more than one thread, and the caller (a CLI with worker
 threads, a test runner) may have several.  The helper then::
 
@@ -31,9 +31,7 @@ tearing down.  ``fn`` sees KeyboardInterrupt as it would in the caller.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
+import importlib
 import os
 import pickle
 import signal
@@ -42,17 +40,15 @@ import subprocess
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from .errors import ProfilingError
+from estargz import EstargzError
 
-CLONE_NEWNS = 0x0002_0000
-CLONE_NEWUSER = 0x1000_0000
-CLONE_NEWPID = 0x2000_0000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-PR_SET_PDEATHSIG = 1
+from ..errors import ProfilingError
+from ..linux import (CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, MS_NODEV, MS_NOEXEC, MS_NOSUID,
+                     MS_PRIVATE, MS_REC, PR_SET_PDEATHSIG, map_to_root, mount, package_env,
+                     prctl, unshare, unshare_error)
 
 #: After forwarding SIGINT, how long the helper may take to tear down before
 #: it is killed (which still leaves nothing running: see the module docstring).
@@ -60,35 +56,11 @@ TEARDOWN_TIMEOUT = 60.0
 
 _LENGTH = struct.Struct("=Q")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                        ctypes.c_ulong, ctypes.c_char_p]
-
-
-def in_initial_user_namespace() -> bool:
-    """True when this process is in the machine's own user namespace (whose
-    uid_map is the identity over all ids)."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
-
-
-def mount(source: str, target: str, fstype: Optional[str], flags: int,
-          data: Optional[str] = None) -> None:
-    """mount(2), raising OSError."""
-    if _libc.mount(source.encode(), os.fsencode(target),
-                   fstype.encode() if fstype else None, flags,
-                   data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
 
 # --- the caller's side ----------------------------------------------------------
 
 def call_in_userns(fn: Callable[..., Any], *args: Any,
-                   on_message: Optional[Callable[[Any], None]] = None) -> Any:
+                   on_message: Callable[[Any], None] | None = None) -> Any:
     """Call ``fn(*args)`` as root of a new user, mount and PID namespace.
 
     ``fn`` must be a module-level function, and its arguments and result
@@ -101,9 +73,9 @@ def call_in_userns(fn: Callable[..., Any], *args: Any,
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "profiler.userns", str(w)],
+            [sys.executable, "-m", "profiler.rootless", str(w)],
             stdin=subprocess.PIPE, pass_fds=(w,), start_new_session=True,
-            env=_child_env())
+            env=package_env())
     except BaseException:
         os.close(r)
         os.close(w)
@@ -117,7 +89,7 @@ def call_in_userns(fn: Callable[..., Any], *args: Any,
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGINT)
 
-    outcome: Optional[tuple] = None
+    outcome: tuple | None = None
     try:
         with _forwarding(forward), os.fdopen(r, "rb") as pipe:
             assert proc.stdin is not None
@@ -161,16 +133,8 @@ def call_in_userns(fn: Callable[..., Any], *args: Any,
     raise ProfilingError(f"the user-namespace helper sent {kind!r}")  # pragma: no cover
 
 
-def _child_env() -> dict[str, str]:
-    """The environment, with this package importable however we were started."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return env
-
-
 @contextlib.contextmanager
-def _forwarding(forward: Callable[..., None]):  # type: ignore[no-untyped-def]
+def _forwarding(forward: Callable[..., None]) -> Iterator[None]:
     """SIGINT and SIGTERM forward to the helper while it runs (main thread
     only; elsewhere KeyboardInterrupt is caught and forwarded)."""
     if threading.current_thread() is not threading.main_thread():
@@ -194,7 +158,7 @@ def _wait(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _describe(code: Optional[int]) -> str:
+def _describe(code: int | None) -> str:
     if code is None:
         return "still running"
     if code < 0:
@@ -208,8 +172,7 @@ def _rebuild(module: str, name: str, message: str) -> BaseException:
         mod = sys.modules.get(module)
         if mod is None:
             with contextlib.suppress(ImportError):
-                __import__(module)
-                mod = sys.modules.get(module)
+                mod = importlib.import_module(module)
         cls = getattr(mod, name, None)
         if isinstance(cls, type) and issubclass(cls, Exception):
             exc = cls.__new__(cls)
@@ -218,7 +181,7 @@ def _rebuild(module: str, name: str, message: str) -> BaseException:
     return ProfilingError(message)
 
 
-def _read_message(pipe: Any) -> Optional[tuple]:
+def _read_message(pipe: Any) -> tuple | None:
     head = pipe.read(_LENGTH.size)
     if len(head) < _LENGTH.size:
         return None
@@ -246,34 +209,13 @@ def _send(msg: tuple) -> None:
         view = view[os.write(_out_fd, view):]
 
 
-def map_to_root(uid: int, gid: int) -> None:
-    """Just after ``unshare(CLONE_NEWUSER)``: make ``uid``/``gid`` (the
-    caller's, outside) root inside, one id each, as an unprivileged process
-    may; setgroups must be denied first for the gid_map.  Raises OSError."""
-    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
-                       ("/proc/self/gid_map", f"0 {gid} 1")):
-        with open(path, "w") as f:
-            f.write(text)
-
-
-def unshare_error(err: int) -> str:
-    """Why ``unshare(CLONE_NEWUSER)`` failed, and what to do, in one phrase."""
-    if err == errno.ENOSPC:
-        return ("user namespaces are disabled here (user.max_user_namespaces is 0, or its"
-                " limit is reached)")
-    if err == errno.EPERM:
-        return ("creating a user namespace is not permitted (kernel.unprivileged_userns_clone"
-                "=0, an AppArmor or SELinux policy, or a container that forbids it)")
-    if err == errno.EINVAL:
-        return "this kernel has no user namespaces (CONFIG_USER_NS)"
-    return f"creating a user namespace failed: {os.strerror(err)}"
-
-
 def _enter() -> None:
     """unshare and write the id maps (one id each, as an unprivileged process may)."""
     uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0:
-        raise ProfilingError(unshare_error(ctypes.get_errno()))
+    try:
+        unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
+    except OSError as e:
+        raise ProfilingError(unshare_error(e.errno)) from None
     try:
         map_to_root(uid, gid)
     except OSError as e:
@@ -297,7 +239,6 @@ def _init(fn: Callable[..., Any], args: tuple) -> int:
         _send(("interrupted",))
         return 130
     except Exception as e:
-        from estargz import EstargzError
         if isinstance(e, EstargzError):
             _send(("error", type(e).__module__, type(e).__name__, str(e)))
             return 1
@@ -308,12 +249,16 @@ def _init(fn: Callable[..., Any], args: tuple) -> int:
     return 0
 
 
-def _main(argv: list[str]) -> int:
+def helper_main(argv: list[str]) -> int:
+    """The helper process (``python -m profiler.rootless FD``): read the job
+    on stdin, enter the namespaces, run it as PID 1 of the new PID namespace,
+    send the outcome on descriptor FD."""
     global _out_fd
     _out_fd = int(argv[0])
     parent = os.getppid()
     # The caller's death must not leave us (and through us, the workload) running.
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    with contextlib.suppress(OSError):
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the caller forwards them...
@@ -331,7 +276,8 @@ def _main(argv: list[str]) -> int:
     if pid == 0:
         code = 1
         try:
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            with contextlib.suppress(OSError):
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             code = _init(fn, args)
         finally:
@@ -350,10 +296,3 @@ def _main(argv: list[str]) -> int:
             return 1
     os.close(_out_fd)
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
-
-
-if __name__ == "__main__":
-    # Through the package, not this __main__ copy: ``fn`` calls
-    # profiler.userns.send_message, which must see the descriptor set here.
-    from profiler import userns as _userns
-    sys.exit(_userns._main(sys.argv[1:]))

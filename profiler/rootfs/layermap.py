@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
-from estargz._exceptions import InvalidInput
+from estargz import InvalidInput
 
 #: Linux's limit on symlinks followed in one path lookup (ELOOP past it).
 MAX_SYMLINK_HOPS = 40

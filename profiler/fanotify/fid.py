@@ -42,14 +42,12 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
 
-from .errors import ProfilingError
-from .fanotify import (AT_FDCWD, DEFAULT_MASK, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_MARK_ADD,
-                       FAN_MARK_MOUNT, FAN_NOFD, FAN_NONBLOCK, FAN_Q_OVERFLOW,
-                       FAN_UNLIMITED_QUEUE, FANOTIFY_METADATA_VERSION, METADATA_SIZE,
-                       MaskedEvent, _lib, fanotify_mark)
-from .fanotify import _METADATA, Group, iter_records
+from ..errors import ProfilingError
+from .events import (AT_FDCWD, DEFAULT_MASK, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_MARK_ADD,
+                     FAN_MARK_MOUNT, FAN_NOFD, FAN_NONBLOCK, FAN_Q_OVERFLOW,
+                     FAN_UNLIMITED_QUEUE, FANOTIFY_METADATA_VERSION, METADATA, METADATA_SIZE,
+                     Group, MaskedEvent, fanotify_lib, fanotify_mark, iter_records)
 
 # --- constants (include/uapi/linux/fanotify.h, fcntl.h) --------------------------
 
@@ -83,7 +81,7 @@ class FidInfo:
     handle_type: int
     handle: bytes
     #: The entry's name in the directory (DFID_NAME records only).
-    name: Optional[str] = None
+    name: str | None = None
 
     @property
     def key(self) -> HandleKey:
@@ -98,11 +96,11 @@ class RawFidEvent:
     pid: int
     infos: tuple[FidInfo, ...] = ()
 
-    def info(self, info_type: int) -> Optional[FidInfo]:
+    def info(self, info_type: int) -> FidInfo | None:
         return next((i for i in self.infos if i.info_type == info_type), None)
 
 
-def _parse_info(buf: bytes, off: int, end: int) -> tuple[Optional[FidInfo], int]:
+def _parse_info(buf: bytes, off: int, end: int) -> tuple[FidInfo | None, int]:
     """The info record at ``off`` (None if of a type not parsed here) and its length."""
     if end - off < _INFO_HEADER.size:
         raise ProfilingError(f"fanotify: truncated info header at byte {off}")
@@ -136,7 +134,7 @@ def _parse_info(buf: bytes, off: int, end: int) -> tuple[Optional[FidInfo], int]
 def parse_fid_events(buf: bytes) -> list[RawFidEvent]:
     """Split what ``read(2)`` returned on a FID-mode group into events.
 
-    Like :func:`profiler.fanotify.parse_events`, follows ``event_len`` and
+    Like :func:`profiler.fanotify.classic.parse_events`, follows ``event_len`` and
     raises :class:`ProfilingError` on anything malformed rather than guess."""
     out: list[RawFidEvent] = []
     for off, event_len, metadata_len, mask, fd, pid in iter_records(buf):
@@ -166,7 +164,7 @@ def pack_fid_event(mask: int, infos: tuple[FidInfo, ...] = (), pid: int = 0) -> 
             rec += os.fsencode(i.name) + b"\0"
         rec += b"\0" * (-(len(rec) + _INFO_HEADER.size) % 4)  # the kernel pads to 4
         body += _INFO_HEADER.pack(i.info_type, 0, _INFO_HEADER.size + len(rec)) + rec
-    return _METADATA.pack(METADATA_SIZE + len(body), FANOTIFY_METADATA_VERSION, 0,
+    return METADATA.pack(METADATA_SIZE + len(body), FANOTIFY_METADATA_VERSION, 0,
                           METADATA_SIZE, mask, FAN_NOFD, pid) + body
 
 
@@ -188,7 +186,7 @@ def name_to_handle_at(path: str, dirfd: int = AT_FDCWD, *,
     Raises ``OSError`` (EOPNOTSUPP where the filesystem cannot export handles)."""
     global _n2h
     if _n2h is None:
-        fn = _lib().name_to_handle_at
+        fn = fanotify_lib().name_to_handle_at
         fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_FileHandle),
                        ctypes.POINTER(ctypes.c_int), ctypes.c_int]
         fn.restype = ctypes.c_int
@@ -246,7 +244,7 @@ class HandleTable:
             self._regular.add(key)
         return True
 
-    def lookup(self, key: HandleKey) -> Optional[str]:
+    def lookup(self, key: HandleKey) -> str | None:
         return self._paths.get(key)
 
     def is_regular(self, raw: RawFidEvent) -> bool:
@@ -257,7 +255,7 @@ class HandleTable:
     def __len__(self) -> int:
         return len(self._paths)
 
-    def resolve(self, raw: RawFidEvent) -> Optional[str]:
+    def resolve(self, raw: RawFidEvent) -> str | None:
         """The event's path: by its file's handle, else its directory and name."""
         fid = raw.info(FAN_EVENT_INFO_TYPE_FID)
         if fid is not None:
@@ -281,7 +279,7 @@ class FidEvent(MaskedEvent):
     a file the table cannot name: outside the root, or created after the walk
     without ``report_name``)."""
 
-    path: Optional[str]
+    path: str | None
     mask: int
     pid: int
     time: float
@@ -292,7 +290,7 @@ class FidEvent(MaskedEvent):
 
 def fanotify_init_fid(flags: int) -> int:
     """``fanotify_init`` for a FID-mode group, with messages for the rootless case."""
-    fd = _lib().fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
+    fd = fanotify_lib().fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         if err == errno.EPERM:
@@ -323,9 +321,9 @@ class FidWatcher(Group[FidEvent]):
     nothing is lost silently.
     """
 
-    def __init__(self, path: str, *, table: Optional[HandleTable] = None,
+    def __init__(self, path: str, *, table: HandleTable | None = None,
                  mask: int = DEFAULT_MASK, report_name: bool = False,
-                 unlimited_queue: Optional[bool] = None) -> None:
+                 unlimited_queue: bool | None = None) -> None:
         super().__init__()
         self.path = path
         self.table = table

@@ -1,18 +1,13 @@
-"""A small ctypes binding of Linux fanotify, enough to record file accesses.
+"""What both fanotify modes share: the constants, the libc calls, the event
+record walk, event kinds, and :class:`Group`, the reader of a group's
+descriptor.
 
-Only what the profiler needs: ``fanotify_init`` and ``fanotify_mark`` from
-libc, the constants, and the parsing of ``struct fanotify_event_metadata``.
-No third-party package is used (see docs/profiling.md): the two calls are a
-few lines of ctypes, and the wrappers on PyPI are unmaintained or wrap more
-than this (permission events, FID records) while hiding what matters here,
-overflow handling.
-
-Typical use::
-
-    with Watcher("/proc/1234/root", mark=MarkKind.MOUNT) as w:
-        ...                        # the watched process runs
-        for event in w.read_events():
-            print(event.path, event.kind, event.pid)
+:mod:`~profiler.fanotify.classic` (events carry an open file, root only) and
+:mod:`~profiler.fanotify.fid` (events carry file handles, root of a user
+namespace may) are built on it.  No third-party package is used (see
+docs/profiling.md): the two calls are a few lines of ctypes, and the
+wrappers on PyPI are unmaintained or wrap more than this (permission
+events) while hiding what matters here, overflow handling.
 
 Events come in the order the kernel queued them.  The kernel may *merge* an
 event into an earlier queued one for the same file and process (their masks
@@ -22,18 +17,17 @@ are OR-ed), which keeps the earlier position: first-access order is preserved.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import enum
 import errno
 import os
 import select
-import stat
 import struct
 import time
-from dataclasses import dataclass
-from typing import Generic, Iterator, Optional, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
-from .errors import ProfilingError
+from ..errors import ProfilingError
+from ..linux import libc
 
 # --- constants (include/uapi/linux/fanotify.h) -------------------------------
 
@@ -74,8 +68,8 @@ AT_FDCWD = -100
 #: struct fanotify_event_metadata: event_len u32, vers u8, reserved u8,
 #: metadata_len u16, mask u64 (8-byte aligned, which this offset already is),
 #: fd s32, pid s32.  Native byte order: the kernel writes host-endian.
-_METADATA = struct.Struct("=IBBHQii")
-METADATA_SIZE = _METADATA.size  # 24
+METADATA = struct.Struct("=IBBHQii")
+METADATA_SIZE = METADATA.size  # 24
 
 #: What the profiler asks for by default: opens, reads and executions.
 DEFAULT_MASK = FAN_OPEN | FAN_ACCESS | FAN_OPEN_EXEC
@@ -94,14 +88,14 @@ class MarkKind(enum.Enum):
 
 # --- libc ---------------------------------------------------------------------
 
-_libc: Optional[ctypes.CDLL] = None
+_prototyped = False
 
 
-def _lib() -> ctypes.CDLL:
-    """libc with argument types set; loaded on first use."""
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def fanotify_lib() -> ctypes.CDLL:
+    """libc with the prototypes of ``fanotify_init`` and ``fanotify_mark`` set."""
+    global _prototyped
+    lib = libc()
+    if not _prototyped:
         try:
             lib.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
             lib.fanotify_init.restype = ctypes.c_int
@@ -112,34 +106,13 @@ def _lib() -> ctypes.CDLL:
         except AttributeError:
             raise ProfilingError("this C library has no fanotify_init/fanotify_mark:"
                                  " fanotify needs Linux with glibc or musl") from None
-        _libc = lib
-    return _libc
-
-
-def fanotify_init(flags: int, event_f_flags: int) -> int:
-    """``fanotify_init(2)``: a new notification group, as a file descriptor."""
-    fd = _lib().fanotify_init(flags, event_f_flags)
-    if fd < 0:
-        err = ctypes.get_errno()
-        if err == errno.EPERM:
-            raise ProfilingError("fanotify_init: permission denied: profiling needs root"
-                                 " (CAP_SYS_ADMIN in the initial user namespace)")
-        if err == errno.ENOSYS:
-            raise ProfilingError("fanotify_init: not implemented: the kernel needs"
-                                 " CONFIG_FANOTIFY=y")
-        if err == errno.EINVAL:
-            raise ProfilingError(f"fanotify_init: flags {flags:#x} not supported by this"
-                                 " kernel (FAN_OPEN_EXEC needs Linux 5.0 or later)")
-        if err == errno.EMFILE:
-            raise ProfilingError("fanotify_init: too many fanotify groups or open files"
-                                 " (see /proc/sys/fs/fanotify/max_user_groups)")
-        raise ProfilingError(f"fanotify_init: {os.strerror(err)}")
-    return fd
+        _prototyped = True
+    return lib
 
 
 def fanotify_mark(fd: int, flags: int, mask: int, path: str, dirfd: int = AT_FDCWD) -> None:
     """``fanotify_mark(2)``: add, change or remove a mark on ``path``."""
-    if _lib().fanotify_mark(fd, flags, mask, dirfd, os.fsencode(path)) != 0:
+    if fanotify_lib().fanotify_mark(fd, flags, mask, dirfd, os.fsencode(path)) != 0:
         err = ctypes.get_errno()
         what = f"fanotify_mark {path!r}"
         if err == errno.EPERM:
@@ -161,15 +134,6 @@ def fanotify_mark(fd: int, flags: int, mask: int, path: str, dirfd: int = AT_FDC
 
 # --- events -------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RawEvent:
-    """One ``struct fanotify_event_metadata`` as the kernel wrote it."""
-
-    mask: int
-    fd: int
-    pid: int
-
-
 def iter_records(buf: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
     """Walk the event records in what ``read(2)`` returned on a fanotify fd:
     yield ``(offset, event_len, metadata_len, mask, fd, pid)`` for each.
@@ -182,7 +146,7 @@ def iter_records(buf: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
     while off < len(buf):
         if len(buf) - off < METADATA_SIZE:
             raise ProfilingError(f"fanotify: truncated event record at byte {off}")
-        event_len, vers, _, metadata_len, mask, fd, pid = _METADATA.unpack_from(buf, off)
+        event_len, vers, _, metadata_len, mask, fd, pid = METADATA.unpack_from(buf, off)
         if vers != FANOTIFY_METADATA_VERSION:
             raise ProfilingError(f"fanotify: event metadata version {vers}, expected"
                                  f" {FANOTIFY_METADATA_VERSION}: kernel and profiler disagree")
@@ -190,18 +154,6 @@ def iter_records(buf: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
             raise ProfilingError(f"fanotify: bad event length {event_len} at byte {off}")
         yield off, event_len, metadata_len, mask, fd, pid
         off += event_len
-
-
-def parse_events(buf: bytes) -> list[RawEvent]:
-    """Split what ``read(2)`` returned on a fanotify fd into events
-    (see :func:`iter_records` for what is checked)."""
-    return [RawEvent(mask, fd, pid) for _, _, _, mask, fd, pid in iter_records(buf)]
-
-
-def pack_event(mask: int, fd: int = FAN_NOFD, pid: int = 0) -> bytes:
-    """One event record as the kernel would write it (for tests)."""
-    return _METADATA.pack(METADATA_SIZE, FANOTIFY_METADATA_VERSION, 0, METADATA_SIZE,
-                          mask, fd, pid)
 
 
 class Kind(str, enum.Enum):
@@ -233,41 +185,6 @@ class MaskedEvent:
     @property
     def overflow(self) -> bool:
         return bool(self.mask & FAN_Q_OVERFLOW)
-
-
-@dataclass(frozen=True)
-class Event(MaskedEvent):
-    """One file access.  ``path`` is as ``readlink /proc/self/fd/N`` gives it
-    in the reader's view (see :class:`Watcher`); ``None`` for an overflow."""
-
-    path: Optional[str]
-    mask: int
-    pid: int
-    #: ``time.monotonic()`` when the event was read (the kernel gives no time).
-    time: float
-    #: A regular file (not a device, fifo or socket opened through the mark).
-    regular: bool = True
-    #: The file was unlinked by the time the event was read.
-    deleted: bool = False
-
-
-def _resolve(raw: RawEvent, now: float) -> Event:
-    """Turn a raw event into an :class:`Event`, closing its descriptor."""
-    if raw.fd < 0:  # FAN_NOFD: an overflow (or an event with no file)
-        return Event(None, raw.mask, raw.pid, now, regular=False)
-    try:
-        path = os.readlink(f"/proc/self/fd/{raw.fd}")
-        st = os.fstat(raw.fd)
-    except OSError as e:  # /proc not mounted, or not ours: nothing can be resolved
-        raise ProfilingError(f"fanotify: cannot resolve an event's file through"
-                             f" /proc/self/fd: {e.strerror}") from e
-    finally:
-        os.close(raw.fd)  # never leak: every event holds an open file
-    deleted = st.st_nlink == 0 and path.endswith(" (deleted)")
-    if deleted:
-        path = path[: -len(" (deleted)")]
-    return Event(path, raw.mask, raw.pid, now, regular=stat.S_ISREG(st.st_mode),
-                 deleted=deleted)
 
 
 E = TypeVar("E")
@@ -322,7 +239,7 @@ class Group(Generic[E]):
                 return out
             out.extend(self._decode(buf, time.monotonic()))
 
-    def events(self, timeout: Optional[float] = None) -> Iterator[E]:
+    def events(self, timeout: float | None = None) -> Iterator[E]:
         """Yield events as they arrive, until ``timeout`` seconds pass with no
         event (forever if ``None``) or the watcher is closed."""
         while self._fd >= 0:
@@ -336,59 +253,3 @@ class Group(Generic[E]):
 
     def __iter__(self) -> Iterator[E]:
         return self.events()
-
-
-class Watcher(Group[Event]):
-    """A fanotify group with one mark, read as a stream of :class:`Event`.
-
-    ``path`` is marked with ``mark`` for the events in ``mask``.  Needs root
-    (CAP_SYS_ADMIN).  With ``unlimited_queue`` (the default) the kernel never
-    drops events for lack of queue room; otherwise, or if the kernel drops
-    anyway, a ``FAN_Q_OVERFLOW`` event arrives: it is yielded like any other
-    (``event.overflow``) and :attr:`overflowed` becomes true, so a caller can
-    never miss that events were lost.
-
-    The group is non-blocking and close-on-exec: workloads started later do
-    not inherit it.  Use as a context manager; :meth:`close` is idempotent.
-    """
-
-    def __init__(self, path: str, *, mark: MarkKind = MarkKind.MOUNT,
-                 mask: int = DEFAULT_MASK, unlimited_queue: bool = True) -> None:
-        super().__init__()
-        self.path = path
-        self.mark = mark
-        self.mask = mask
-        self.unlimited_queue = unlimited_queue
-
-    def open(self) -> None:
-        """Create the group and place the mark (``__enter__`` does this)."""
-        if self._fd >= 0:
-            return
-        flags = FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK
-        if self.unlimited_queue:
-            flags |= FAN_UNLIMITED_QUEUE
-        # O_RDONLY: the event fds are only readlink'ed and fstat'ed.  O_LARGEFILE
-        # avoids EOVERFLOW events for files over 2 GiB (a no-op on 64-bit).
-        self._fd = fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC
-                                 | getattr(os, "O_LARGEFILE", 0))
-        try:
-            fanotify_mark(self._fd, FAN_MARK_ADD | self.mark.value, self.mask, self.path)
-        except BaseException:
-            self.close()
-            raise
-
-    def _decode(self, buf: bytes, now: float) -> list[Event]:
-        raws = parse_events(buf)
-        out = []
-        for i, raw in enumerate(raws):
-            try:
-                event = _resolve(raw, now)
-            except BaseException:
-                for later in raws[i + 1:]:  # do not leak the rest of this batch
-                    if later.fd >= 0:
-                        os.close(later.fd)
-                raise
-            if event.overflow:
-                self.overflowed = True
-            out.append(event)
-        return out
