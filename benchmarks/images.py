@@ -40,8 +40,8 @@ import shutil
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "testdata" / "images"))
@@ -145,7 +145,8 @@ def diff_with_parents(base: Path, new: Path, extra: dict[str, bytes]) -> tuple[b
             present.add(n)
         for n, data in sorted(extra.items()):
             ti = tarfile.TarInfo(n)
-            ti.mode, ti.mtime, ti.size, ti.uname, ti.gname = 0o644, tb.EPOCH + 86400, len(data), "", ""
+            ti.mode, ti.mtime, ti.size = 0o644, tb.EPOCH + 86400, len(data)
+            ti.uname = ti.gname = ""
             dst.addfile(ti, io.BytesIO(data))
             present.add(n)
     summary["parents"] = len(present - names)
@@ -162,7 +163,7 @@ def bench_inputs(name: str) -> Callable[[], tuple[dict, Callable[[Path], None]]]
         inp = {"images.py": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
                "debian-multilayer": json.loads((multi / "build-info.json").read_text())["key"],
                "rootfs": str(new), "rootfs.size": st.st_size, "rootfs.mtime_ns": st.st_mtime_ns,
-               "python": "%d.%d" % sys.version_info[:2]}
+               "python": "{}.{}".format(*sys.version_info[:2])}
         if name == "jvm":
             inp["javac"] = tb.run("javac", "-version", capture=True).strip()
 

@@ -50,12 +50,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from estargz.compression import BACKENDS, DEFAULT_BACKEND  # noqa: E402
+from estargz import BACKENDS, DEFAULT_BACKEND, InvalidInput, get_backend  # noqa: E402
 
 CACHE = Path(os.environ.get("ESTARGZ_CACHE") or Path.home() / ".cache" / "estargz-dev")
 TESTDATA = CACHE / "testdata"
@@ -83,7 +82,7 @@ def cores() -> int:
 # --- inputs ----------------------------------------------------------------
 
 def last_line(cmd: list[str]) -> Path:
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
     return Path(p.stdout.strip().splitlines()[-1])
@@ -204,8 +203,8 @@ class Run:
     disturbed: bool = False  # foreign > 10 % of wall even after the retries
 
 
-def measure(argv: list[str], out: Path, *, stdin: Optional[Path] = None,
-            stdout_to_out: bool = False, env: Optional[dict] = None,
+def measure(argv: list[str], out: Path, *, stdin: Path | None = None,
+            stdout_to_out: bool = False, env: dict | None = None,
             workdir: Path) -> tuple[Run, str]:
     """Run ``argv`` to completion; return its wall time, peak RSS and the size
     of ``out``, plus its stdout. Fails loudly if the child fails."""
@@ -250,11 +249,9 @@ class Tool:
         }
 
 
-def backend_level(name: str, level: int) -> Optional[int]:
+def backend_level(name: str, level: int) -> int | None:
     """The level back-end ``name`` really uses for ``level`` (isal caps it
     at 3), or None when its Python package is not installed."""
-    from estargz import InvalidInput
-    from estargz.compression import get_backend
     try:
         return get_backend(name, level).level
     except InvalidInput:
@@ -412,9 +409,9 @@ def table_lines(rep: dict, markdown: bool) -> list[str]:
                "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         return out + note
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
     line = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
-                               for i, (x, w) in enumerate(zip(r, widths)))
+                               for i, (x, w) in enumerate(zip(r, widths, strict=False)))
     return ([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
             + [x.replace("\\", "") for x in note])
 
@@ -424,7 +421,7 @@ def ratio_lines(rep: dict, markdown: bool) -> list[str]:
             "size / pigz", "RSS / reference"]
     rows = []
     for backend, r in rep["ratios"].items():
-        g = lambda k, p=3: f"{r[k]:.{p}f}" if k in r else "-"  # noqa: E731
+        g = lambda k, p=3, r=r: f"{r[k]:.{p}f}" if k in r else "-"  # noqa: E731
         rows.append([backend + (" (default)" if backend == DEFAULT_BACKEND else ""),
                      g("wall_vs_reference"), g("wall_vs_pigz"), g("size_vs_reference", 5),
                      g("size_vs_pigz", 5), g("rss_vs_reference", 2)])
@@ -432,9 +429,9 @@ def ratio_lines(rep: dict, markdown: bool) -> list[str]:
         out = ["| " + " | ".join(head) + " |",
                "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
         return out + ["| " + " | ".join(x) + " |" for x in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
     line = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
-                               for i, (x, w) in enumerate(zip(r, widths)))
+                               for i, (x, w) in enumerate(zip(r, widths, strict=False)))
     return [line(head), line(["-" * w for w in widths])] + [line(x) for x in rows]
 
 
@@ -493,7 +490,7 @@ def markdown(results: dict) -> str:
 
 # --- main ------------------------------------------------------------------
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--level", type=int, default=9, choices=range(0, 10), metavar="0-9",

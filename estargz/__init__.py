@@ -7,38 +7,91 @@ the package layout, not to callers (``profiler`` included)::
     result = estargz.convert_layer("layer.tar", "layer.esgz",
                                    estargz.ConvertOptions(prioritized_files=["bin/sh"]))
     estargz.verify_blob(estargz.FileSource("layer.esgz"), result.toc_digest)
+
+The layers, bottom up (see docs/design.md): :mod:`estargz.layer` (the blob
+format), :mod:`estargz.image` (images, transports by name, conversion),
+:mod:`estargz.registry` (the registry client), :mod:`estargz.transports`
+(one module per transport, each loaded when its name is first used) and
+:mod:`estargz.cli`, which nothing imports. Importing this package needs only
+the standard library.
 """
 
-__version__ = "0.1.0"
-
-from ._exceptions import (AuthenticationError, DigestMismatch, EstargzError, FooterError,
-                          InvalidBlob, InvalidInput, MissingPrioritizedFiles, NotFound,
-                          RegistryError, StorageError, TOCError, UnsupportedEntry)
+from ._exceptions import (
+    AuthenticationError,
+    DigestMismatch,
+    EstargzError,
+    FooterError,
+    InvalidBlob,
+    InvalidInput,
+    MissingPrioritizedFiles,
+    NotFound,
+    RegistryError,
+    StorageError,
+    TOCError,
+    UnsupportedEntry,
+)
 from ._fsutil import atomic_output
-from ._tarstream import PeekableStream, iter_headers
-from .compression import BACKENDS, DEFAULT_BACKEND, get_backend
-from .converter import ConvertOptions, LayerResult, convert_layer
-from .descriptor import (CONVERTIBLE_LAYERS, DOCKER_CONFIG, DOCKER_FOREIGN_LAYER,
-                         DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, INDEX_TYPES,
-                         MANIFEST_TYPES, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP,
-                         OCI_LAYER_NONDIST_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST, Descriptor,
-                         Platform, sha256_digest)
-from .footer import FOOTER_SIZE, footer_bytes, parse_footer
-from .imageconvert import (ImageConvertOptions, ImageResult, LayerReport, convert_image,
-                           host_platform_default, read_records)
-from .imagestore import (ImageDestination, ImageSource, TransportOptions, copy_verified,
-                         open_destination, open_source)
-from .layerinput import open_tar
-from .reader import LayerReader
-from .reference import ImageRef, parse_reference
-from .source import BytesSource, CountingSource, FileSource, RangeSource
-from .tarindex import check_member, printable
-from .toc import (NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC, TOC_DIGEST_ANNOTATION,
-                  TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, TOCEntry, clean_name,
-                  decode_toc)
-from .verify import VerifyReport, verify_blob
+from ._version import __version__
+from .image.convert import (
+    ImageConvertOptions,
+    ImageResult,
+    LayerReport,
+    convert_image,
+    host_platform_default,
+)
+from .image.descriptor import (
+    CONVERTIBLE_LAYERS,
+    DOCKER_CONFIG,
+    DOCKER_FOREIGN_LAYER,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_NONDIST_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+    sha256_digest,
+)
+from .image.records import read_records
+from .image.reference import ImageRef
+from .image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
+from .image.transport import (
+    Transport,
+    open_destination,
+    open_source,
+    parse_reference,
+    register_transport,
+    transport_names,
+)
+from .layer.compression import BACKENDS, DEFAULT_BACKEND, get_backend
+from .layer.converter import ConvertOptions, LayerResult, convert_layer
+from .layer.footer import FOOTER_SIZE, footer_bytes, parse_footer
+from .layer.layerinput import open_tar
+from .layer.reader import LayerReader
+from .layer.source import BytesSource, CountingSource, FileSource, RangeSource
+from .layer.tarstream import PeekableStream, check_member, iter_headers, printable
+from .layer.toc import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC,
+    TOC_DIGEST_ANNOTATION,
+    TOC_TAR_NAME,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    TOCEntry,
+    clean_name,
+    decode_toc,
+)
+from .layer.verify import VerifyReport, verify_blob
 
 __all__ = [
+    "__version__",
     # errors
     "AuthenticationError", "DigestMismatch", "EstargzError", "FooterError", "InvalidBlob",
     "InvalidInput", "MissingPrioritizedFiles", "NotFound", "RegistryError", "StorageError",
@@ -62,8 +115,8 @@ __all__ = [
     "OCI_INDEX", "OCI_LAYER", "OCI_LAYER_GZIP", "OCI_LAYER_NONDIST_GZIP", "OCI_LAYER_ZSTD",
     "OCI_MANIFEST", "Descriptor", "Platform", "sha256_digest",
     "ImageRef", "parse_reference",
-    "ImageDestination", "ImageSource", "TransportOptions", "copy_verified", "open_destination",
-    "open_source",
+    "ImageDestination", "ImageSource", "Transport", "TransportOptions", "copy_verified",
+    "open_destination", "open_source", "register_transport", "transport_names",
     "ImageConvertOptions", "ImageResult", "LayerReport", "convert_image",
     "host_platform_default", "read_records",
 ]

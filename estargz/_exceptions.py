@@ -23,8 +23,6 @@ also carry the ``entry`` name and blob ``offset`` where known.
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 class EstargzError(Exception):
     """Base of every error raised by estargz on purpose."""
@@ -60,8 +58,8 @@ class MissingPrioritizedFiles(InvalidInput):
 class InvalidBlob(EstargzError):
     """An eStargz blob is malformed. ``entry``/``offset`` locate the problem."""
 
-    def __init__(self, message: str, *, entry: Optional[str] = None,
-                 offset: Optional[int] = None) -> None:
+    def __init__(self, message: str, *, entry: str | None = None,
+                 offset: int | None = None) -> None:
         where = []
         if entry is not None:
             where.append(f"entry {entry!r}")

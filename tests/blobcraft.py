@@ -19,14 +19,13 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import estargz
-from estargz.footer import FOOTER_SIZE
-
 from conftest import CHUNK, REPO, Spec, build_tar, every_kind_specs, pattern
+from estargz import FOOTER_SIZE
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -43,13 +42,13 @@ def convert(specs: list[Spec], **options) -> bytes:
         return dst.read_bytes()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def every_kind_blob() -> bytes:
     """Every entry kind, files of 0 to 6 chunks of ``CHUNK`` bytes (~11 KB)."""
     return convert(every_kind_specs(), chunk_size=CHUNK)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_chunks_blob() -> bytes:
     """A few small files cut into 1-byte chunks: a member per byte (~4 KB)."""
     specs = [
@@ -64,7 +63,7 @@ def tiny_chunks_blob() -> bytes:
     return convert(specs, chunk_size=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stored_blob() -> bytes:
     """Compression level 0: tar headers and TOC JSON appear as they are in
     the blob, so byte-level changes reach the parsers behind gzip (~14 KB)."""
@@ -126,7 +125,7 @@ def gzip_bomb(prefix: bytes, size: int, suffix: bytes = b"",
 
 # --- tar pieces ------------------------------------------------------------
 
-def toc_tar(toc_json: bytes, size: Optional[int] = None) -> bytes:
+def toc_tar(toc_json: bytes, size: int | None = None) -> bytes:
     """The TOC tar entry as the converter writes it, plus the end blocks.
     ``size`` overrides the size the header claims."""
     ti = tarfile.TarInfo(estargz.TOC_TAR_NAME)
@@ -162,7 +161,7 @@ class Layout:
     anchors: dict[int, int] = field(default_factory=dict)  # entry -> member at its offset
 
     @classmethod
-    def of(cls, blob: bytes) -> "Layout":
+    def of(cls, blob: bytes) -> Layout:
         members = split_members(blob)[:-1]  # without the footer
         toc_offset, _ = estargz.parse_footer(blob[-FOOTER_SIZE:])
         starts = _starts(members)
@@ -205,9 +204,9 @@ class Layout:
             toc["entries"][i]["offset"] = starts[k]
         return toc
 
-    def blob(self, *, toc: Optional[dict] = None, toc_json: Optional[bytes] = None,
-             toc_member: Optional[bytes] = None, after_toc: bytes = b"",
-             footer: Optional[bytes] = None) -> bytes:
+    def blob(self, *, toc: dict | None = None, toc_json: bytes | None = None,
+             toc_member: bytes | None = None, after_toc: bytes = b"",
+             footer: bytes | None = None) -> bytes:
         """The blob: members, the TOC (this dict with offsets fixed, or these
         exact JSON bytes, or this exact gzip member), then the footer."""
         if toc_member is None:
@@ -255,7 +254,8 @@ def header_span(layout: Layout, name: str) -> tuple[int, bytes, tarfile.TarInfo]
                                                        "surrogateescape")
                     except tarfile.HeaderError:
                         continue
-                    if prev.type == tarfile.XHDTYPE and back + 512 + -(-prev.size // 512) * 512 == at:
+                    padded = -(-prev.size // 512) * 512
+                    if prev.type == tarfile.XHDTYPE and back + 512 + padded == at:
                         start = back
                     break
                 return k, data[start:at + 512], ti

@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -44,7 +43,7 @@ class Spec:
 
 
 def build_tar(specs: list[Spec], fmt: int = tarfile.PAX_FORMAT,
-              pax_global: Optional[dict] = None) -> bytes:
+              pax_global: dict | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt,
                       pax_headers=pax_global or {}) as tf:
@@ -104,7 +103,8 @@ def every_kind_specs() -> list[Spec]:
         Spec("etc/long-link", tarfile.SYMTYPE, linkname="../" + long_dir + "/x" * 5),
         Spec("etc/xattr", data=b"x", pax={"SCHILY.xattr.user.comment": "hi",
                                            "SCHILY.xattr.security.capability":
-                                           b"\x01\x00\x00\x02\xff".decode("utf-8", "surrogateescape")}),
+                                           b"\x01\x00\x00\x02\xff".decode("utf-8",
+                                                                       "surrogateescape")}),
         Spec("etc/bigid", data=b"id", uid=3_000_000, gid=4_000_000, uname="", gname=""),
         Spec("etc/ünïcødé-名前", data=b"unicode\n", uname="ユーザー", gname="グループ"),
         Spec("etc/.wh.removed", data=b""),
@@ -132,8 +132,8 @@ class Result:
         return json.loads(self.out)
 
 
-def run_cli(*args: str, stdin: Optional[bytes] = None, check: bool = False,
-            env: Optional[dict] = None) -> Result:
+def run_cli(*args: str, stdin: bytes | None = None, check: bool = False,
+            env: dict | None = None) -> Result:
     p = subprocess.run([sys.executable, "-m", "estargz", *map(str, args)], input=stdin,
                        capture_output=True, cwd=REPO, env={**os.environ, **(env or {})})
     r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))

@@ -53,9 +53,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import pytest
 
@@ -155,10 +155,8 @@ def kill_processes_under(path: os.PathLike | str) -> list[tuple[int, str]]:
     """SIGKILL every process :func:`processes_under` finds; wait for them."""
     procs = processes_under(path)
     for pid, _ in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(pid) for pid, _ in procs):
         time.sleep(0.05)
@@ -204,10 +202,8 @@ class HostDirs:
             if p in self.existed or not p.is_dir():
                 continue
             for dirpath, _, _ in os.walk(p, topdown=False):
-                try:
+                with contextlib.suppress(OSError):
                     os.rmdir(dirpath)
-                except OSError:
-                    pass
 
 
 # --- daemons -----------------------------------------------------------------------
@@ -234,7 +230,7 @@ class Daemon:
         self.base = Path(os.path.realpath(base))
         self.base.mkdir(parents=True, exist_ok=True)
         self.log = self.base / f"{self.name}.log"
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.state_dirs: list[Path] = []
         self.leftovers: dict[str, list] = {}
 
@@ -257,7 +253,8 @@ class Daemon:
                 return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT:.0f} s:\n" + self.log_tail())
+        raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT:.0f} s:\n"
+                           + self.log_tail())
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -319,7 +316,7 @@ class Containerd(Daemon):
         self.state_dirs = [self.root, self.state, self.runc_root, self.fifo_dir]
         self.config = self.base / "config.toml"
 
-    def start(self) -> "Containerd":
+    def start(self) -> Containerd:
         for d in self.state_dirs:
             d.mkdir(mode=0o711, parents=True, exist_ok=True)
         disabled = ["io.containerd.grpc.v1.cri",
@@ -354,8 +351,8 @@ class Containerd(Daemon):
                            capture_output=True, timeout=30)
         return p.returncode == 0
 
-    def ctr(self, *args: str, namespace: Optional[str] = None, check: bool = True,
-            timeout: float = CMD_TIMEOUT, input: Optional[bytes] = None
+    def ctr(self, *args: str, namespace: str | None = None, check: bool = True,
+            timeout: float = CMD_TIMEOUT, input: bytes | None = None
             ) -> subprocess.CompletedProcess:
         """``ctr --address SOCK --namespace NS ARGS``; text output."""
         argv = [self.ctr_binary, "--address", self.address,
@@ -388,7 +385,7 @@ class Containerd(Daemon):
 
         for ns in self.ctr("namespaces", "ls", "-q", timeout=30).stdout.split():
             # TASK PID STATUS
-            tasks = [l.split() for l in quiet("tasks", "ls", ns=ns).splitlines()[1:]]
+            tasks = [item.split() for item in quiet("tasks", "ls", ns=ns).splitlines()[1:]]
             for task, pid, status in (t[:3] for t in tasks if len(t) >= 3):
                 if status == "STOPPED":
                     continue
@@ -415,7 +412,7 @@ class Containerd(Daemon):
             argv = cmd.split()
             if "containerd-shim" not in argv[0]:
                 continue
-            opts = dict(zip(argv[1::2], argv[2::2]))
+            opts = dict(zip(argv[1::2], argv[2::2], strict=False))
             if {"-namespace", "-id", "-address"} <= opts.keys():
                 key = f"{opts['-address']}/{opts['-namespace']}/{opts['-id']}"
                 sock = Path("/run/containerd/s") / hashlib.sha256(key.encode()).hexdigest()
@@ -444,7 +441,7 @@ class Dockerd(Daemon):
         # The CLI's own config (contexts, auth) stays in the tmp dir too.
         self.env = _env(DOCKER_HOST=self.host, DOCKER_CONFIG=str(self.base / "cli"))
 
-    def start(self) -> "Dockerd":
+    def start(self) -> Dockerd:
         for d in self.state_dirs:
             d.mkdir(mode=0o711, parents=True, exist_ok=True)
         # dockerd 20.10 would create /etc/docker/key.json otherwise.
@@ -549,13 +546,13 @@ class ImageSet:
     dirs: dict                 # image name -> its cache directory
 
 
-def build_images(*names: str, env: Optional[dict] = None) -> dict[str, Path]:
+def build_images(*names: str, env: dict | None = None) -> dict[str, Path]:
     """Run build.py for ``names``; image name -> cache directory."""
     p = subprocess.run([sys.executable, str(BUILD_IMAGES), *names], capture_output=True,
                        text=True, timeout=3600, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         pytest.fail(f"testdata/images/build.py {' '.join(names)} failed:\n{p.stderr[-4000:]}")
-    paths = [Path(l) for l in p.stdout.strip().splitlines()]
+    paths = [Path(item) for item in p.stdout.strip().splitlines()]
     return {path.name: path for path in paths}
 
 

@@ -63,9 +63,9 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 import pytest
 
@@ -135,7 +135,7 @@ class StargzSnapshotter(Daemon):
     name = "stargz-snapshotter"
 
     def __init__(self, base: Path, version: str, config: SnapshotterConfig = SnapshotterConfig(),
-                 binary: Optional[Path] = None, log_level: str = "debug"):
+                 binary: Path | None = None, log_level: str = "debug"):
         super().__init__(base)
         self.version = version
         self.binary = Path(binary) if binary else build_snapshotter(version)
@@ -148,7 +148,7 @@ class StargzSnapshotter(Daemon):
         self.config = self.base / "config.toml"
         self.state_dirs = [self.root]
 
-    def start(self) -> "StargzSnapshotter":
+    def start(self) -> StargzSnapshotter:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.config.write_text(self.settings.toml())
         self._spawn([str(self.binary), "--root", str(self.root), "--address", self.address,
@@ -238,7 +238,7 @@ def proxy_plugin_config(address: str, name: str = SNAPSHOTTER) -> str:
                       f"  address = {json.dumps(address)}"])
 
 
-def parse_ranges(header: Optional[str], size: int) -> list[tuple[int, int]]:
+def parse_ranges(header: str | None, size: int) -> list[tuple[int, int]]:
     """``bytes=a-b,c-`` -> ``[(a, b + 1), (c, size)]``; no header: the whole
     ``size``-byte resource."""
     if not header:
@@ -266,7 +266,7 @@ class LazyPuller:
     ``stargz``, on fresh state below ``base``; see the module docstring."""
 
     def __init__(self, base: Path, version: str, config: SnapshotterConfig = SnapshotterConfig(),
-                 binary: Optional[Path] = None):
+                 binary: Path | None = None):
         base = Path(base)
         self.base = base
         self.ctr_remote = _need("ctr-remote", "stargz-snapshotter")
@@ -275,7 +275,7 @@ class LazyPuller:
                                      extra_config=proxy_plugin_config(self.snapshotter.address))
         self.mounts_dir = base / "mnt"
 
-    def start(self) -> "LazyPuller":
+    def start(self) -> LazyPuller:
         self.snapshotter.start()
         try:
             self.containerd.start()
@@ -298,7 +298,7 @@ class LazyPuller:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> "LazyPuller":
+    def __enter__(self) -> LazyPuller:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -337,7 +337,7 @@ class LazyPuller:
         """The chain ID of ``ref``'s layers (the name of its top snapshot),
         from the manifest and config in containerd's content store."""
         c = self.containerd
-        rows = [l.split() for l in c.ctr("images", "ls").stdout.splitlines()[1:]]
+        rows = [item.split() for item in c.ctr("images", "ls").stdout.splitlines()[1:]]
         digests = [row[2] for row in rows if row and row[0] == ref]
         if not digests:
             raise AssertionError(f"image {ref} is not in containerd")
@@ -368,7 +368,7 @@ class LazyPuller:
         try:
             lines = c.ctr("snapshots", "--snapshotter", snapshotter, "mounts", target,
                           key).stdout.split("\n")
-            for line in filter(None, (l.strip() for l in lines)):
+            for line in filter(None, (item.strip() for item in lines)):
                 # mount -t TYPE SOURCE TARGET -o OPTIONS
                 argv = line.split()
                 if argv[:2] != ["mount", "-t"] or len(argv) != 7 or argv[5] != "-o":

@@ -40,9 +40,9 @@ import threading
 import time
 import urllib.parse
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
@@ -64,8 +64,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, *, proc: Optional[subprocess.Popen] = None,
-                  log: Optional[Path] = None, timeout: float = 20.0) -> None:
+def wait_for_port(port: int, *, proc: subprocess.Popen | None = None,
+                  log: Path | None = None, timeout: float = 20.0) -> None:
     """Wait until something accepts connections on 127.0.0.1:``port``;
     fail early, with the log's tail, if ``proc`` exits first."""
     deadline = time.monotonic() + timeout
@@ -92,7 +92,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
-def _tail(log: Optional[Path], lines: int = 20) -> str:
+def _tail(log: Path | None, lines: int = 20) -> str:
     if log is None or not log.exists():
         return "(no log)"
     return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -233,10 +233,10 @@ class RegistryDaemon:
     log: Path
     proc: subprocess.Popen = field(repr=False)
     #: TLS only: directory with the CA as ``ca.crt`` (for ``cert_dir``).
-    ca_dir: Optional[Path] = None
-    user: Optional[str] = None
-    password: Optional[str] = field(default=None, repr=False)
-    token_server: Optional["TokenServer"] = None
+    ca_dir: Path | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token_server: TokenServer | None = None
 
     @property
     def scheme(self) -> str:
@@ -247,9 +247,9 @@ class RegistryDaemon:
 
 
 @contextlib.contextmanager
-def running_registry(workdir: Path, *, tls: Optional[TLSFiles] = None,
-                     client_certs: bool = False, htpasswd: Optional[Path] = None,
-                     token: Optional[dict] = None) -> Iterator[RegistryDaemon]:
+def running_registry(workdir: Path, *, tls: TLSFiles | None = None,
+                     client_certs: bool = False, htpasswd: Path | None = None,
+                     token: dict | None = None) -> Iterator[RegistryDaemon]:
     """Start ``docker-registry serve`` on a free 127.0.0.1 port; stop it after.
 
     ``client_certs`` (with ``tls``) makes the registry demand a client
@@ -358,7 +358,7 @@ class TokenServer:
     def realm(self) -> str:
         return f"http://{LOOPBACK}:{self._httpd.server_address[1]}/token"
 
-    def start(self) -> "TokenServer":
+    def start(self) -> TokenServer:
         self._thread.start()
         return self
 
@@ -431,13 +431,13 @@ class Fault:
     method: str
     pattern: str
     #: Answer with this status instead of forwarding (None: forward).
-    status: Optional[int] = None
+    status: int | None = None
     headers: dict = field(default_factory=dict)
     body: bytes = b""
     #: Wait this long (at most 5 s) before doing anything.
     stall: float = 0.0
     #: Forward, but cut the connection after this many body bytes.
-    drop_after: Optional[int] = None
+    drop_after: int | None = None
     times: int = 1
 
 
@@ -449,10 +449,10 @@ class Exchange:
     path: str
     status: int
     #: The request's Range header, if any.
-    range: Optional[str]
+    range: str | None
     #: Response body bytes sent to the client.
     sent: int
-    fault: Optional[Fault] = None
+    fault: Fault | None = None
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -513,7 +513,7 @@ class FaultProxy:
     def host(self) -> str:
         return f"{LOOPBACK}:{self._httpd.server_address[1]}"
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._thread.start()
         return self
 
@@ -521,7 +521,7 @@ class FaultProxy:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -533,7 +533,7 @@ class FaultProxy:
             self.faults.append(fault)
         return fault
 
-    def requests(self, method: Optional[str] = None, contains: str = "") -> list[Exchange]:
+    def requests(self, method: str | None = None, contains: str = "") -> list[Exchange]:
         """Logged requests, filtered by method and a substring of the path."""
         with self._lock:
             return [e for e in self.log
@@ -543,7 +543,7 @@ class FaultProxy:
         with self._lock:
             self.log.clear()
 
-    def _take_fault(self, method: str, path: str) -> Optional[Fault]:
+    def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
             for f in self.faults:
                 if f.times > 0 and f.method == method and re.search(f.pattern, path):

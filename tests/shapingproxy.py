@@ -29,7 +29,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 __all__ = ["ShapingProxy", "TokenBucket", "Request"]
 
@@ -74,7 +73,7 @@ class Request:
     method: str
     path: str
     #: The request's Range header, if any.
-    range: Optional[str]
+    range: str | None
     status: int
     #: Response body bytes sent to the client.
     sent: int
@@ -89,7 +88,7 @@ class ShapingProxy:
     ``bandwidth`` is in bits/s (None: unlimited), ``latency`` in seconds.
     Use as a context manager, or :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, upstream: str, *, bandwidth: Optional[float] = None,
+    def __init__(self, upstream: str, *, bandwidth: float | None = None,
                  latency: float = 0.0, max_threads: int = 64) -> None:
         self.upstream = upstream
         self.bandwidth = bandwidth
@@ -135,7 +134,7 @@ class ShapingProxy:
         """``127.0.0.1:PORT`` to pull from."""
         return f"{LOOPBACK}:{self._httpd.server_address[1]}"
 
-    def start(self) -> "ShapingProxy":
+    def start(self) -> ShapingProxy:
         self._thread.start()
         return self
 
@@ -143,7 +142,7 @@ class ShapingProxy:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "ShapingProxy":
+    def __enter__(self) -> ShapingProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -171,8 +170,8 @@ class ShapingProxy:
             i = bisect.bisect_right(self._times, t)
             return self._totals[i - 1] if i else 0
 
-    def requests(self, method: Optional[str] = None, contains: str = "",
-                 until: Optional[float] = None) -> list[Request]:
+    def requests(self, method: str | None = None, contains: str = "",
+                 until: float | None = None) -> list[Request]:
         """Logged requests (method, substring of the path, started by ``until``)."""
         with self._lock:
             return [r for r in self.log

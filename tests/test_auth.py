@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from estargz import InvalidInput
-from estargz._exceptions import AuthenticationError
-from estargz.auth import (DOCKER_HUB_AUTH_KEY, find_credentials, parse_creds,
-                          resolve_credentials)
+from estargz import AuthenticationError, InvalidInput
+from estargz.registry.credentials import (
+    DOCKER_HUB_AUTH_KEY,
+    find_credentials,
+    parse_creds,
+    resolve_credentials,
+)
 
 HOST = "reg.example:5000"
 

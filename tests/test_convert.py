@@ -19,9 +19,8 @@ import pytest
 import zstandard
 
 import estargz
-from estargz.toc import clean_name
-
 from conftest import CHUNK, Spec, build_tar, every_kind_specs, pattern, write
+from estargz import clean_name
 
 
 def member_starts(blob: bytes) -> list[int]:
@@ -337,6 +336,6 @@ def test_cli_prints_what_a_manifest_needs(tmp_path, cli):
     for label, key in (("blob digest:", "blob_digest"), ("diff id:", "diff_id"),
                        ("TOC digest:", "toc_digest"), ("blob size:", "blob_size"),
                        ("uncompressed size:", "uncompressed_size")):
-        line = next(l for l in human.out.splitlines() if l.startswith(label))
+        line = next(item for item in human.out.splitlines() if item.startswith(label))
         assert line.split()[-1] == str(j[key])
     assert cli("layer", "convert", src, out, "-q").out == ""

@@ -43,11 +43,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from estargz import BytesSource, EstargzError, LayerReader, verify_blob
-from estargz.cli import main
-
 import blobcraft
 from blobcraft import Layout, gzip_member, toc_tar
+from estargz import BytesSource, EstargzError, LayerReader, verify_blob
+from estargz.cli import main
 
 SEEDS = {
     "every-kind": blobcraft.every_kind_blob,

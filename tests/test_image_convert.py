@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-
 from conftest import run_cli
 
 TOC = "containerd.io/snapshot/stargz/toc.digest"
@@ -161,7 +160,8 @@ def test_docker_archive_round_trip_through_the_engine(tmp_path, test_images, doc
     # docker-daemon: as source and destination.
     result = convert("docker-daemon:busybox:esgz", "docker-daemon:busybox:esgz2", "--reuse",
                      env={"DOCKER_HOST": dockerd.host})
-    assert [l["action"] for l in result["layers"]] == ["converted"]  # no annotations to verify
+    # No annotations to verify: converted again.
+    assert [item["action"] for item in result["layers"]] == ["converted"]
     p = dockerd.docker("run", "--rm", "--network", "none", "busybox:esgz2", "echo", "again")
     assert p.stdout.strip() == "again"
     r = run_cli("convert", "docker-daemon:no-such-image:1", f"oci:{tmp_path / 'x'}",
@@ -215,7 +215,7 @@ def test_identical_layers_convert_once(tmp_path, test_images):
     src = tmp_path / "twice"
     make_layout_with_repeated_layer(test_images.busybox, src)
     result = convert(f"oci:{src}:latest", f"oci:{tmp_path / 'out'}")
-    assert [l["action"] for l in result["layers"]] == ["converted", "shared"]
+    assert [item["action"] for item in result["layers"]] == ["converted", "shared"]
     assert result["layers"][0]["new_digest"] == result["layers"][1]["new_digest"]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-
 from conftest import run_cli
 from test_image_convert import check_layers_with_reference
 
@@ -32,8 +31,8 @@ def test_push_then_skopeo_copies_it_out_and_containerd_runs_it(
     result = convert(f"oci:{test_images.debian_multilayer}:latest", f"docker://{ref}", *PLAIN)
     manifest = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{ref}"))
     assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
-    assert [l["annotations"][TOC] for l in manifest["layers"]] == \
-        [l["toc_digest"] for l in result["layers"]]
+    assert [item["annotations"][TOC] for item in manifest["layers"]] == \
+        [item["toc_digest"] for item in result["layers"]]
     # skopeo copies it out; the reference verifies each layer with its annotation.
     out = tmp_path / "copied"
     skopeo("copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{out}:x")
@@ -51,7 +50,7 @@ def test_registry_to_registry_with_reuse_mounts_and_skips_conversion(registry, t
     convert(f"oci:{test_images.busybox}:latest", f"docker://{first}", *PLAIN)
     again = convert(f"docker://{first}", f"docker://{registry.host}/copy:esgz", "--reuse",
                     "--src-tls-verify=false", *PLAIN)
-    assert [l["action"] for l in again["layers"]] == ["reused"]
+    assert [item["action"] for item in again["layers"]] == ["reused"]
     manifest = json.loads(skopeo("inspect", "--raw", "--tls-verify=false",
                                  f"docker://{registry.host}/copy:esgz"))
     assert manifest["layers"][0]["digest"] == again["layers"][0]["old_digest"]
@@ -118,8 +117,8 @@ def test_layer_commands_read_a_remote_layer_by_range(tmp_path, registry, tamperi
     tampering_proxy.clear()
     r = run_cli("layer", "ls", blob, "--tls-verify=false")
     assert r.code == 0, r.err
-    assert any(l.endswith("etc/os-release") or "usr/lib/os-release" in l
-               for l in r.out.splitlines())
+    assert any(item.endswith("etc/os-release") or "usr/lib/os-release" in item
+               for item in r.out.splitlines())
     tampering_proxy.clear()
     r = run_cli("layer", "extract", blob, "usr/lib/os-release", "--tls-verify=false")
     assert r.code == 0 and "Debian" in r.out

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 import estargz
-from estargz.converter import format_modtime
-from estargz.toc import clean_name
-
 from conftest import CHUNK, Spec, build_tar, every_kind_specs, pattern, run_cli, write
+from estargz import clean_name
+from estargz.layer.converter import format_modtime
 
 _KIND = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
          tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}
@@ -36,7 +35,8 @@ def expected_entries(tar_path: Path) -> dict[str, dict]:
             name = clean_name(m.name)
             rec = {"type": _KIND.get(m.type, "reg"), "mode": m.mode & 0o7777,
                    "uid": m.uid, "gid": m.gid, "modtime": format_modtime(m.mtime),
-                   "xattrs": {k[13:]: base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()
+                   "xattrs": {k[13:]: base64.b64encode(
+                                  v.encode("utf-8", "surrogateescape")).decode()
                               for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}}
             if m.isreg():
                 rec["size"] = m.size
@@ -52,7 +52,7 @@ def expected_entries(tar_path: Path) -> dict[str, dict]:
 def reference_reads(goref: Path, blob: Path, toc_digest: str) -> dict[str, dict]:
     p = subprocess.run([goref, "verify", blob, toc_digest], capture_output=True, text=True)
     assert p.returncode == 0, f"reference rejected our blob: {p.stderr}"
-    lines = [json.loads(l) for l in p.stdout.splitlines()]
+    lines = [json.loads(item) for item in p.stdout.splitlines()]
     summary = lines.pop()
     assert summary["tocDigest"] == toc_digest
     return {r["name"]: r for r in lines}

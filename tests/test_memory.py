@@ -35,7 +35,6 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -122,7 +121,7 @@ class Measured:
         return self.rss_kib / 1024
 
 
-def run_measured(args: list, *, env: dict, stdin: Optional[Path] = None,
+def run_measured(args: list, *, env: dict, stdin: Path | None = None,
                  scratch: Path) -> Measured:
     """Run ``python -m estargz ARGS``; return its exit code and peak RSS."""
     res = scratch / "rusage"

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from estargz import (OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, ConvertOptions,
-                     ImageConvertOptions, convert_image, convert_layer)
+from estargz import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    ConvertOptions,
+    ImageConvertOptions,
+    convert_image,
+    convert_layer,
+)
 
 TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
 SAMPLE_LAYER = TESTDATA / "sample-layer.tar.gz"

@@ -9,9 +9,8 @@ import tarfile
 import pytest
 
 import estargz
-from estargz.footer import FOOTER_SIZE
-
 from conftest import CHUNK, Spec, build_tar, every_kind_specs, pattern, write
+from estargz import FOOTER_SIZE
 
 
 @pytest.fixture
@@ -115,12 +114,13 @@ def test_ls_lists_every_entry(blob, cli):
     assert r.code == 0
     lines = r.out.splitlines()
     assert len(lines) == len(every_kind_specs()) + 2  # + big + landmark
-    assert any(l.startswith("lrwxrwxrwx") and l.endswith("etc/symlink -> small") for l in lines)
-    assert any(l.startswith("crw-rw-rw-") and l.endswith("dev/null") for l in lines)
-    assert any(l.startswith("-rw------- 1000/1000         13 2023-11-14T22:13:20Z etc/small")
-               for l in lines)
+    assert any(item.startswith("lrwxrwxrwx") and item.endswith("etc/symlink -> small")
+               for item in lines)
+    assert any(item.startswith("crw-rw-rw-") and item.endswith("dev/null") for item in lines)
+    assert any(item.startswith("-rw------- 1000/1000         13 2023-11-14T22:13:20Z etc/small")
+               for item in lines)
     r = cli("layer", "ls", path, "--json")
-    recs = [json.loads(l) for l in r.out.splitlines()]
+    recs = [json.loads(item) for item in r.out.splitlines()]
     assert {"name": "etc/small", "type": "reg", "size": 13} .items() <= recs[4].items()
 
 

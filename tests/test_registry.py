@@ -19,15 +19,22 @@ from pathlib import Path
 
 import pytest
 
-from estargz import (ConvertOptions, CountingSource, DigestMismatch, InvalidBlob, InvalidInput,
-                     LayerReader, NotFound, convert_layer)
-from estargz import descriptor as media
-from estargz._exceptions import AuthenticationError, RegistryError
-from estargz.registry import RANGE_SKIP_LIMIT, RegistryClient, parse_challenge
-
 from conftest import Spec, build_tar, pattern
+from estargz import (
+    AuthenticationError,
+    ConvertOptions,
+    CountingSource,
+    DigestMismatch,
+    InvalidBlob,
+    InvalidInput,
+    LayerReader,
+    NotFound,
+    RegistryError,
+    convert_layer,
+)
+from estargz.image import descriptor as media
+from estargz.registry import RANGE_SKIP_LIMIT, RegistryClient, parse_challenge
 from services import FaultProxy, free_port, make_tls
-
 
 # --- helpers -------------------------------------------------------------------
 

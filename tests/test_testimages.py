@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import (BUILD_IMAGES, Containerd, Dockerd, build_images, mounts_under,
-                     processes_under)
+from daemons import BUILD_IMAGES, Containerd, Dockerd, build_images, mounts_under, processes_under
 
 _spec = importlib.util.spec_from_file_location("images_build", BUILD_IMAGES)
 images_build = importlib.util.module_from_spec(_spec)
@@ -102,7 +101,7 @@ def test_busybox_layout(test_images):
     assert desc["mediaType"] == OCI_MANIFEST
     manifest, config = image(lay, desc)
     assert manifest["config"]["mediaType"] == OCI_CONFIG
-    assert [l["mediaType"] for l in manifest["layers"]] == [OCI_LAYER]
+    assert [item["mediaType"] for item in manifest["layers"]] == [OCI_LAYER]
     assert config["architecture"] == HOST["architecture"] and config["os"] == "linux"
     assert config["config"]["Cmd"] == ["sh"]
     assert any(e.startswith("PATH=") and "/bin" in e for e in config["config"]["Env"])
@@ -139,7 +138,7 @@ def test_debian_multilayer(test_images, debian_layer_tar):
     desc = tagged(lay)
     manifest, config = image(lay, desc)
     assert "mediaType" not in manifest  # as umoci 0.4 writes it; optional in OCI
-    assert [l["mediaType"] for l in manifest["layers"]] == [OCI_LAYER, OCI_LAYER]
+    assert [item["mediaType"] for item in manifest["layers"]] == [OCI_LAYER, OCI_LAYER]
     assert config["config"]["Cmd"] == ["bash"]
     assert len(config["rootfs"]["diff_ids"]) == 2
     # Layer 1 is the Debian rootfs tar, verbatim (umoci raw add-layer).
@@ -176,12 +175,13 @@ def test_two_platform(test_images):
     runnable = [m for m in index["manifests"] if m["platform"]["os"] != "unknown"]
     attestations = [m for m in index["manifests"] if m["platform"]["os"] == "unknown"]
     other = "arm64" if HOST["architecture"] != "arm64" else "amd64"
-    assert sorted(m["platform"]["architecture"] for m in runnable) == sorted([HOST["architecture"], other])
+    assert sorted(m["platform"]["architecture"] for m in runnable) == \
+        sorted([HOST["architecture"], other])
     for m in runnable:
         manifest, config = image(lay, m)
         assert config["architecture"] == m["platform"]["architecture"]
         assert config.get("variant") == m["platform"].get("variant")
-        assert [l["mediaType"] for l in manifest["layers"]] == [OCI_LAYER]
+        assert [item["mediaType"] for item in manifest["layers"]] == [OCI_LAYER]
     host_desc = next(m for m in runnable if m["platform"]["architecture"] == HOST["architecture"])
     assert host_desc["digest"] == tagged(test_images.busybox)["digest"]
 
@@ -192,7 +192,8 @@ def test_two_platform(test_images):
         assert a["annotations"]["vnd.docker.reference.type"] == "attestation-manifest"
         assert a["annotations"]["vnd.docker.reference.digest"] in {m["digest"] for m in runnable}
         manifest, config = image(lay, a)
-        assert [l["mediaType"] for l in manifest["layers"]] == ["application/vnd.in-toto+json"]
+        assert [item["mediaType"] for item in manifest["layers"]] == \
+            ["application/vnd.in-toto+json"]
         statement = json.loads(blob(lay, manifest["layers"][0]["digest"]))
         assert statement["subject"][0]["digest"]["sha256"] == \
             a["annotations"]["vnd.docker.reference.digest"].split(":")[1]
@@ -213,11 +214,12 @@ def test_docker_media_types(test_images):
     manifest, config = image(lay, desc)
     assert manifest["schemaVersion"] == 2
     assert manifest["config"]["mediaType"] == DOCKER_CONFIG
-    assert [l["mediaType"] for l in manifest["layers"]] == [DOCKER_LAYER]
+    assert [item["mediaType"] for item in manifest["layers"]] == [DOCKER_LAYER]
     # Same config and layer bytes as the OCI busybox image.
     bb_manifest, bb_config = image(test_images.busybox, tagged(test_images.busybox))
     assert manifest["config"]["digest"] == bb_manifest["config"]["digest"]
-    assert [l["digest"] for l in manifest["layers"]] == [l["digest"] for l in bb_manifest["layers"]]
+    assert [item["digest"] for item in manifest["layers"]] == \
+        [item["digest"] for item in bb_manifest["layers"]]
     # containers/image ignores index.json entries of Docker media types.
     p = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{lay}:latest"],
                        capture_output=True, text=True)
@@ -232,7 +234,8 @@ def test_docker_media_types(test_images):
         assert "sha256:" + hashlib.sha256(cfg_bytes).hexdigest() == bb_manifest["config"]["digest"]
         assert len(entry["Layers"]) == 1
         layer_tar = tf.extractfile(entry["Layers"][0]).read()  # uncompressed, like docker save
-        assert ["sha256:" + hashlib.sha256(layer_tar).hexdigest()] == bb_config["rootfs"]["diff_ids"]
+        assert ["sha256:" + hashlib.sha256(layer_tar).hexdigest()] == \
+            bb_config["rootfs"]["diff_ids"]
         assert "repositories" in files
         assert {m.mtime for m in files.values()} == {EPOCH}
     raw = json.loads(skopeo("inspect", "--raw", f"docker-archive:{test_images.docker_archive}"))
@@ -304,7 +307,7 @@ def test_containerd_imports_docker_media_types_and_index(containerd, test_images
         containerd.ctr("images", "import", "--base-name", ref, archive)
         target = tagged(layout)
         listed = containerd.ctr("images", "ls").stdout
-        line = next(l for l in listed.splitlines() if l.startswith(ref + ":latest "))
+        line = next(item for item in listed.splitlines() if item.startswith(ref + ":latest "))
         assert target["mediaType"] in line and target["digest"] in line
         assert containerd.run(ref + ":latest", "echo", "hello").stdout == "hello\n"
     # All platforms, attestations included, import as content.
@@ -344,7 +347,7 @@ def test_daemons_are_private(containerd, dockerd):
         inodes = {i[len("socket:["):-1] for i in inodes if i.startswith("socket:[")}
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with open(table) as f:
-                rows = [l.split() for l in f.readlines()[1:]]
+                rows = [item.split() for item in f.readlines()[1:]]
             listening = [r for r in rows if r[3] == "0A" and r[9] in inodes]
             assert not listening, f"pid {pid} listens on TCP: {listening}"
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from estargz import TOCError, TOCEntry, clean_name, decode_toc
-from estargz.toc import TOC, check_toc, encode_entry, encode_toc
+from estargz import TOCEntry, TOCError, clean_name, decode_toc
+from estargz.layer.toc import TOC, check_toc, encode_entry, encode_toc
 
 D = "sha256:" + "ab" * 32
 

@@ -16,15 +16,23 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from conftest import run_cli
 from daemons import build_images, mounts_under
-from treecompare import (ESTARGZ_FILES, RUNTIME_PATHS, EntryState, assert_same_tree, chain_id,
-                         diff_trees, mounted_view, snapshot_tree)
+from treecompare import (
+    ESTARGZ_FILES,
+    RUNTIME_PATHS,
+    EntryState,
+    assert_same_tree,
+    chain_id,
+    diff_trees,
+    mounted_view,
+    snapshot_tree,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="owners, devices and trusted.* xattrs need root")

@@ -30,8 +30,8 @@ import json
 import os
 import stat
 import subprocess
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
 
 from profiler.linux import mounts_under
 
@@ -83,10 +83,10 @@ class EntryState:
     mode: int
     uid: int
     gid: int
-    size: Optional[int] = None
-    sha256: Optional[str] = None
-    link_target: Optional[str] = None
-    device: Optional[tuple[int, int]] = None
+    size: int | None = None
+    sha256: str | None = None
+    link_target: str | None = None
+    device: tuple[int, int] | None = None
     xattrs: tuple[tuple[str, bytes], ...] = ()
     mtime_ns: int = 0
     hardlinks: tuple[str, ...] = ()
@@ -247,8 +247,8 @@ def diff_trees(a: dict[str, EntryState], b: dict[str, EntryState], *,
             out.append(f"{path}: only in {side} ({s.kind})")
             continue
 
-        def skip(field: str) -> bool:
-            return field in ignored or f"{x.kind}.{field}" in ignored
+        def skip(field: str, kind: str = x.kind) -> bool:
+            return field in ignored or f"{kind}.{field}" in ignored
 
         if x.kind != y.kind:
             out.append(f"{path}: kind {x.kind} != {y.kind}")

@@ -1,0 +1,110 @@
+"""``estargz optimize`` (profile a workload, then convert with what it read
+first) and ``estargz doctor`` (which profiling modes work here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from profiler.capabilities import probe
+from profiler.optimize import OptimizeOptions, optimize_image
+from profiler.report import render_text
+from profiler.sandbox import BindMount
+
+from ..layer.order import read_prioritized_list
+from .base import _json_list, _read_text_lines, _run, main
+from .image import _image_convert_options, _image_options, _print_image_result
+
+
+@main.command("optimize")
+@click.argument("src")
+@click.argument("dst", required=False)
+@click.option("--period", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to profile; the run also ends when the workload exits.")
+@click.option("--wait-on-line", default=None, metavar="TEXT",
+              help="End the profile when a line of the workload's output contains TEXT.")
+@click.option("--wait-on-signal", is_flag=True,
+              help="Profile until Ctrl-C (SIGINT) instead of for a period.")
+@click.option("--entrypoint", default=None, metavar="JSON",
+              help='Entrypoint to run instead of the image\'s, e.g. \'["/bin/sh","-c"]\'.')
+@click.option("--args", "args_json", default=None, metavar="JSON",
+              help="Arguments instead of the image's Cmd, as a JSON array.")
+@click.option("--env", multiple=True, metavar="K=V", help="Environment variable (repeatable).")
+@click.option("--env-file", default=None, type=click.Path(dir_okay=False),
+              help="File of K=V lines added to the environment.")
+@click.option("--user", default=None, help="User (name, uid, name:group) to run as.")
+@click.option("--cwd", default=None, help="Working directory in the container.")
+@click.option("--mount", "mounts", multiple=True, metavar="type=bind,src=…,dst=…,options=…",
+              help="Bind mount into the sandbox (repeatable).")
+@click.option("--net-host", is_flag=True, help="Use the host's network (default: loopback only).")
+@click.option("--runtime", default="runc", show_default=True, help="OCI runtime: runc or crun.")
+@click.option("--record-out", default=None, type=click.Path(dir_okay=False),
+              help="Write the access record (ctr-remote's JSON-lines format).")
+@click.option("--prefetch-list", default=None, type=click.Path(dir_okay=False),
+              help="Prefetch these paths and globs (one a line) instead of running anything.")
+@click.option("--no-optimize", is_flag=True, help="Profile only; do not convert.")
+@click.option("--report", "report_html", default=None, type=click.Path(dir_okay=False),
+              help="Write an HTML report.")
+@_image_options
+def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
+    """Profile image SRC's workload and convert it to eStargz at DST with the
+    files it reads at start-up prefetched first."""
+    def body() -> None:
+        as_json, quiet = kw.pop("as_json"), kw.pop("quiet")
+        env = list(kw.pop("env"))
+        if kw["env_file"]:
+            env += [line.strip() for line in _read_text_lines(kw["env_file"])
+                    if line.strip() and not line.lstrip().startswith("#")]
+        prefetch = None
+        if kw["prefetch_list"]:
+            prefetch = tuple(read_prioritized_list(_read_text_lines(kw["prefetch_list"])))
+        options = OptimizeOptions(
+            convert=_image_convert_options(kw), runtime=kw["runtime"], period=kw["period"],
+            wait_on_line=kw["wait_on_line"], wait_on_signal=kw["wait_on_signal"],
+            entrypoint=_json_list(kw["entrypoint"], "--entrypoint"),
+            args=_json_list(kw["args_json"], "--args"), env=tuple(env), user=kw["user"],
+            cwd=kw["cwd"], mounts=tuple(BindMount.parse(m) for m in kw["mounts"]),
+            net_host=kw["net_host"], record_out=kw["record_out"], prefetch_list=prefetch,
+            no_optimize=kw["no_optimize"], report_html=kw["report_html"], quiet=quiet or as_json,
+            output=(lambda line: click.echo(line, err=True)))
+        result = optimize_image(src, dst, options)
+        if as_json:
+            out = {"manifest": result.manifest_digest, "seconds": result.seconds,
+                   "accessed": [a.__dict__ for a in result.accesses], "notes": result.notes,
+                   "image": result.image.to_dict() if result.image else None}
+            click.echo(json.dumps(out, indent=2))
+        elif not quiet:
+            click.echo(render_text(result.report))
+            if result.image:
+                _print_image_result(result.image, False, False)
+    _run(body)
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the modes as one JSON object.")
+@click.option("--require", "require", type=click.Choice(["root", "rootless"]), default=None,
+              help="Exit 1 unless this profiling mode is supported.")
+def doctor_cmd(as_json: bool, require: str | None) -> None:
+    """Check which profiling modes (root, rootless) work here, and why not."""
+    modes = probe()
+    if as_json:
+        click.echo(json.dumps({"modes": [m.to_dict() for m in modes]}, indent=2))
+    else:
+        for m in modes:
+            later = " (what estargz optimize uses for this user)" if m.used_by_optimize else ""
+            click.echo(f"{m.name}: {'supported' if m.supported else 'not supported'}{later}")
+            for c in m.checks:
+                click.echo(f"  [{'ok' if c.ok else 'no'}] {c.name}: {c.detail}")
+            for r in m.reasons:
+                click.echo(f"  missing: {r}")
+    if require is not None:
+        mode = next(m for m in modes if m.name == require)
+        if not mode.supported:
+            hint = "; run as root" if require == "rootless" or os.geteuid() != 0 else ""
+            click.echo(f"estargz: error: profiling mode {require} is not supported: "
+                       f"{'; '.join(mode.reasons)}{hint}", err=True)
+            sys.exit(1)

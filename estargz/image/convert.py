@@ -1,0 +1,423 @@
+"""Converting whole images: every layer to eStargz, and the manifests to match.
+
+For each selected manifest: each layer is converted by the layer converter
+(identical layers once, several layers in parallel), its descriptor gets the
+new digest, size, gzip media type and the TOC-digest and uncompressed-size
+annotations; the config's ``rootfs.diff_ids`` are rewritten (history kept);
+then config, manifest and index are stored with their new digests. The
+destination makes the result visible only once everything it references is
+stored (see :mod:`.store`).
+
+Index entries that are not image manifests of a selected platform
+(attestations, signatures, SBOMs attached by digest, other platforms) are
+dropped: they describe the original image's digests, which conversion changes,
+so keeping them would leave references to content that is not there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as host_platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .._exceptions import EstargzError, InvalidInput, NotFound
+from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
+from ..layer.reader import LayerReader
+from ..layer.source import FileSource
+from ..layer.toc import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+from .descriptor import (
+    CONVERTIBLE_LAYERS,
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+    sha256_digest,
+)
+from .store import ImageDestination, ImageSource, TransportOptions
+from .transport import open_destination, open_source, parse_reference
+
+_MAX_JSON = 16 << 20  # manifests and configs are small; a bigger one is hostile
+
+
+@dataclass(frozen=True)
+class ImageConvertOptions:
+    """Options of :func:`convert_image` (the ``estargz convert`` flags)."""
+
+    layer: ConvertOptions = ConvertOptions()
+    #: Write OCI media types even for a Docker schema 2 source (the default:
+    #: only OCI layer descriptors can carry the TOC digest annotation).
+    oci: bool = True
+    #: Platforms to convert; empty means the host's. Ignored for a single manifest.
+    platforms: tuple[Platform, ...] = ()
+    all_platforms: bool = False
+    #: Keep layers that already are eStargz with a verifying TOC digest annotation.
+    reuse: bool = False
+    #: Prioritized paths per (manifest digest, layer index), e.g. from ``--record-in``.
+    records: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    #: Prioritized paths for manifests the records do not name (other
+    #: platforms of a profiled index): applied to every layer by path.
+    fallback_paths: tuple[str, ...] = ()
+    #: Layers converted at the same time (0: as many as cores, at most 4).
+    parallel_layers: int = 0
+    src: TransportOptions = TransportOptions()
+    dst: TransportOptions = TransportOptions()
+
+
+@dataclass
+class LayerReport:
+    manifest: str
+    index: int
+    old_digest: str
+    old_size: int
+    new_digest: str
+    new_size: int
+    toc_digest: str
+    seconds: float
+    action: str  # "converted", "reused" or "shared" (same layer earlier in this run)
+    prefetch_size: int = 0  # compressed bytes before .prefetch.landmark
+    toc_size: int = 0       # compressed TOC and footer
+
+
+@dataclass
+class ImageResult:
+    """What :func:`convert_image` did, for people and pipelines."""
+
+    source: str
+    destination: str
+    digest: str = ""
+    media_type: str = ""
+    platforms: list[str] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["totals"] = {
+            "layers": len(self.layers),
+            "old_size": sum(layer.old_size for layer in self.layers),
+            "new_size": sum(layer.new_size for layer in self.layers),
+        }
+        return d
+
+
+ProgressFn = Callable[[str, LayerReport], None]
+#: A layer job's outcome: the new descriptor, the conversion (``None`` when
+#: reused), what was done and how long it took.
+_LayerJob = tuple[Descriptor, LayerResult | None, str, float]
+
+
+def host_platform_default() -> Platform:
+    machine = host_platform.machine().lower()
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+            "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
+            "riscv64": "riscv64"}.get(machine, machine)
+    return Platform("linux", arch, "v7" if machine == "armv7l" else "")
+
+
+def _load_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise InvalidInput(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"{what} is not a JSON object")
+    return obj
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _Run:
+    """One conversion: the state shared by its manifests and layers."""
+
+    def __init__(self, source: ImageSource, dest: ImageDestination,
+                 options: ImageConvertOptions, work: str,
+                 progress: ProgressFn | None, result: ImageResult) -> None:
+        self.source = source
+        self.dest = dest
+        self.options = options
+        self.work = work
+        self.progress = progress
+        self.result = result
+        cores = available_cores()
+        self.parallel = options.parallel_layers or max(1, min(cores, 4))
+        workers = options.layer.workers or max(1, cores // self.parallel)
+        self.layer_options = replace(options.layer, workers=workers, prioritized_files=None)
+        self.pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="estargz-layer")
+        self._lock = threading.Lock()
+        self._converted: dict[tuple[str, tuple[str, ...]], Future[_LayerJob]] = {}
+
+    # --- layers -----------------------------------------------------------
+
+    def _layer_job(self, layer: Descriptor, prioritized: tuple[str, ...], by_path: bool,
+                   ) -> _LayerJob:
+        started = time.monotonic()
+        if self.options.reuse and self._reusable(layer):
+            origin = self.source.origin
+            mount = origin[1] if origin and origin[0] == self.dest.registry_host else None
+            if not self.dest.has_blob(layer):
+                path = self._blob_file(layer)
+                self.dest.put_blob(layer, path, mount_from=mount)
+                if path.startswith(self.work):
+                    os.unlink(path)
+            return layer, None, "reused", time.monotonic() - started
+        if layer.media_type not in CONVERTIBLE_LAYERS:
+            raise InvalidInput(f"layer {layer.digest} has unsupported media type "
+                               f"{layer.media_type!r}")
+        src_path = self._blob_file(layer)
+        fd, out = tempfile.mkstemp(dir=self.work, suffix=".esgz")
+        os.close(fd)
+        opts = replace(self.layer_options,
+                       prioritized_files=list(prioritized) if prioritized else None,
+                       allow_missing=True)
+        res = convert_layer(src_path, out, opts, tmpdir=self.work)
+        if res.missing and not by_path:
+            self.result.warnings.append(
+                f"layer {layer.digest}: recorded paths not in the layer: "
+                + ", ".join(res.missing[:5]) + (" …" if len(res.missing) > 5 else ""))
+        desc = Descriptor(OCI_LAYER_GZIP, res.blob_digest, res.blob_size, {
+            TOC_DIGEST_ANNOTATION: res.toc_digest,
+            UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
+        self.dest.put_blob(desc, out)
+        os.unlink(out)
+        if src_path.startswith(self.work):
+            os.unlink(src_path)
+        return desc, res, "converted", time.monotonic() - started
+
+    def _blob_file(self, desc: Descriptor) -> str:
+        local = self.source.local_blob_path(desc)
+        if local is not None:
+            return local
+        fd, path = tempfile.mkstemp(dir=self.work, suffix=".blob")
+        with os.fdopen(fd, "wb") as f:
+            self.source.fetch_blob(desc, f)
+        return path
+
+    def _reusable(self, layer: Descriptor) -> bool:
+        want = layer.annotations.get(TOC_DIGEST_ANNOTATION)
+        if not want or layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP):
+            return False
+        # Only the footer and the TOC are read: by range, from a registry.
+        remote = self.source.range_source(layer)
+        if remote is not None:
+            try:
+                return LayerReader(remote).toc_digest == want
+            except EstargzError:
+                return False
+        path = self._blob_file(layer)
+        try:
+            with FileSource(path) as src:
+                ok = LayerReader(src).toc_digest == want
+        except EstargzError:
+            ok = False
+        if path.startswith(self.work):
+            os.unlink(path)
+        return ok
+
+    def layer(self, layer: Descriptor, prioritized: tuple[str, ...],
+              by_path: bool = False) -> tuple[Future[_LayerJob], bool]:
+        """Convert ``layer`` once per (digest, prioritized list) in this run.
+
+        Returns the job and whether an earlier manifest already asked for it.
+        """
+        key = (layer.digest, prioritized)
+        with self._lock:
+            fut = self._converted.get(key)
+            if fut is not None:
+                return fut, True
+            fut = self.pool.submit(self._layer_job, layer, prioritized, by_path)
+            self._converted[key] = fut
+            return fut, False
+
+    # --- manifests --------------------------------------------------------
+
+    def manifest(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
+        m = _load_json(data, f"manifest {desc.digest}")
+        media_type = desc.media_type or m.get("mediaType") or OCI_MANIFEST
+        if media_type not in MANIFEST_TYPES:
+            raise InvalidInput(f"manifest {desc.digest} has unsupported media type {media_type!r}")
+        docker = media_type == DOCKER_MANIFEST and not self.options.oci
+        config_desc, config, layers = self._config(desc, m)
+        rootfs = config["rootfs"]
+
+        records = self.options.records
+        by_path = bool(self.options.fallback_paths) and \
+            not any(key[0] == desc.digest for key in records)
+        jobs = [self.layer(layer, self.options.fallback_paths if by_path
+                           else tuple(records.get((desc.digest, i), ())), by_path)
+                for i, layer in enumerate(layers)]
+        new_layers, diff_ids = [], []
+        for i, (old, (fut, shared)) in enumerate(zip(layers, jobs, strict=True)):
+            converted, res, action, seconds = fut.result()
+            diff_ids.append(rootfs["diff_ids"][i] if res is None else res.diff_id)
+            if docker:
+                new = Descriptor(DOCKER_LAYER_GZIP, converted.digest, converted.size)
+            else:
+                kept = {k: v for k, v in old.annotations.items()
+                        if k not in (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION)}
+                new = Descriptor(OCI_LAYER_GZIP, converted.digest, converted.size,
+                                 {**kept, **converted.annotations})
+            new_layers.append(new)
+            report = LayerReport(desc.digest, i, old.digest, old.size, new.digest, new.size,
+                                 converted.annotations.get(TOC_DIGEST_ANNOTATION, ""),
+                                 0.0 if shared else round(seconds, 3),
+                                 "shared" if shared else action,
+                                 res.prefetch_size if res else 0,
+                                 res.toc_size if res else 0)
+            self.result.layers.append(report)
+            if self.progress:
+                self.progress("layer", report)
+
+        config["rootfs"] = {**rootfs, "diff_ids": diff_ids}
+        new_config = self._put_config(config, config_desc, docker)
+        new_m = dict(m)
+        new_m["schemaVersion"] = 2
+        new_m["mediaType"] = DOCKER_MANIFEST if docker else OCI_MANIFEST
+        new_m["config"] = new_config.to_json()
+        new_m["layers"] = [layer.to_json() for layer in new_layers]
+        raw = _dump(new_m)
+        new_desc = Descriptor(new_m["mediaType"], sha256_digest(raw), len(raw),
+                              desc.annotations, desc.platform, desc.extra)
+        self.dest.put_manifest(raw, new_desc)
+        self._warn_annotations(docker)
+        return new_desc, raw
+
+    def _config(self, desc: Descriptor,
+                m: dict[str, Any]) -> tuple[Descriptor, dict[str, Any], list[Descriptor]]:
+        """The config descriptor, the config (its ``rootfs`` checked against
+        the layers) and the layer descriptors of manifest ``m``."""
+        try:
+            config_desc = Descriptor.from_json(m["config"])
+            layers = [Descriptor.from_json(layer) for layer in m.get("layers") or []]
+        except (KeyError, TypeError):
+            raise InvalidInput(f"manifest {desc.digest} lacks a config or layers") from None
+        if config_desc.size > _MAX_JSON:
+            raise InvalidInput(f"config {config_desc.digest} is implausibly large")
+        config_path = self._blob_file(config_desc)
+        with open(config_path, "rb") as f:
+            config = _load_json(f.read(), f"config {config_desc.digest}")
+        if config_path.startswith(self.work):
+            os.unlink(config_path)
+        rootfs = config.get("rootfs")
+        if not isinstance(rootfs, dict) or len(rootfs.get("diff_ids") or []) != len(layers):
+            found = len((rootfs or {}).get("diff_ids") or [])
+            raise InvalidInput(f"config {config_desc.digest} has {found} "
+                               f"diff_ids for {len(layers)} layers")
+        return config_desc, config, layers
+
+    def _put_config(self, config: dict[str, Any], old: Descriptor, docker: bool) -> Descriptor:
+        """Store the rewritten ``config``; its new descriptor."""
+        config_bytes = _dump(config)
+        new_config = Descriptor(DOCKER_CONFIG if docker else OCI_CONFIG,
+                                sha256_digest(config_bytes), len(config_bytes),
+                                old.annotations)
+        fd, cpath = tempfile.mkstemp(dir=self.work, suffix=".json")
+        with os.fdopen(fd, "wb") as f:
+            f.write(config_bytes)
+        self.dest.put_blob(new_config, cpath)
+        os.unlink(cpath)
+        return new_config
+
+    def _warn_annotations(self, docker: bool) -> None:
+        """Say when the layers' TOC digests could not be stored."""
+        if docker:
+            self.result.warnings.append(
+                "Docker schema 2 manifests cannot carry annotations: lazy pulling this "
+                "image needs allow_no_verification in the snapshotter (drop "
+                "--docker-media-types to write OCI manifests with TOC digests)")
+        elif not self.dest.keeps_annotations:
+            self.result.warnings.append(
+                f"{self.dest.name} cannot store layer annotations: lazy pulling this "
+                "image needs allow_no_verification in the snapshotter")
+
+    def index(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
+        idx = _load_json(data, f"index {desc.digest}")
+        entries = [Descriptor.from_json(d) for d in idx.get("manifests") or []]
+        wanted = self.options.platforms or (host_platform_default(),)
+        selected = []
+        for d in entries:
+            platform = d.platform
+            is_image = d.media_type in MANIFEST_TYPES and platform is not None \
+                and platform.os != "unknown"
+            if is_image and platform is not None and (
+                    self.options.all_platforms or any(p.matches(platform) for p in wanted)):
+                selected.append(d)
+            else:
+                label = str(d.platform) if d.platform else "no platform"
+                kind = d.annotations.get("vnd.docker.reference.type") or d.media_type
+                self.result.dropped.append(f"{d.digest} ({kind}, {label})")
+        if not selected:
+            have = ", ".join(sorted({str(d.platform) for d in entries if d.platform})) or "none"
+            raise NotFound(f"no manifest for {', '.join(map(str, wanted))} in the index "
+                           f"(platforms: {have})")
+        new_entries = []
+        for d in selected:
+            new_entries.append(self.manifest(d, self.source.get_manifest(d))[0])
+            self.result.platforms.append(str(d.platform))
+        docker = all(d.media_type == DOCKER_MANIFEST for d in new_entries)
+        new_idx = dict(idx)
+        new_idx["schemaVersion"] = 2
+        new_idx["mediaType"] = DOCKER_MANIFEST_LIST if docker else OCI_INDEX
+        new_idx["manifests"] = [d.to_json() for d in new_entries]
+        raw = _dump(new_idx)
+        new_desc = Descriptor(new_idx["mediaType"], sha256_digest(raw), len(raw),
+                              desc.annotations)
+        self.dest.put_manifest(raw, new_desc)
+        return new_desc, raw
+
+
+def convert_image(src: str, dst: str, options: ImageConvertOptions = ImageConvertOptions(),
+                  progress: ProgressFn | None = None) -> ImageResult:
+    """Convert image ``src`` to eStargz at ``dst`` (both skopeo-style references).
+
+    The destination shows nothing until everything is stored; on any error
+    (or Ctrl-C) what was written is removed where the transport allows.
+    """
+    started = time.monotonic()
+    sref, dref = parse_reference(src), parse_reference(dst)
+    result = ImageResult(str(sref), str(dref))
+    with tempfile.TemporaryDirectory(prefix="estargz-") as work, \
+            open_source(sref, options.src) as source:
+            dest = open_destination(dref, options.dst)
+            run = _Run(source, dest, options, work, progress, result)
+            try:
+                data, media_type = source.root()
+                obj = _load_json(data, f"{source.name} manifest")
+                media_type = media_type or obj.get("mediaType") or (
+                    OCI_INDEX if "manifests" in obj else OCI_MANIFEST)
+                root = Descriptor(media_type, sha256_digest(data), len(data))
+                if media_type in INDEX_TYPES:
+                    new_root, raw = run.index(root, data)
+                else:
+                    new_root, raw = run.manifest(root, data)
+                dest.commit(new_root, raw)
+            except BaseException:
+                run.pool.shutdown(wait=True, cancel_futures=True)
+                dest.abort()
+                raise
+            finally:
+                run.pool.shutdown(wait=True)
+                dest.close()
+    result.digest = new_root.digest
+    result.media_type = new_root.media_type
+    result.warnings = list(dict.fromkeys(result.warnings))
+    result.seconds = round(time.monotonic() - started, 3)
+    return result

@@ -1,0 +1,33 @@
+"""Records of what a workload read: the ``ctr-remote optimize --record-out``
+format that ``estargz convert --record-in`` takes, keyed by manifest digest
+and layer index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from .._exceptions import InvalidInput
+
+
+def read_records(lines: Iterable[str]) -> dict[tuple[str, int], list[str]]:
+    """Parse the record format of ``ctr-remote optimize --record-out``: JSON lines
+    ``{"path": …, "manifestDigest": …, "layerIndex": …}``, paths kept in order."""
+    out: dict[tuple[str, int], list[str]] = {}
+    seen: set[tuple[str, int, str]] = set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise InvalidInput(f"record line {n} is not JSON") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) \
+                or type(rec.get("layerIndex")) is not int \
+                or not isinstance(rec.get("manifestDigest"), str):
+            raise InvalidInput(f"record line {n} lacks path, manifestDigest or layerIndex")
+        key = (rec["manifestDigest"], rec["layerIndex"])
+        if (*key, rec["path"]) not in seen:
+            seen.add((*key, rec["path"]))
+            out.setdefault(key, []).append(rec["path"])
+    return out

@@ -1,0 +1,10 @@
+"""The eStargz layer format: one blob, no images, no network.
+
+Converting a tar to an eStargz blob (:mod:`.converter`, with :mod:`.order`,
+:mod:`.compression` and :mod:`.layerinput`), its parts (:mod:`.footer`,
+:mod:`.toc`, :mod:`.gzipstream`), the one checked tar walk
+(:mod:`.tarstream`), random access to a blob (:mod:`.source`) and reading and
+verifying one (:mod:`.reader`, :mod:`.verify`). Imports only
+``estargz._exceptions`` and ``estargz._fsutil`` from outside; public names are
+re-exported by :mod:`estargz`.
+"""

@@ -1,0 +1,482 @@
+"""Converting a tar layer into an eStargz blob.
+
+How the output is built (see docs/format.md for the picture):
+
+1. The input is indexed (headers only) and ordered (``order.py``).
+2. The ordered entries are cut into *units*. A unit is one gzip member:
+   optionally one chunk of a file's payload, followed by the tar padding and
+   the headers of the entries up to the next payload. This is the layout
+   the reference writes, so every payload chunk starts a gzip member.
+3. Units are compressed independently by a thread pool (zlib releases the
+   GIL), in bounded batches; the main thread writes them in order, hashing
+   the compressed bytes (blob digest) and the uncompressed ones (diff_id).
+
+Because a unit's bytes depend only on the input and the options, the output
+is byte-identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tarfile
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO, cast
+
+from .._exceptions import (
+    InvalidInput,
+    MissingPrioritizedFiles,
+    StorageError,
+    TOCError,
+    UnsupportedEntry,
+)
+from .._fsutil import atomic_output
+from .compression import DEFAULT_BACKEND, Backend, get_backend
+from .footer import footer_bytes
+from .layerinput import open_tar
+from .order import Landmark, Planned, dedupe, plan_order
+from .tarstream import index_tar, printable
+from .toc import PREFETCH_LANDMARK, TOC_TAR_NAME, TOCEntry, encode_entry, encode_toc
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_LEVEL = 9
+# A unit's header run is cut here so that long runs of entries without data
+# (thousands of directories) never pile up in memory.
+_MAX_TAIL = 1 << 20
+# Units are batched into tasks of about this much input, to keep the
+# per-task overhead small for layers of many tiny files.
+_TASK_BYTES = 1 << 20
+_TASK_UNITS = 256
+_READ = 1 << 20
+# Compressed units larger than this go to a temporary file, not memory.
+_SPILL = 16 << 20
+# PAX records the output header re-derives from the entry's fields, or that
+# describe the input encoding rather than the file.
+_DROP_PAX = frozenset({"path", "linkpath", "size", "uid", "gid", "uname",
+                       "gname", "mtime", "comment", "charset", "hdrcharset"})
+_XATTR_PREFIX = "SCHILY.xattr."
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options of a layer conversion (the CLI's flags, one for one)."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    compression_level: int = DEFAULT_LEVEL
+    #: Threads compressing in parallel; 0 means one per available core.
+    workers: int = 0
+    #: Paths to put first, in this order; ``None`` puts nothing first.
+    prioritized_files: Sequence[str] | None = None
+    #: Warn about (instead of failing on) prioritized paths not in the layer.
+    allow_missing: bool = False
+    #: Deflate implementation: ``"zlib-ng"`` (default), ``"zlib"`` or ``"isal"``.
+    backend: str = DEFAULT_BACKEND
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise InvalidInput(f"chunk size must be positive, not {self.chunk_size}")
+        if not 0 <= self.compression_level <= 9:
+            raise InvalidInput(f"compression level must be 0-9, not {self.compression_level}")
+        if self.workers < 0:
+            raise InvalidInput(f"workers must be 0 (all cores) or more, not {self.workers}")
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What a manifest needs to describe the converted layer."""
+
+    blob_digest: str
+    blob_size: int
+    diff_id: str
+    toc_digest: str
+    uncompressed_size: int
+    entries: int
+    prioritized: int
+    missing: tuple[str, ...] = field(default=())
+    seconds: float = 0.0
+    #: Compressed bytes before ``.prefetch.landmark``: what the snapshotter
+    #: prefetches (0 for a layer converted without prioritized files).
+    prefetch_size: int = 0
+    #: Compressed bytes of the TOC member and the footer, which a lazy
+    #: puller reads before anything else.
+    toc_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["missing"] = list(self.missing)
+        return d
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions(),
+                  *, tmpdir: str | None = None) -> LayerResult:
+    """Convert the layer at ``src`` (tar, tar+gzip or tar+zstd; ``"-"`` for
+    stdin) into an eStargz blob at ``dst``.
+
+    ``dst`` appears atomically when the conversion succeeds and is left
+    untouched otherwise. Raises :class:`MissingPrioritizedFiles` for
+    prioritized paths not in the layer unless ``options.allow_missing``.
+    """
+    started = time.monotonic()
+    backend = get_backend(options.backend, options.compression_level)
+    with open_tar(src, tmpdir) as tar:
+        members = dedupe(index_tar(tar))
+        planned, missing = plan_order(members, options.prioritized_files)
+        if missing and not options.allow_missing:
+            raise MissingPrioritizedFiles(missing)
+        with atomic_output(dst) as out:
+            result = write_estargz(tar.fileno(), planned, out, options, backend)
+    prioritized = planned.index(next(p for p in planned if isinstance(p, Landmark)))
+    return LayerResult(**{**result, "entries": len(members), "prioritized": prioritized,
+                          "missing": tuple(missing),
+                          "seconds": round(time.monotonic() - started, 3)})
+
+
+# --- building headers and TOC entries ------------------------------------
+
+def format_modtime(mtime: float) -> str:
+    """The TOC's ``modtime``: UTC, RFC 3339, rounded to the second; ``""``
+    for the Unix epoch itself (Go's ``formatModtime``)."""
+    if math.floor(mtime) == 0:
+        return ""
+    t = time.gmtime(math.floor(mtime + 0.5))
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}Z")
+
+
+_TYPES = {
+    tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
+}
+
+
+def entry_header(m: Planned) -> tuple[bytes, TOCEntry, int]:
+    """Return the output tar header bytes, the TOC entry and the payload size."""
+    if isinstance(m, Landmark):
+        o = tarfile.TarInfo(m.name)
+        o.size = len(m.contents)
+        o.mode = 0o644
+        return o.tobuf(tarfile.PAX_FORMAT), TOCEntry(
+            name=m.name, type="reg", size=o.size, mode=o.mode), o.size
+    o = tarfile.TarInfo(m.name)
+    o.type = tarfile.REGTYPE if m.isreg() else m.type
+    o.mode = m.mode & 0o7777
+    o.uid, o.gid, o.uname, o.gname = m.uid, m.gid, m.uname, m.gname
+    o.mtime = m.mtime
+    o.linkname = m.linkname if m.issym() or m.islnk() else ""
+    o.devmajor, o.devminor = m.devmajor, m.devminor
+    o.size = m.size if m.isreg() else 0
+    o.pax_headers = {k: v for k, v in m.pax_headers.items()
+                     if k not in _DROP_PAX and not k.startswith("GNU.sparse.")}
+    try:
+        header = o.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        modtime = format_modtime(m.mtime)
+    except (ValueError, OverflowError, OSError) as e:
+        raise UnsupportedEntry(printable(m.name), f"cannot be written: {e}") from None
+    name = o.name + "/" if o.type == tarfile.DIRTYPE and not o.name.endswith("/") else o.name
+    xattrs = {k[len(_XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
+              for k, v in o.pax_headers.items() if k.startswith(_XATTR_PREFIX)}
+    entry = TOCEntry(name=name, type=_TYPES.get(o.type, "reg"), size=o.size,
+                     modtime=modtime, link_name=o.linkname, mode=o.mode,
+                     uid=o.uid, gid=o.gid, user_name=o.uname, group_name=o.gname,
+                     xattrs=xattrs)
+    if o.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        entry.dev_major, entry.dev_minor = o.devmajor, o.devminor
+    return header, entry, o.size
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % tarfile.BLOCKSIZE)
+
+
+# --- units: the gzip members of the output --------------------------------
+
+class _Unit:
+    """One output gzip member: an optional payload chunk, then header bytes."""
+
+    __slots__ = ("member", "start", "length", "tail", "entries")
+
+    def __init__(self, member: Planned | None = None, start: int = 0,
+                 length: int = 0) -> None:
+        self.member = member
+        self.start = start
+        self.length = length
+        self.tail = bytearray()
+        # TOC entries in TOC order; a payload's own entry comes first.
+        self.entries: list[TOCEntry] = []
+
+
+def _plan_units(planned: Sequence[Planned], chunk_size: int) -> Iterator[_Unit]:
+    unit = _Unit()
+    for m in planned:
+        header, entry, size = entry_header(m)
+        unit.tail += header
+        if not size:
+            if entry.type == "reg":
+                entry.digest = _EMPTY_DIGEST
+            unit.entries.append(entry)
+        for start in range(0, size, chunk_size):
+            n = min(chunk_size, size - start)
+            yield unit
+            e = entry if start == 0 else TOCEntry(name=entry.name, type="chunk")
+            e.chunk_offset = start
+            if n == chunk_size:
+                e.chunk_size = n  # as the reference: omitted for a short last chunk
+            unit = _Unit(m, start, n)
+            unit.entries.append(e)
+        if size:
+            unit.tail += _padding(size)
+        if len(unit.tail) > _MAX_TAIL:
+            yield unit
+            unit = _Unit()
+    yield unit
+
+
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+
+
+def read_payload(fd: int, m: Planned, start: int, length: int) -> Iterator[bytes]:
+    """Yield bytes ``[start, start+length)`` of entry ``m``'s payload.
+
+    Sparse entries are expanded: holes read as zeros.
+    """
+    if isinstance(m, Landmark):
+        yield m.contents[start:start + length]
+        return
+    if not m.sparse:
+        yield from _pread(fd, m.offset_data + start, length, m)
+        return
+    pos, end, stored = start, start + length, m.offset_data
+    # typeshed types TarInfo.sparse as int; it is a list of (offset, size).
+    sparse = cast("list[tuple[int, int]]", m.sparse)
+    for off, n in sorted(sparse):
+        if pos >= end:
+            break
+        if off + n <= pos:
+            stored += n
+            continue
+        if off > pos:  # a hole before this data block
+            gap = min(off, end) - pos
+            yield from _zeros(gap)
+            pos += gap
+            if pos >= end:
+                break
+        skip = pos - off
+        take = min(n - skip, end - pos)
+        yield from _pread(fd, stored + skip, take, m)
+        pos += take
+        stored += n
+    if pos < end:
+        yield from _zeros(end - pos)
+
+
+def _zeros(n: int) -> Iterator[bytes]:
+    while n:
+        k = min(n, _READ)
+        yield bytes(k)
+        n -= k
+
+
+def _pread(fd: int, offset: int, length: int, m: tarfile.TarInfo) -> Iterator[bytes]:
+    while length:
+        got = os.pread(fd, min(length, _READ), offset)
+        if not got:
+            raise InvalidInput(f"input tar is truncated in the data of {printable(m.name)!r}")
+        yield got
+        offset += len(got)
+        length -= len(got)
+
+
+class _Compressed:
+    """A unit's compressed bytes, in memory or spilled to a temporary file."""
+
+    __slots__ = ("parts", "size", "spill", "chunk_digest")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.spill: BinaryIO | None = None
+        self.chunk_digest = ""
+
+    def add(self, data: bytes) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        if self.spill is None and self.size > _SPILL:
+            self.spill = tempfile.TemporaryFile()  # noqa: SIM115  (closed in close())
+            for p in self.parts:
+                self.spill.write(p)
+            self.parts = []
+        if self.spill is not None:
+            self.spill.write(data)
+        else:
+            self.parts.append(data)
+
+    def chunks(self) -> Iterator[bytes]:
+        if self.spill is None:
+            yield from self.parts
+            return
+        self.spill.seek(0)
+        while True:
+            data = self.spill.read(_READ)
+            if not data:
+                break
+            yield data
+        self.spill.close()
+
+
+def _compress_task(fd: int, units: list[_Unit], backend: Backend) -> list[_Compressed]:
+    results = []
+    for u in units:
+        c = _Compressed()
+        z = backend.compressobj()
+        if u.member is not None:
+            h = hashlib.sha256()
+            for piece in read_payload(fd, u.member, u.start, u.length):
+                h.update(piece)
+                c.add(z.compress(piece))
+            c.chunk_digest = "sha256:" + h.hexdigest()
+        c.add(z.compress(bytes(u.tail)))
+        c.add(z.flush())
+        results.append(c)
+    return results
+
+
+def _batches(units: Iterator[_Unit]) -> Iterator[list[_Unit]]:
+    batch: list[_Unit] = []
+    size = 0
+    for u in units:
+        batch.append(u)
+        size += u.length + len(u.tail)
+        if size >= _TASK_BYTES or len(batch) >= _TASK_UNITS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _Writer:
+    """Writes compressed units in order and keeps the running digests."""
+
+    def __init__(self, out: BinaryIO, fd: int) -> None:
+        self.out = out
+        self.fd = fd
+        self.offset = 0
+        self.blob = hashlib.sha256()
+        self.diff = hashlib.sha256()
+        self.usize = 0
+        # Each entry's JSON as UTF-8 bytes: no bigger than the text, and
+        # encode_toc joins them with a single copy.
+        self.toc_parts: list[bytes] = []
+        self._held: list[TOCEntry] = []  # entries waiting for a file digest
+        self._file_hash: hashlib._Hash | None = None
+        self._file_entry: TOCEntry | None = None
+        self.landmark_offset = 0
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.out.write(data)
+        except OSError as e:
+            raise StorageError(f"cannot write output: {e.strerror or e}") from None
+        self.blob.update(data)
+        self.offset += len(data)
+
+    def unit(self, u: _Unit, c: _Compressed) -> None:
+        if u.member is not None:
+            e = u.entries[0]
+            e.offset = self.offset
+            if e.name == PREFETCH_LANDMARK:
+                self.landmark_offset = self.offset
+            e.chunk_digest = c.chunk_digest
+            size = e.size if e.type == "reg" else 0
+            whole = u.start == 0 and u.length == size
+            if whole:
+                e.digest = c.chunk_digest
+            elif u.start == 0:
+                self._file_hash, self._file_entry = hashlib.sha256(), e
+            for piece in read_payload(self.fd, u.member, u.start, u.length):
+                self.diff.update(piece)
+                if self._file_hash is not None:
+                    self._file_hash.update(piece)
+            self.usize += u.length
+            entry = self._file_entry
+            if self._file_hash is not None and entry is not None \
+                    and u.start + u.length == entry.size:
+                entry.digest = "sha256:" + self._file_hash.hexdigest()
+                self._file_hash = self._file_entry = None
+        self.diff.update(u.tail)
+        self.usize += len(u.tail)
+        for data in c.chunks():
+            self.write(data)
+        self._held.extend(u.entries)
+        if self._file_hash is None:  # every held entry is complete now
+            try:
+                self.toc_parts.extend(encode_entry(e).encode("utf-8") for e in self._held)
+            except UnicodeEncodeError:
+                raise TOCError("TOC contains a name that is not valid UTF-8") from None
+            self._held.clear()
+
+
+def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
+                  options: ConvertOptions, backend: Backend) -> dict[str, Any]:
+    """Write the eStargz blob for ``planned`` entries (payloads read from
+    ``fd``) to ``out``. Returns the digests and sizes as a dict."""
+    workers = options.workers or available_cores()
+    writer = _Writer(out, fd)
+    pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
+    try:
+        for batch in _batches(_plan_units(planned, options.chunk_size)):
+            while len(pending) >= 3 * workers:
+                _drain_one(pending, writer)
+            pending.append((batch, pool.submit(_compress_task, fd, batch, backend)))
+        while pending:
+            _drain_one(pending, writer)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    toc_json = encode_toc(writer.toc_parts)
+    writer.toc_parts = []
+    toc_offset = writer.offset
+    toc_header = tarfile.TarInfo(TOC_TAR_NAME)
+    toc_header.size = len(toc_json)
+    toc_header.mode = 0o644
+    # Compressed piece by piece: no second copy of the TOC in memory.
+    z = backend.compressobj()
+    member = []
+    for piece in (toc_header.tobuf(tarfile.USTAR_FORMAT), toc_json,
+                  _padding(len(toc_json)) + bytes(2 * tarfile.BLOCKSIZE)):
+        member.append(z.compress(piece))
+        writer.diff.update(piece)
+        writer.usize += len(piece)
+    member.append(z.flush())
+    writer.write(b"".join(member))
+    writer.write(footer_bytes(toc_offset))
+    return {
+        "blob_digest": "sha256:" + writer.blob.hexdigest(),
+        "blob_size": writer.offset,
+        "diff_id": "sha256:" + writer.diff.hexdigest(),
+        "toc_digest": "sha256:" + hashlib.sha256(toc_json).hexdigest(),
+        "uncompressed_size": writer.usize,
+        "prefetch_size": writer.landmark_offset,
+        "toc_size": writer.offset - toc_offset,
+    }
+
+
+def _drain_one(pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]],
+               writer: _Writer) -> None:
+    batch, future = pending.popleft()
+    for u, c in zip(batch, future.result(), strict=True):
+        writer.unit(u, c)

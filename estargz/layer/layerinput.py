@@ -1,0 +1,122 @@
+"""Turning any input layer into a seekable, uncompressed tar file.
+
+Input may be a plain tar, gzip tar or zstd tar (told apart by content, never
+by name), from a file or stdin. Conversion reorders entries, so it needs random
+access: a plain tar in a regular file is used in place; anything else is
+decompressed into an anonymous temporary file, which the kernel removes
+however the process ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from .._exceptions import InvalidInput, StorageError
+from .gzipstream import GzipMembersReader
+
+GZIP_MAGIC = b"\x1f\x8b\x08"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OTHER_MAGIC = {
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x04\x22\x4d\x18": "lz4",
+}
+
+
+def detect_compression(head: bytes) -> str:
+    """Return ``"gzip"``, ``"zstd"`` or ``"tar"`` for the first bytes of a layer."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    for magic, name in _OTHER_MAGIC.items():
+        if head.startswith(magic):
+            raise InvalidInput(f"{name}-compressed layers are not supported "
+                               "(use tar, tar+gzip or tar+zstd)")
+    return "tar"
+
+
+@contextlib.contextmanager
+def open_tar(path: str, tmpdir: str | None = None) -> Iterator[BinaryIO]:
+    """Yield a seekable binary file holding the uncompressed tar of ``path``.
+
+    ``path`` ``"-"`` reads standard input.
+    """
+    with contextlib.ExitStack() as stack:
+        if path == "-":
+            src: BinaryIO = sys.stdin.buffer
+        else:
+            try:
+                src = stack.enter_context(open(path, "rb"))
+            except OSError as e:
+                raise StorageError(f"cannot open {path}: {e.strerror}") from None
+        head = _peek(src, 8)
+        kind = detect_compression(head)
+        if kind == "tar" and path != "-" and stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            src.seek(0)
+            yield src
+            return
+        spool = stack.enter_context(tempfile.TemporaryFile(dir=tmpdir))
+        try:
+            _decompress_into(kind, head, src, spool)
+        except OSError as e:
+            raise StorageError(f"cannot spool the input layer: {e.strerror or e}") from None
+        spool.seek(0)
+        yield spool
+
+
+def _peek(src: BinaryIO, n: int) -> bytes:
+    if hasattr(src, "peek"):
+        peeked: bytes = src.peek(n)
+        return peeked[:n]
+    # Unbuffered stdin: read and remember; _Chain replays it.
+    return src.read(n)
+
+
+class _Chain:
+    """``head`` followed by the rest of ``src``, as one ``read``-able stream."""
+
+    def __init__(self, head: bytes, src: BinaryIO) -> None:
+        self._head = head
+        self._src = src
+
+    def read(self, n: int) -> bytes:
+        if self._head:
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        return self._src.read(n)
+
+
+def _decompress_into(kind: str, head: bytes, src: BinaryIO, dst: BinaryIO) -> None:
+    raw: BinaryIO = src if hasattr(src, "peek") else _Chain(head, src)  # type: ignore
+    if kind == "tar":
+        shutil.copyfileobj(raw, dst, 1 << 20)
+    elif kind == "gzip":
+        reader = GzipMembersReader(raw.read, error=_gzip_error, track_members=False)
+        while True:
+            data = reader.read(1 << 20)
+            if not data:
+                break
+            dst.write(data)
+    else:
+        # Optional where it matters: the rootless helper runs this package
+        # under a bare python3, which has zstandard only if zstd layers need it.
+        import zstandard
+
+        try:
+            zstandard.ZstdDecompressor().copy_stream(raw, dst, read_size=1 << 20,
+                                                     write_size=1 << 20)
+        except zstandard.ZstdError as e:
+            raise InvalidInput(f"invalid zstd input: {e}") from None
+
+
+def _gzip_error(message: str, offset: int | None = None) -> InvalidInput:
+    where = f" at compressed offset {offset}" if offset is not None else ""
+    return InvalidInput(f"input layer: {message}{where}")

@@ -1,0 +1,158 @@
+"""Reading an eStargz blob through ranged reads: footer, TOC, single files.
+
+:class:`LayerReader` needs only a :class:`~estargz.source.RangeSource`. To
+list a layer it reads the footer and the TOC; to extract one file it then
+reads just that file's chunks -- what a lazy-pulling snapshotter does with
+HTTP range requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+from .._exceptions import DigestMismatch, FooterError, InvalidBlob, NotFound, TOCError
+from .footer import FOOTER_SIZE, parse_footer
+from .gzipstream import GzipMembersReader
+from .source import RangeSource, SequentialReader
+from .tarstream import PeekableStream, iter_headers
+from .toc import MAX_TOC_JSON_SIZE, TOC, TOC_TAR_NAME, TOCEntry, check_toc, clean_name, decode_toc
+
+_PIECE = 1 << 20
+
+
+class LayerReader:
+    """An opened eStargz blob: its footer, TOC and TOC digest, checked."""
+
+    def __init__(self, source: RangeSource, *,
+                 max_toc_size: int = MAX_TOC_JSON_SIZE) -> None:
+        self.source = source
+        size = source.size
+        tail = source.read_at(max(0, size - FOOTER_SIZE), min(size, FOOTER_SIZE))
+        self.toc_offset, self.footer_size = parse_footer(tail)
+        self.payload_end = size - self.footer_size
+        if not 0 <= self.toc_offset < self.payload_end:
+            raise FooterError(f"footer points at TOC offset {self.toc_offset}, "
+                              f"outside the {size}-byte blob")
+        self._toc_stream = GzipMembersReader(
+            SequentialReader(source, self.toc_offset, self.payload_end).read,
+            base=self.toc_offset, error=TOCError, track_members=False)
+        stream = PeekableStream(self._toc_stream, error=_toc_error)
+        headers = iter_headers(stream, error=_toc_error)
+        head = next(headers, None)
+        if head is None:
+            raise TOCError("no tar entry at the TOC offset", offset=self.toc_offset)
+        if head.name != TOC_TAR_NAME or not head.isreg():
+            raise TOCError(f"tar entry at the TOC offset is {head.name!r}, "
+                           f"not {TOC_TAR_NAME!r}", offset=self.toc_offset)
+        if head.size < 0:  # a PAX "size" record or a base-256 field can say so
+            raise TOCError(f"TOC tar entry has a negative size {head.size}",
+                           offset=self.toc_offset)
+        if head.size > max_toc_size:
+            raise TOCError(f"TOC JSON of {head.size} bytes exceeds the "
+                           f"{max_toc_size}-byte limit", offset=self.toc_offset)
+        self.toc_json = stream.read(head.size)
+        if len(self.toc_json) != head.size:
+            raise TOCError("TOC JSON is truncated", offset=self.toc_offset)
+        #: The stream and header just past the TOC JSON, for the verifier.
+        self.toc_header = head
+        self.toc_rest = stream
+        self.toc_digest = "sha256:" + hashlib.sha256(self.toc_json).hexdigest()
+        toc = decode_toc(self.toc_json)
+        check_toc(toc, self.toc_offset)
+        toc.digest = self.toc_digest
+        self.toc: TOC = toc
+        self._by_name: dict[str, int] = {}
+        for i, e in enumerate(toc.entries):
+            if e.type != "chunk":
+                self._by_name[clean_name(e.name)] = i
+
+    @property
+    def entries(self) -> list[TOCEntry]:
+        return self.toc.entries
+
+    def lookup(self, path: str) -> TOCEntry:
+        """The entry at ``path``, following hardlinks. Raises :class:`NotFound`."""
+        return self.entries[self._index(path)]
+
+    def _index(self, path: str) -> int:
+        i = self._by_name.get(clean_name(path))
+        hops = 0
+        while i is not None and self.entries[i].type == "hardlink" and hops < 40:
+            i = self._by_name.get(clean_name(self.entries[i].link_name))
+            hops += 1
+        if i is None or self.entries[i].type == "hardlink":
+            raise NotFound(f"{path!r} is not in the layer")
+        return i
+
+    def chunks(self, path: str) -> list[tuple[TOCEntry, int, int]]:
+        """``(entry, size, next_offset)`` for each data chunk of file ``path``."""
+        i = self._index(path)
+        e = self.entries[i]
+        if e.type != "reg":
+            raise NotFound(f"{path!r} is not a regular file")
+        if e.size == 0:
+            return []
+        out = []
+        entries = self.entries
+        j = i
+        while j < len(entries) and (j == i or entries[j].type == "chunk"):
+            c = entries[j]
+            size = c.chunk_size or (e.size - c.chunk_offset)
+            nxt = self._next_offset(j)
+            out.append((c, size, nxt))
+            j += 1
+        return out
+
+    def _next_offset(self, j: int) -> int:
+        # By index, not by slicing: a slice would copy the rest of the TOC for
+        # every chunk, quadratic in a file of many chunks.
+        entries = self.entries
+        for k in range(j + 1, len(entries)):
+            if entries[k].offset:
+                return entries[k].offset
+        return self.toc_offset
+
+    def iter_file(self, path: str) -> Iterator[bytes]:
+        """Yield the contents of regular file ``path``, reading only its chunks.
+
+        Every chunk is checked against its ``chunkDigest`` and the whole file
+        against its ``digest``; a mismatch raises :class:`DigestMismatch`
+        after the chunk's bytes (so write to a temporary file and keep it only
+        once the iteration completes).
+        """
+        e = self.lookup(path)
+        whole = hashlib.sha256()
+        for c, size, nxt in self.chunks(path):
+            h = hashlib.sha256()
+            for piece in read_member_prefix(self.source, c.offset, nxt, size, e.name):
+                h.update(piece)
+                whole.update(piece)
+                yield piece
+            if "sha256:" + h.hexdigest() != c.chunk_digest:
+                raise DigestMismatch("chunk does not match its chunkDigest",
+                                     entry=e.name, offset=c.offset)
+        if e.digest and "sha256:" + whole.hexdigest() != e.digest:
+            raise DigestMismatch("file does not match its digest", entry=e.name)
+
+
+def read_member_prefix(source: RangeSource, start: int, end: int, size: int,
+                       name: str | None = None) -> Iterator[bytes]:
+    """Yield the first ``size`` uncompressed bytes of the gzip data at
+    ``[start, end)`` of ``source``, reading no byte outside that range."""
+    def error(message: str, offset: int | None = None) -> InvalidBlob:
+        return InvalidBlob(message, entry=name, offset=offset)
+
+    reader = GzipMembersReader(SequentialReader(source, start, end).read, base=start,
+                               error=error, track_members=False)
+    left = size
+    while left:
+        piece = reader.read(min(left, _PIECE))
+        if not piece:
+            raise InvalidBlob(f"chunk data ends {left} bytes early", entry=name, offset=start)
+        left -= len(piece)
+        yield piece
+
+
+def _toc_error(message: str, offset: int | None = None) -> TOCError:
+    return TOCError(message, offset=offset)
