@@ -35,14 +35,38 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .fanotify import (AT_FDCWD, FAN_ACCESS, FAN_CLASS_NOTIF, FAN_CLOEXEC,
-                       FAN_EVENT_INFO_TYPE_FID, FAN_MARK_ADD, FAN_MARK_MOUNT, FAN_NONBLOCK,
-                       FAN_OPEN, FAN_REPORT_FID, METADATA, METADATA_SIZE, fanotify_lib)
-from .linux import (CLONE_NEWNS, CLONE_NEWUSER, MNT_DETACH, MS_PRIVATE, MS_REC,
-                    PR_SET_DUMPABLE, in_initial_user_namespace, map_to_root, mount, prctl,
-                    umount, unshare, which_sbin)
+from .fanotify import (
+    AT_FDCWD,
+    FAN_ACCESS,
+    FAN_CLASS_NOTIF,
+    FAN_CLOEXEC,
+    FAN_EVENT_INFO_TYPE_FID,
+    FAN_MARK_ADD,
+    FAN_MARK_MOUNT,
+    FAN_NONBLOCK,
+    FAN_OPEN,
+    FAN_REPORT_FID,
+    METADATA,
+    METADATA_SIZE,
+    fanotify_lib,
+)
+from .linux import (
+    CLONE_NEWNS,
+    CLONE_NEWUSER,
+    MNT_DETACH,
+    MS_PRIVATE,
+    MS_REC,
+    PR_SET_DUMPABLE,
+    in_initial_user_namespace,
+    map_to_root,
+    mount,
+    prctl,
+    umount,
+    unshare,
+    which_sbin,
+)
 
 CAP_SYS_ADMIN = 21
 NOBODY = 65534
@@ -74,7 +98,8 @@ class Mode:
         mode: ``root`` for euid 0, ``rootless`` for anyone else."""
         return self.name == ("root" if os.geteuid() == 0 else "rootless")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """This mode as JSON-ready data (``estargz doctor --json``)."""
         return {"name": self.name, "supported": self.supported,
                 "used_by_optimize": self.used_by_optimize, "reasons": list(self.reasons),
                 "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail}
@@ -147,7 +172,8 @@ def probe_root() -> Mode:
     euid = os.geteuid()
     cap = _has_cap_sys_admin()
     if euid == 0 or cap:
-        checks.append(Check("privileges", True, f"euid {euid}" + (", CAP_SYS_ADMIN" if cap else "")))
+        checks.append(Check("privileges", True,
+                            f"euid {euid}" + (", CAP_SYS_ADMIN" if cap else "")))
     else:
         checks.append(Check("privileges", False, f"euid {euid}, no CAP_SYS_ADMIN"))
         reasons.append(f"not root and no CAP_SYS_ADMIN (running as uid {euid})")
@@ -273,15 +299,21 @@ def _run_child_probe() -> tuple[list[Check], str | None]:
             _child(wfd)
         except BaseException as e:
             code = 1
-            try:
+            with contextlib.suppress(BaseException):
                 os.write(wfd, (json.dumps(["namespace probe", False,
                                            f"{type(e).__name__}: {e}"]) + "\n").encode())
-            except BaseException:
-                pass
         finally:
             os._exit(code)
 
     os.close(wfd)
+    data, timed_out = _collect(rfd, pid)
+    return _verdict(data, timed_out)
+
+
+def _collect(rfd: int, pid: int) -> tuple[bytes, bool]:
+    """What the child wrote until it closed the pipe, or until
+    :data:`CHILD_TIMEOUT` (it is then killed); and whether it timed out.
+    Closes ``rfd`` and reaps the child."""
     data = b""
     deadline = time.monotonic() + CHILD_TIMEOUT
     timed_out = False
@@ -301,15 +333,15 @@ def _run_child_probe() -> tuple[list[Check], str | None]:
     finally:
         os.close(rfd)
         if timed_out:
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    return data, timed_out
 
+
+def _verdict(data: bytes, timed_out: bool) -> tuple[list[Check], str | None]:
+    """The child's steps (one JSON line each), and the first failure's reason."""
     checks: list[Check] = []
     for line in data.decode("utf-8", "replace").splitlines():
         try:
@@ -339,16 +371,16 @@ def _child(wfd: int) -> None:
         os.write(wfd, (json.dumps([name, ok, detail]) + "\n").encode())
         return ok
 
-    if os.geteuid() == 0 and in_initial_user_namespace():  # answer for a user, not for root
-        if not _drop_to_nobody(report):
-            return
+    # Answer for a user, not for root.
+    if os.geteuid() == 0 and in_initial_user_namespace() and not _drop_to_nobody(report):
+        return
     uid, gid = os.geteuid(), os.getegid()
 
     step = "unshare user+mount namespace"
     try:
         unshare(CLONE_NEWUSER | CLONE_NEWNS)
     except OSError as e:
-        report(step, False, f"unshare(CLONE_NEWUSER|CLONE_NEWNS): {_errname(e.errno)}")
+        report(step, False, f"unshare(CLONE_NEWUSER|CLONE_NEWNS): {_errname(e.errno or 0)}")
         return
     report(step, True, "unshare(CLONE_NEWUSER|CLONE_NEWNS) works")
 
@@ -395,7 +427,7 @@ def _child_tmpfs(report: _Report) -> None:
         try:
             mount("estargz-probe", target, "tmpfs", 0, "size=64k")
         except OSError as e:
-            report(step, False, f"mount -t tmpfs on {target}: {_errname(e.errno)}")
+            report(step, False, f"mount -t tmpfs on {target}: {_errname(e.errno or 0)}")
             return
         report(step, True, f"tmpfs on {target}")
         try:
@@ -434,8 +466,8 @@ def _child_fanotify(report: _Report, target: str) -> None:
         report(step, True, "mount mark on the tmpfs accepted")
 
         step = "event on read"
-        with open(path, "rb") as f:
-            f.read()
+        with open(path, "rb") as r:
+            r.read()
         ready, _, _ = select.select([fd], [], [], 1.0)
         if not ready:
             report(step, False, "no event within 1 s")

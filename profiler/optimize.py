@@ -26,11 +26,27 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from estargz import (INDEX_TYPES, Descriptor, ImageConvertOptions, ImageResult, ImageSource,
-                     InvalidInput, PeekableStream, atomic_output, check_member, clean_name,
-                     convert_image, host_platform_default, iter_headers, open_source, open_tar,
-                     parse_reference, sha256_digest)
+from estargz import (
+    INDEX_TYPES,
+    Descriptor,
+    ImageConvertOptions,
+    ImageResult,
+    ImageSource,
+    InvalidInput,
+    PeekableStream,
+    atomic_output,
+    check_member,
+    clean_name,
+    convert_image,
+    host_platform_default,
+    iter_headers,
+    open_source,
+    open_tar,
+    parse_reference,
+    sha256_digest,
+)
 
 from .record import Access, by_path, map_accesses, per_layer, write_record
 from .report import Report, write_html
@@ -80,7 +96,7 @@ class OptimizeResult:
 _MAX_JSON = 16 << 20
 
 
-def _read_json(source: ImageSource, desc: Descriptor, what: str) -> dict:
+def _read_json(source: ImageSource, desc: Descriptor, what: str) -> dict[str, Any]:
     if desc.size > _MAX_JSON:
         raise InvalidInput(f"{what} {desc.digest} is implausibly large")
     buf = io.BytesIO()
@@ -94,7 +110,7 @@ def _read_json(source: ImageSource, desc: Descriptor, what: str) -> dict:
     return obj
 
 
-def host_manifest(source: ImageSource) -> tuple[Descriptor, dict, dict, bool]:
+def host_manifest(source: ImageSource) -> tuple[Descriptor, dict[str, Any], dict[str, Any], bool]:
     """The manifest this machine can run: ``(descriptor, manifest, config,
     from_index)``."""
     data, media_type = source.root()
@@ -118,10 +134,11 @@ def host_manifest(source: ImageSource) -> tuple[Descriptor, dict, dict, bool]:
     return desc, manifest, config, from_index
 
 
-def process_from_config(config: dict, options: OptimizeOptions) -> ProcessSpec:
+def process_from_config(config: dict[str, Any], options: OptimizeOptions) -> ProcessSpec:
     """Entrypoint + Cmd, Env, User and WorkingDir of the image, with overrides."""
     c = config.get("config") or {}
-    entrypoint = options.entrypoint if options.entrypoint is not None else (c.get("Entrypoint") or [])
+    entrypoint = (options.entrypoint if options.entrypoint is not None
+                  else (c.get("Entrypoint") or []))
     # As docker run: a new entrypoint drops the image's Cmd.
     if options.args is not None:
         cmd = options.args
@@ -174,7 +191,8 @@ def _list_only(source: ImageSource, layers: list[Descriptor], patterns: tuple[st
             for name in names:
                 if name in seen or listings[i].kinds.get(name) != "reg":
                     continue
-                if (name == pat or fnmatch.fnmatchcase(name, pat)) and layer_for(name, listings) == i:
+                if (name == pat or fnmatch.fnmatchcase(name, pat)) \
+                        and layer_for(name, listings) == i:
                     seen.add(name)
                     out.append(Access(name, i))
     return out
@@ -190,7 +208,7 @@ def optimize_image(src: str, dst: str | None,
     with tempfile.TemporaryDirectory(prefix="estargz-optimize-") as work, \
             open_source(sref, options.convert.src) as source:
         desc, manifest, config, from_index = host_manifest(source)
-        layers = [Descriptor.from_json(l) for l in manifest.get("layers") or []]
+        layers = [Descriptor.from_json(d) for d in manifest.get("layers") or []]
         if options.prefetch_list is not None:
             accesses = _list_only(source, layers, options.prefetch_list, work)
             workload = ["(prefetch list)"]
@@ -227,7 +245,7 @@ def optimize_image(src: str, dst: str | None,
             notes.append("only this machine's platform was profiled; other platforms get "
                          "the same files prioritized by path")
         image = convert_image(src, dst, convert)
-    layer_reports = [l for l in (image.layers if image else []) if l.manifest == desc.digest]
+    layer_reports = [r for r in (image.layers if image else []) if r.manifest == desc.digest]
     report = Report(image=str(sref), workload=list(workload), accesses=accesses,
                     layers=layer_reports, seconds=round(run.duration if run else 0.0, 2),
                     exit_status=run.exit_code if run else None,

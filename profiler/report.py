@@ -45,16 +45,17 @@ class Report:
 
     @property
     def full_pull(self) -> int:
-        return sum(l.new_size for l in self.layers)
+        return sum(layer.new_size for layer in self.layers)
 
     @property
     def lazy_start(self) -> int:
         """Bytes a lazy puller fetches before the workload starts: each
         layer's TOC and footer, and what precedes its landmark."""
-        return sum(l.prefetch_size + l.toc_size for l in self.layers)
+        return sum(layer.prefetch_size + layer.toc_size for layer in self.layers)
 
 
 def human(n: float) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB, as a person reads them."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -67,10 +68,10 @@ def render_text(report: Report) -> str:
     lines = [f"{report.image}: {len(report.accesses)} files accessed by "
              f"{' '.join(report.workload)} in {report.seconds:.2f}s"
              + (" (period ended)" if report.timed_out else "")]
-    for l in report.layers:
-        lines.append(f"  layer {l.index}: {report.files(l.index):>5} files, prefetch "
-                     f"{human(l.prefetch_size):>10} of {human(l.new_size):>10} "
-                     f"({report.share(l):6.1%})")
+    for layer in report.layers:
+        lines.append(f"  layer {layer.index}: {report.files(layer.index):>5} files, prefetch "
+                     f"{human(layer.prefetch_size):>10} of {human(layer.new_size):>10} "
+                     f"({report.share(layer):6.1%})")
     full = report.full_pull
     lazy = report.lazy_start
     ratio = lazy / full if full else 0.0

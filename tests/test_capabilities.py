@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import profiler.capabilities as caps
 from conftest import REPO, make_readable, public_dir, run_cli
 from profiler.capabilities import Mode, probe
 
@@ -99,7 +100,6 @@ def test_probe_as_nobody(nobody_profiler):
 
 
 def test_rootless_reports_disabled_user_namespaces(monkeypatch):
-    import profiler.capabilities as caps
     real = caps._sysctl
     monkeypatch.setattr(caps, "_sysctl", lambda path: 0 if "max_user_namespaces" in path
                         else real(path))
@@ -111,7 +111,6 @@ def test_rootless_reports_disabled_user_namespaces(monkeypatch):
 
 
 def test_probe_never_raises(monkeypatch):
-    import profiler.capabilities as caps
 
     def boom():
         raise RuntimeError("kaput")
@@ -141,8 +140,8 @@ def test_doctor_human():
     assert r.code == 0, r.err
     lines = r.out.splitlines()
     assert lines[0].startswith("root: ")
-    assert any(l.startswith("rootless: ") for l in lines)
-    assert any(l.startswith("  [ok] ") or l.startswith("  [no] ") for l in lines)
+    assert any(ln.startswith("rootless: ") for ln in lines)
+    assert any(ln.startswith("  [ok] ") or ln.startswith("  [no] ") for ln in lines)
 
 
 @root_only

@@ -14,9 +14,16 @@ import pytest
 from conftest import REPO
 from profiler.errors import ProfilingError
 from profiler.fanotify import FAN_ACCESS, FAN_OPEN, FAN_Q_OVERFLOW, pack_event
-from profiler.fanotify.fid import (FAN_EVENT_INFO_TYPE_DFID_NAME, FAN_EVENT_INFO_TYPE_FID,
-                                   FidInfo, HandleTable, RawFidEvent, name_to_handle_at,
-                                   pack_fid_event, parse_fid_events)
+from profiler.fanotify.fid import (
+    FAN_EVENT_INFO_TYPE_DFID_NAME,
+    FAN_EVENT_INFO_TYPE_FID,
+    FidInfo,
+    HandleTable,
+    RawFidEvent,
+    name_to_handle_at,
+    pack_fid_event,
+    parse_fid_events,
+)
 
 FID = FidInfo(FAN_EVENT_INFO_TYPE_FID, (7, 9), 1, b"\x01\x02\x03\x04\x05\x06\x07\x08")
 DFID = FidInfo(FAN_EVENT_INFO_TYPE_DFID_NAME, (7, 9), 1, b"\xaa" * 8, "héllo.py")

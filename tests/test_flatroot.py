@@ -34,17 +34,32 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 
 from conftest import REPO, Spec, build_tar, sparse_tar
-from estargz import (Descriptor, InvalidInput, StorageError, UnsupportedEntry, open_source,
-                     parse_reference)
-from profiler.rootfs import (LayerListing, assemble_flat_rootfs, assemble_image_rootfs,
-                             extract_layer, layer_for, layer_usage, merge_layer)
-from test_rootfs import BlobSource  # blobs in memory, for assemble_image_rootfs
+from estargz import (
+    Descriptor,
+    InvalidInput,
+    StorageError,
+    UnsupportedEntry,
+    open_source,
+    parse_reference,
+)
+from profiler.rootfs import (
+    LayerListing,
+    assemble_flat_rootfs,
+    assemble_image_rootfs,
+    extract_layer,
+    layer_for,
+    layer_usage,
+    merge_layer,
+)
+
+# blobs in memory for assemble_image_rootfs, and the hostile layers of the overlay's extraction
+from test_rootfs import BlobSource, hostile_cases
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root (tmpfs mounts, the overlayfs reference)")
@@ -59,7 +74,7 @@ def d(name: str, mode: int = 0o755, **kw) -> Spec:
     return Spec(name.rstrip("/") + "/", DIR, mode=mode, **kw)
 
 
-def f(name: str, data: Optional[bytes] = None, mode: int = 0o644, **kw) -> Spec:
+def f(name: str, data: bytes | None = None, mode: int = 0o644, **kw) -> Spec:
     return Spec(name, data=name.encode() if data is None else data, mode=mode, **kw)
 
 
@@ -201,7 +216,9 @@ def snapshot_tree(root: str, recent_ns: int) -> dict:
     import hashlib
     import os
     import stat
-    entries, inodes, ghosts = {}, {}, []
+    entries: dict = {}
+    inodes: dict = {}
+    ghosts: list = []
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
             p = os.path.join(dirpath, name)
@@ -333,7 +350,7 @@ def test_flat_tree_is_what_the_overlay_shows(tmp_path, tmpfs, image):
     assert diff(got["entries"], ref["entries"]) == []
     assert got["hardlinks"] == ref["hardlinks"]
     assert len(listings) == len(ovl_listings)
-    for i, (flat, ovl) in enumerate(zip(listings, ovl_listings)):
+    for i, (flat, ovl) in enumerate(zip(listings, ovl_listings, strict=True)):
         flat_d, own = split_warnings(listing_dict(flat))
         assert flat_d == as_flat(ovl), i
         devices = {p for p, k in ovl.kinds.items() if k in ("char", "block")}
@@ -433,16 +450,17 @@ def test_flat_extraction_lists_what_the_other_does(tmp_path):
 
 CHILD = '''
 from __future__ import annotations
-import ctypes, ctypes.util, json, os, sys
+import json, os, sys
 sys.dont_write_bytecode = True
 sys.path.insert(0, sys.argv[1])
+from profiler.linux import mount
 from profiler.rootfs import LayerListing, assemble_flat_rootfs
 ''' + inspect.getsource(snapshot_tree) + inspect.getsource(listing_dict) + '''
 mnt, recent, blobs = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-if libc.mount(b"tmpfs", mnt.encode(), b"tmpfs", 0, b"mode=0755") != 0:
-    sys.exit("cannot mount a tmpfs: " + os.strerror(ctypes.get_errno()))
+try:
+    mount("tmpfs", mnt, "tmpfs", 0, "mode=0755")
+except OSError as e:
+    sys.exit("cannot mount a tmpfs: " + e.strerror)
 root = os.path.join(mnt, "root")
 listings = assemble_flat_rootfs(blobs, root, mnt)
 json.dump({"ids": [os.getuid(), os.getgid()],
@@ -485,8 +503,8 @@ def run_as_nobody(nobody_python, blobs: list[bytes], since: int) -> dict:
     try:
         work.chmod(0o755)
         paths = write_blobs(blobs, work / "blobs")
-        for p in paths:
-            os.chmod(p, 0o644)
+        for path in paths:
+            os.chmod(path, 0o644)
         (work / "mnt").mkdir(mode=0o755)
         p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                             "unshare", "--user", "--map-root-user", "--mount",
@@ -540,7 +558,7 @@ def test_rootless_assembly_in_a_user_namespace(tmp_path, tmpfs, nobody_python, i
 
     assert len(out["listings"]) == len(listings)
     with_unmapped = []
-    for i, (ns, real) in enumerate(zip(out["listings"], listings)):
+    for i, (ns, real) in enumerate(zip(out["listings"], listings, strict=True)):
         ns_d, ns_own = split_warnings(ns)
         real_d, real_own = split_warnings(listing_dict(real))
         # Beyond warnings, the namespace skipped trusted.* xattrs: the only difference.
@@ -649,7 +667,6 @@ def tree_state(top: Path) -> dict:
 
 
 def test_hostile_layers_are_refused_in_flat_mode_too(tmp_path, canary):
-    from test_rootfs import hostile_cases  # the same cases as the overlay's extraction
     before = tree_state(canary.parent)
     for cid, specs, error in hostile_cases(str(canary)):
         blob = tmp_path / f"{cid}.tar"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from estargz import clean_name
-
 from conftest import REPO, run_cli, start_until
+from estargz import clean_name
+from test_image_convert import make_layout_with_repeated_layer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="profiling needs root")
 
@@ -30,7 +30,7 @@ def blob(layout: Path, digest: str) -> Path:
 
 
 def before_landmark(layout: Path, layer_digest: str) -> list[str]:
-    r = run_cli("layer", "toc", blob(layout, layer_digest), check=True)
+    r = run_cli("layer", "toc", str(blob(layout, layer_digest)), check=True)
     names = [clean_name(e["name"]) for e in json.loads(r.out)["entries"] if e["type"] != "chunk"]
     if ".prefetch.landmark" not in names:
         assert names[0] == ".no.prefetch.landmark"
@@ -49,7 +49,7 @@ def test_python_import_json_prefetches_what_python_reads(tmp_path, test_images):
     record = tmp_path / "record.jsonl"
     result = optimize(f"oci:{test_images.debian_python3}:latest", f"oci:{out}:opt",
                       "--record-out", record, "--report", tmp_path / "report.html")
-    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    layers = [ln["new_digest"] for ln in result["image"]["layers"]]
     first = {0: before_landmark(out, layers[0]), 1: before_landmark(out, layers[1])}
     assert "usr/bin/python3.11" in first[1]
     for lib in ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1",
@@ -59,15 +59,15 @@ def test_python_import_json_prefetches_what_python_reads(tmp_path, test_images):
     assert "usr/lib/python3.11/json/decoder.py" in first[1]
     assert not any(p.startswith("usr/share/doc") for p in first[0] + first[1])
     # The record is the reference's format, in first-access order.
-    lines = [json.loads(l) for l in record.read_text().splitlines()]
+    lines = [json.loads(ln) for ln in record.read_text().splitlines()]
     # What the runtime reads before the entrypoint (user and group lookups,
     # unseen by fanotify) comes first, then the workload from its exec on.
-    assert [(l["path"], l["layerIndex"]) for l in lines[:3]] == \
+    assert [(ln["path"], ln["layerIndex"]) for ln in lines[:3]] == \
         [("etc/passwd", 0), ("etc/group", 0), ("usr/bin/python3.11", 1)]
     assert [a["kind"] for a in result["accessed"][:3]] == ["runtime", "runtime", "exec"]
     assert {"etc/passwd", "etc/group"} <= set(first[0])
-    assert {l["manifestDigest"] for l in lines} == {result["manifest"]}
-    assert all(set(l) == {"path", "manifestDigest", "layerIndex"} for l in lines)
+    assert {ln["manifestDigest"] for ln in lines} == {result["manifest"]}
+    assert all(set(ln) == {"path", "manifestDigest", "layerIndex"} for ln in lines)
     assert "files accessed" in (tmp_path / "report.html").read_text()
     # The same record through `convert --record-in` gives the same image.
     again = run_cli("convert", f"oci:{test_images.debian_python3}:latest",
@@ -92,7 +92,7 @@ def test_written_files_deleted_files_and_symlinks(tmp_path, test_images):
     assert "usr/lib/os-release" in paths and "etc/os-release" not in paths
     by_layer = {a["path"]: a["layer"] for a in result["accessed"]}
     assert by_layer["etc/motd"] == 1 and by_layer["usr/bin/dash"] == 0
-    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    layers = [ln["new_digest"] for ln in result["image"]["layers"]]
     assert "etc/issue.net" not in before_landmark(out, layers[0])
     assert "usr/local/bin/hello" in before_landmark(out, layers[1])
 
@@ -101,7 +101,7 @@ def test_layer_with_nothing_accessed_gets_no_prefetch_landmark(tmp_path, test_im
     out = tmp_path / "out"
     result = optimize(f"oci:{test_images.debian_multilayer}:latest", f"oci:{out}",
                       "--entrypoint", '["/usr/bin/true"]')
-    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    layers = [ln["new_digest"] for ln in result["image"]["layers"]]
     assert before_landmark(out, layers[0])
     assert before_landmark(out, layers[1]) == []
 
@@ -125,7 +125,7 @@ def test_no_optimize_writes_only_the_record(tmp_path, test_images):
                 "--record-out", record, "--args", '["sh", "-c", "echo ok"]')
     assert r.code == 0, r.err
     assert "workload: ok" in r.err
-    paths = [json.loads(l)["path"] for l in record.read_text().splitlines()]
+    paths = [json.loads(ln)["path"] for ln in record.read_text().splitlines()]
     assert paths[:3] == ["etc/passwd", "etc/group", "bin/busybox"]
 
 
@@ -137,7 +137,7 @@ def test_sigint_mid_run_leaves_nothing(tmp_path, test_images):
                             "--entrypoint", '["/bin/sh", "-c"]', "--args",
                             '["echo started; sleep 1000"]', "--period", "60"],
                            cwd=REPO, env={**os.environ, "TMPDIR": str(tmp)})
-    assert any("workload: started" in l for l in lines), lines
+    assert any("workload: started" in ln for ln in lines), lines
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 130
@@ -160,8 +160,8 @@ def test_reference_record_is_contained_in_ours(tmp_path, test_images, containerd
     subprocess.run(["skopeo", "copy", f"oci:{test_images.debian_python3}:latest",
                     f"oci-archive:{archive}:latest"], check=True, capture_output=True)
     containerd.ctr("images", "import", "--base-name", "estargz.test/py", "--digests", archive)
-    digest = next(l for l in containerd.ctr("images", "ls", "-q").stdout.split()
-                  if l.startswith("estargz.test/py@"))
+    digest = next(ln for ln in containerd.ctr("images", "ls", "-q").stdout.split()
+                  if ln.startswith("estargz.test/py@"))
     containerd.ctr("images", "tag", "--force", digest, "estargz.test/py:ref")
     ref_record = tmp_path / "ref.jsonl"
     p = subprocess.run(["ctr-remote", "--address", containerd.address, "--namespace",
@@ -189,19 +189,18 @@ def test_other_platforms_get_the_record_by_path(tmp_path, test_images):
                       "--args", '["sh", "-c", "echo hi"]')
     assert any("only this machine's platform was profiled" in n for n in result["notes"])
     assert sorted(result["image"]["platforms"]) == ["linux/amd64", "linux/arm64/v8"]
-    amd64 = next(l for l in result["image"]["layers"] if l["manifest"] == result["manifest"])
+    amd64 = next(ln for ln in result["image"]["layers"] if ln["manifest"] == result["manifest"])
     assert "bin/busybox" in before_landmark(out, amd64["new_digest"])
 
 
 def test_a_layer_listed_twice(tmp_path, test_images):
-    from test_image_convert import make_layout_with_repeated_layer
     src = tmp_path / "twice"
     make_layout_with_repeated_layer(test_images.busybox, src)
     out = tmp_path / "out"
     result = optimize(f"oci:{src}:latest", f"oci:{out}", "--args", '["sh", "-c", "echo hi"]')
     # The upper copy provides every file, so only it gets them first.
     assert {a["layer"] for a in result["accessed"]} == {1}
-    layers = [l["new_digest"] for l in result["image"]["layers"]]
+    layers = [ln["new_digest"] for ln in result["image"]["layers"]]
     assert before_landmark(out, layers[0]) == []
     assert "bin/busybox" in before_landmark(out, layers[1])
 

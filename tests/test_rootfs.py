@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import platform
 import signal
@@ -35,18 +36,38 @@ import sys
 import tarfile
 import textwrap
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO
 
 import pytest
 
 from conftest import REPO, Spec, build_tar, sparse_content, sparse_tar
 from daemons import mounts_under
-from estargz import (OCI_LAYER, OCI_LAYER_GZIP, Descriptor, ImageSource, InvalidInput,
-                     StorageError, UnsupportedEntry, copy_verified, open_source, parse_reference,
-                     sha256_digest)
-from profiler.rootfs import (LayerListing, OverlayRoot, assemble_image_rootfs, extract_layer,
-                             layer_for, link_targets, normalize, prioritized_lists, remove_tree,
-                             resolve)
+from estargz import (
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    Descriptor,
+    EstargzError,
+    ImageSource,
+    InvalidInput,
+    StorageError,
+    UnsupportedEntry,
+    copy_verified,
+    open_source,
+    parse_reference,
+    sha256_digest,
+)
+from profiler.rootfs import (
+    LayerListing,
+    OverlayRoot,
+    assemble_image_rootfs,
+    extract_layer,
+    layer_for,
+    link_targets,
+    normalize,
+    prioritized_lists,
+    remove_tree,
+    resolve,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown, mount)")
 
@@ -123,6 +144,7 @@ def snapshot(root: Path) -> dict:
         for name in ["", *dirs, *files]:
             p = os.path.join(dirpath, name) if name else dirpath
             st = os.lstat(p)
+            extra: str | None
             if stat.S_ISLNK(st.st_mode):
                 extra, xattrs = os.readlink(p), {}
             else:
@@ -434,7 +456,7 @@ LAYER2 = [
 def assemble(tmp_path: Path, layers: list[list[Spec]], gz: bool = False):
     source = BlobSource()
     descs = []
-    for i, specs in enumerate(layers):
+    for specs in layers:
         tar = build_tar(specs)
         descs.append(source.add(gzip.compress(tar), OCI_LAYER_GZIP) if gz else source.add(tar))
     return source, descs, assemble_image_rootfs(source, descs, str(tmp_path / "scratch"))
@@ -541,8 +563,8 @@ def test_device_nodes_cannot_be_opened_through_the_mount(tmp_path):
                                str(tmp_path / "s")) as (mnt, _):
         assert stat.S_ISBLK(os.lstat(os.path.join(mnt, "dev/host-disk")).st_mode)
         for node in ("dev/host-disk", "dev/null"):
-            with pytest.raises(PermissionError):
-                open(os.path.join(mnt, node), "rb")
+            with pytest.raises(PermissionError), open(os.path.join(mnt, node), "rb"):
+                pass
 
 
 @needs_root
@@ -550,25 +572,24 @@ def test_media_types_and_failures_clean_up(tmp_path):
     source = BlobSource()
     good = source.add(build_tar(files(0, "x")))
     attestation = source.add(b"{}", "application/vnd.in-toto+json")
-    with pytest.raises(InvalidInput, match="not a tar layer"):
-        with assemble_image_rootfs(source, [good, attestation], str(tmp_path / "s")):
-            pass
+    with pytest.raises(InvalidInput, match="not a tar layer"), \
+            assemble_image_rootfs(source, [good, attestation], str(tmp_path / "s")):
+        pass
     assert not (tmp_path / "s").exists()
     wrong = Descriptor(OCI_LAYER, good.digest, good.size + 1)
-    with pytest.raises(estargz_error()):
-        with assemble_image_rootfs(source, [wrong], str(tmp_path / "s")):
-            pass
+    with pytest.raises(estargz_error()), \
+            assemble_image_rootfs(source, [wrong], str(tmp_path / "s")):
+        pass
     assert not (tmp_path / "s").exists() and not mounts_under(tmp_path)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/file").write_text("mine")
-    with pytest.raises(StorageError, match="must be empty"):
-        with assemble_image_rootfs(source, [good], str(tmp_path / "busy")):
-            pass
+    with pytest.raises(StorageError, match="must be empty"), \
+            assemble_image_rootfs(source, [good], str(tmp_path / "busy")):
+        pass
     assert (tmp_path / "busy/file").read_text() == "mine"
 
 
-def estargz_error():
-    from estargz import EstargzError
+def estargz_error() -> type[EstargzError]:
     return EstargzError
 
 
@@ -586,7 +607,7 @@ def canary(tmp_path) -> Path:
     return c
 
 
-def hostile_cases(c: str) -> list[tuple[str, list[Spec], Optional[str]]]:
+def hostile_cases(c: str) -> list[tuple[str, list[Spec], str | None]]:
     """(id, layer, expected error match or None for success) with canary ``c``."""
     return [
         ("dotdot", [f("../escape", b"x")], "climbs out"),
@@ -690,7 +711,7 @@ def test_hostile_image_mounted_and_mapped(tmp_path, canary):
 
 # --- the layer map --------------------------------------------------------------------------
 
-def listing(kinds: Optional[dict] = None, whiteouts=(), opaque=(), symlinks=None,
+def listing(kinds: dict | None = None, whiteouts=(), opaque=(), symlinks=None,
             implicit=()) -> LayerListing:
     symlinks = symlinks or {}
     kinds = dict(kinds or {})
@@ -843,7 +864,6 @@ def multiarch() -> str:
 
 @needs_root
 def test_debian_python3_image(tmp_path, test_images):
-    import json
     src = open_source(parse_reference(f"oci:{test_images.debian_python3}:latest"))
     data, _ = src.root()
     manifest = json.loads(data)
@@ -890,16 +910,15 @@ def test_overlay_root_unmounts_when_the_body_raises(tmp_path):
     lowers = make_lowers(tmp_path, 2)
     scratch = tmp_path / "scratch"
     root = OverlayRoot(lowers, str(scratch))
-    with pytest.raises(ZeroDivisionError):
-        with root as mnt:
-            assert Path(mnt, "shared").read_text() == "1"
-            assert Path(mnt, "f0").read_text() == "0"
-            Path(mnt, "written").write_text("upper")
-            assert (scratch / "upper/written").exists()
-            assert mounts_under(scratch) == [mnt]
-            assert root.method == "mount(2)"
-            assert "nodev" in mount_options(mnt).split()[0].split(",")
-            1 / 0
+    with pytest.raises(ZeroDivisionError), root as mnt:
+        assert Path(mnt, "shared").read_text() == "1"
+        assert Path(mnt, "f0").read_text() == "0"
+        Path(mnt, "written").write_text("upper")
+        assert (scratch / "upper/written").exists()
+        assert mounts_under(scratch) == [mnt]
+        assert root.method == "mount(2)"
+        assert "nodev" in mount_options(mnt).split()[0].split(",")
+        raise ZeroDivisionError
     assert not mounts_under(tmp_path) and not scratch.exists()
     assert all(os.path.isdir(x) for x in lowers)  # outside scratch: kept
 
@@ -928,9 +947,9 @@ def test_overlay_root_with_more_layers_than_a_page_of_options(tmp_path):
         assert Path(mnt, "f0").read_text() == "0" and Path(mnt, "f149").read_text() == "149"
         assert len(os.listdir(mnt)) == 151
     assert not mounts_under(tmp_path)
-    with pytest.raises(StorageError, match="at most 500"):
-        with OverlayRoot(["/nonexistent"] * 501, str(tmp_path / "scratch2")):
-            pass
+    with pytest.raises(StorageError, match="at most 500"), \
+            OverlayRoot(["/nonexistent"] * 501, str(tmp_path / "scratch2")):
+        pass
     assert not (tmp_path / "scratch2").exists()
 
 
@@ -939,13 +958,13 @@ def test_overlay_root_refuses_a_used_scratch_and_a_failed_mount(tmp_path):
     scratch = tmp_path / "scratch"
     (scratch / "upper").mkdir(parents=True)
     (scratch / "upper/mine").write_text("keep")
-    with pytest.raises(StorageError, match="already exists"):
-        with OverlayRoot(make_lowers(tmp_path, 1), str(scratch)):
-            pass
+    with pytest.raises(StorageError, match="already exists"), \
+            OverlayRoot(make_lowers(tmp_path, 1), str(scratch)):
+        pass
     assert (scratch / "upper/mine").read_text() == "keep"
-    with pytest.raises(StorageError, match="cannot mount"):
-        with OverlayRoot([str(tmp_path / "missing")], str(tmp_path / "s2")):
-            pass
+    with pytest.raises(StorageError, match="cannot mount"), \
+            OverlayRoot([str(tmp_path / "missing")], str(tmp_path / "s2")):
+        pass
     assert not (tmp_path / "s2").exists()
 
 

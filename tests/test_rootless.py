@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 
 from conftest import Account, make_readable, public_dir, run_cli, start_until
+from profiler.errors import ProfilingError
+from profiler.rootless import WRITE_ROOM, available_memory, check_memory
+from profiler.sandbox import ProcessSpec, ResolvedUser, SandboxOptions, build_spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates an account (root)")
 
@@ -73,7 +76,7 @@ def test_same_record_and_image_as_root(public, out, rootless_user, unprivileged,
     user_lines = user_record.read_text().splitlines()
     assert len(root_lines) >= 40
     assert user_lines == root_lines
-    assert [json.loads(l)["path"] for l in user_lines[:3]] == \
+    assert [json.loads(ln)["path"] for ln in user_lines[:3]] == \
         ["etc/passwd", "etc/group", "usr/bin/python3.11"]
     # Same output format, same result.
     assert rootless.keys() == as_root.keys()
@@ -96,7 +99,7 @@ def test_dynamic_loader_and_exec_are_recorded(public, out, rootless_user, unpriv
                 "--no-optimize", "--record-out", out / "r.jsonl", "--entrypoint", '["/bin/true"]',
                 tmp=out)
     assert p.returncode == 0, p.stderr
-    paths = [json.loads(l)["path"] for l in (out / "r.jsonl").read_text().splitlines()]
+    paths = [json.loads(ln)["path"] for ln in (out / "r.jsonl").read_text().splitlines()]
     assert paths[:2] == ["etc/passwd", "etc/group"]
     assert paths[2] == "usr/bin/true"
     assert paths[3] == "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
@@ -114,8 +117,8 @@ def test_the_sandbox_holds(public, out, rootless_user, unprivileged):
                 "--no-optimize", "--entrypoint", '["/bin/sh", "-c"]',
                 "--args", json.dumps([script]), tmp=out)
     assert p.returncode == 0, p.stderr
-    lines = [l.removeprefix("workload: ").strip() for l in p.stderr.splitlines()
-             if l.startswith("workload: ")]
+    lines = [ln.removeprefix("workload: ").strip() for ln in p.stderr.splitlines()
+             if ln.startswith("workload: ")]
     assert lines[0].split() == ["0", str(rootless_user.uid), "1"]
     assert int(lines[1]) <= 3          # sh, ls, grep: nothing of the host
     assert lines[2] == "mount-refused"
@@ -135,7 +138,7 @@ def test_sigint_leaves_nothing(public, out, rootless_user, unprivileged):
                            f"oci:{out / 'o'}", "--entrypoint", '["/bin/sh", "-c"]',
                            "--args", '["echo started; sleep 1000"]', "--period", "60"),
         cwd="/", env=rootless_user.env(TMPDIR=str(tmp)))
-    assert any("workload: started" in l for l in lines), lines
+    assert any("workload: started" in ln for ln in lines), lines
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 130
@@ -158,7 +161,7 @@ def test_wait_on_signal_ends_the_profile_normally(public, out, rootless_user, un
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 0, rest
-    paths = [json.loads(l)["path"] for l in (out / "r.jsonl").read_text().splitlines()]
+    paths = [json.loads(ln)["path"] for ln in (out / "r.jsonl").read_text().splitlines()]
     assert "usr/lib/os-release" in paths
     assert rootless_user.processes() == []
 
@@ -291,7 +294,7 @@ def test_fanotify_queue_overflow_is_reported(public, out, rootless_user, unprivi
     result = json.loads(stdout)
     assert result["notes"] == ["the fanotify queue overflowed: the record may be incomplete"]
     # What did arrive is still recorded, in order, from the entrypoint on.
-    paths = [json.loads(l)["path"] for l in (out / "r.jsonl").read_text().splitlines()]
+    paths = [json.loads(ln)["path"] for ln in (out / "r.jsonl").read_text().splitlines()]
     assert paths[:3] == ["etc/passwd", "etc/group", "usr/bin/dash"]
 
 
@@ -332,8 +335,6 @@ def test_not_enough_memory_for_the_tmpfs(public, out, rootless_user, unprivilege
 # --- the pieces, without running anything ---------------------------------------
 
 def test_check_memory_sizes_the_tmpfs_or_refuses():
-    from profiler.errors import ProfilingError
-    from profiler.rootless import WRITE_ROOM, check_memory
     assert check_memory(100 << 20, available=1 << 30) == (100 << 20) + WRITE_ROOM
     with pytest.raises(ProfilingError) as e:
         check_memory(900 << 20, available=1 << 30)
@@ -344,15 +345,13 @@ def test_check_memory_sizes_the_tmpfs_or_refuses():
 
 
 def test_available_memory_is_bounded_by_meminfo():
-    from profiler.rootless import available_memory
     with open("/proc/meminfo") as f:
-        total = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemTotal:"))
+        total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:"))
     avail = available_memory()
     assert avail is not None and 0 < avail <= total
 
 
 def test_rootless_spec_differs_only_where_a_user_namespace_requires():
-    from profiler.sandbox import ProcessSpec, ResolvedUser, SandboxOptions, build_spec
     args = ("/r", ProcessSpec(["/bin/true"]), SandboxOptions(), ResolvedUser(0, 0), "id")
     root, rootless = build_spec(*args), build_spec(*args, rootless=True)
     assert "resources" not in rootless["linux"] and "cgroupsPath" not in rootless["linux"]

@@ -22,7 +22,6 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -30,11 +29,31 @@ from daemons import mounts_under
 from estargz import EstargzError
 from profiler import fanotify
 from profiler.errors import ProfilingError
-from profiler.fanotify import (FAN_ACCESS, FAN_OPEN, FAN_OPEN_EXEC, FAN_Q_OVERFLOW, Event,
-                               Kind, MarkKind, Watcher, pack_event, parse_events)
-from profiler.sandbox import (DOCKER_DEFAULT_CAPABILITIES, BindMount, ProcessSpec,
-                              SandboxOptions, StopReason, accesses_from_events, build_spec,
-                              find_runtime, path_in_root, resolve_user, run_profiled)
+from profiler.fanotify import (
+    FAN_ACCESS,
+    FAN_OPEN,
+    FAN_OPEN_EXEC,
+    FAN_Q_OVERFLOW,
+    Event,
+    Kind,
+    MarkKind,
+    Watcher,
+    pack_event,
+    parse_events,
+)
+from profiler.sandbox import (
+    DOCKER_DEFAULT_CAPABILITIES,
+    BindMount,
+    ProcessSpec,
+    SandboxOptions,
+    StopReason,
+    accesses_from_events,
+    build_spec,
+    find_runtime,
+    path_in_root,
+    resolve_user,
+    run_profiled,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -185,7 +204,7 @@ def _processes_named(text: str) -> list[int]:
 
 
 def profile(rootfs: Path, workdir: Path, args: list[str], *, user: str = "",
-            env: Optional[list[str]] = None, **options) -> tuple:
+            env: list[str] | None = None, **options) -> tuple:
     """run_profiled with the workload's output collected; (run, lines)."""
     lines: list[str] = []
     options.setdefault("period", 20.0)
@@ -424,6 +443,7 @@ def _run_and_signal(lower: Path, tmp: Path, sig: int, wait_on_signal: bool,
     try:
         lines = []
         deadline = time.monotonic() + 30
+        assert proc.stdout is not None
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
@@ -558,7 +578,7 @@ def test_user_files_are_read_inside_the_rootfs(tmp_path):
 
 
 def test_accesses_from_events_dedupes_filters_and_keeps_order():
-    def ev(path: Optional[str], mask: int = FAN_OPEN, t: float = 1.0, **kw) -> Event:
+    def ev(path: str | None, mask: int = FAN_OPEN, t: float = 1.0, **kw) -> Event:
         return Event(path, mask, 1, t, **kw)
 
     events = [ev("/bin/app", FAN_OPEN | FAN_OPEN_EXEC, 1.5), ev("/lib/libc.so", t=1.6),

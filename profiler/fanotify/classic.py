@@ -21,14 +21,29 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import ProfilingError
-from .events import (DEFAULT_MASK, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_MARK_ADD, FAN_NOFD,
-                     FAN_NONBLOCK, FAN_UNLIMITED_QUEUE, FANOTIFY_METADATA_VERSION, METADATA,
-                     METADATA_SIZE, Group, MarkKind, MaskedEvent, fanotify_lib, fanotify_mark,
-                     iter_records)
+from .events import (
+    DEFAULT_MASK,
+    FAN_CLASS_NOTIF,
+    FAN_CLOEXEC,
+    FAN_MARK_ADD,
+    FAN_NOFD,
+    FAN_NONBLOCK,
+    FAN_UNLIMITED_QUEUE,
+    FANOTIFY_METADATA_VERSION,
+    METADATA,
+    METADATA_SIZE,
+    Group,
+    MarkKind,
+    MaskedEvent,
+    fanotify_lib,
+    fanotify_mark,
+    iter_records,
+)
+
 
 def fanotify_init(flags: int, event_f_flags: int) -> int:
     """``fanotify_init(2)``: a new notification group, as a file descriptor."""
-    fd = fanotify_lib().fanotify_init(flags, event_f_flags)
+    fd: int = fanotify_lib().fanotify_init(flags, event_f_flags)
     if fd < 0:
         err = ctypes.get_errno()
         if err == errno.EPERM:

@@ -33,30 +33,19 @@ from ..linux import libc
 
 # Events (the mask of fanotify_mark and of each event).
 FAN_ACCESS = 0x0000_0001         # a file was read
-FAN_MODIFY = 0x0000_0002         # a file was written
-FAN_CLOSE_WRITE = 0x0000_0008
-FAN_CLOSE_NOWRITE = 0x0000_0010
 FAN_OPEN = 0x0000_0020           # a file was opened
 FAN_OPEN_EXEC = 0x0000_1000      # a file was opened to be executed (execve, ld.so by the kernel)
 FAN_Q_OVERFLOW = 0x0000_4000     # the queue overflowed: events were dropped
 FAN_EVENT_ON_CHILD = 0x0800_0000  # an inode mark on a directory covers its entries
-FAN_ONDIR = 0x4000_0000          # report events on directories too (not asked for)
 
 # fanotify_init flags.
 FAN_CLOEXEC = 0x0000_0001
 FAN_NONBLOCK = 0x0000_0002
 FAN_CLASS_NOTIF = 0x0000_0000    # notification only, no permission decisions
-FAN_CLASS_CONTENT = 0x0000_0004
-FAN_CLASS_PRE_CONTENT = 0x0000_0008
 FAN_UNLIMITED_QUEUE = 0x0000_0010
-FAN_UNLIMITED_MARKS = 0x0000_0020
 
 # fanotify_mark flags.
 FAN_MARK_ADD = 0x0000_0001
-FAN_MARK_REMOVE = 0x0000_0002
-FAN_MARK_DONT_FOLLOW = 0x0000_0004
-FAN_MARK_ONLYDIR = 0x0000_0008
-FAN_MARK_FLUSH = 0x0000_0080
 FAN_MARK_INODE = 0x0000_0000
 FAN_MARK_MOUNT = 0x0000_0010
 FAN_MARK_FILESYSTEM = 0x0000_0100

@@ -44,10 +44,26 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import ProfilingError
-from .events import (AT_FDCWD, DEFAULT_MASK, FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_MARK_ADD,
-                     FAN_MARK_MOUNT, FAN_NOFD, FAN_NONBLOCK, FAN_Q_OVERFLOW,
-                     FAN_UNLIMITED_QUEUE, FANOTIFY_METADATA_VERSION, METADATA, METADATA_SIZE,
-                     Group, MaskedEvent, fanotify_lib, fanotify_mark, iter_records)
+from .events import (
+    AT_FDCWD,
+    DEFAULT_MASK,
+    FAN_CLASS_NOTIF,
+    FAN_CLOEXEC,
+    FAN_MARK_ADD,
+    FAN_MARK_MOUNT,
+    FAN_NOFD,
+    FAN_NONBLOCK,
+    FAN_Q_OVERFLOW,
+    FAN_UNLIMITED_QUEUE,
+    FANOTIFY_METADATA_VERSION,
+    METADATA,
+    METADATA_SIZE,
+    Group,
+    MaskedEvent,
+    fanotify_lib,
+    fanotify_mark,
+    iter_records,
+)
 
 # --- constants (include/uapi/linux/fanotify.h, fcntl.h) --------------------------
 
@@ -290,7 +306,7 @@ class FidEvent(MaskedEvent):
 
 def fanotify_init_fid(flags: int) -> int:
     """``fanotify_init`` for a FID-mode group, with messages for the rootless case."""
-    fd = fanotify_lib().fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
+    fd: int = fanotify_lib().fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         if err == errno.EPERM:

@@ -17,8 +17,7 @@ from .dirfd import remove_tree
 from .extract import extract_layer
 from .flat import LAYER_SUBDIR, assemble_flat_rootfs, layer_usage, merge_layer
 from .image import LAYER_MEDIA_TYPES, assemble_image_rootfs, layer_blob
-from .layermap import (LayerListing, layer_for, link_targets, normalize, prioritized_lists,
-                       resolve)
+from .layermap import LayerListing, layer_for, link_targets, normalize, prioritized_lists, resolve
 from .overlay import OVL_MAX_STACK, OverlayRoot
 
 __all__ = [

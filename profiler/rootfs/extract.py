@@ -4,8 +4,8 @@
 reads. The workload needs the image's root filesystem: each layer is
 extracted into a directory of its own, in the format overlayfs reads for a
 lower directory, and the directories are stacked with one read-write
-overlayfs mount (:class:`~profiler.rootfs.overlay.OverlayRoot`). Whiteouts and opaque directories are
-then honoured by the kernel exactly as containerd's overlay snapshotter
+overlayfs mount (:class:`~profiler.rootfs.overlay.OverlayRoot`). Whiteouts and
+opaque directories are then honoured by the kernel exactly as containerd's overlay snapshotter
 would, and each layer's :class:`~profiler.rootfs.layermap.LayerListing` says what it
 holds, so that :mod:`profiler.rootfs.layermap` can tell which layer provides each
 file the workload touched.
@@ -79,9 +79,18 @@ import stat
 import tarfile
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
+from typing import cast
 
-from estargz import (InvalidInput, PeekableStream, StorageError, UnsupportedEntry,
-                     check_member, iter_headers, open_tar, printable)
+from estargz import (
+    InvalidInput,
+    PeekableStream,
+    StorageError,
+    UnsupportedEntry,
+    check_member,
+    iter_headers,
+    open_tar,
+    printable,
+)
 
 from .dirfd import DIR_FLAGS, lstat_at, open_dir, prepare_dest, proc_path, remove_tree
 from .layermap import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, LayerListing
@@ -120,6 +129,14 @@ def entry_path(name: str, entry: str | None = None) -> str:
         else:
             parts.append(c)
     return "/".join(parts)
+
+
+def sparse_map(ti: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """A sparse member's data pieces as ``(offset in the file, length)``.
+
+    tarfile keeps them as such pairs in ``TarInfo.sparse``, which typeshed
+    declares as bytes."""
+    return cast("list[tuple[int, int]]", ti.sparse or [])
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
@@ -305,7 +322,7 @@ class _Extractor(LayerTree):
     def _copy_data(ti: tarfile.TarInfo, src: int, src_size: int, dst: int) -> None:
         if ti.sparse:
             pieces, stored = [], ti.offset_data
-            for off, n in sorted(ti.sparse):
+            for off, n in sorted(sparse_map(ti)):
                 pieces.append((stored, off, n))
                 stored += n
         else:
@@ -407,26 +424,7 @@ def extract_layer(tar_path: str, dest: str, *,
             raise StorageError(f"cannot open {dest}: {e.strerror}") from None
         ex = _Extractor(root_fd, dest, lowers, flat=flat)
         try:
-            with open_tar(tar_path, tmpdir=spool_dir) as f:
-                fd = f.fileno()
-                size = os.fstat(fd).st_size
-                stream = PeekableStream(f, seekable=True)
-                last = None
-                for ti in iter_headers(stream):
-                    check_member(ti)
-                    last = ti
-                    try:
-                        ex.apply(ti, fd, size)
-                    except OSError as e:
-                        raise StorageError(f"cannot extract {printable(ti.name)!r} "
-                                           f"into {dest}: {e.strerror or e}") from None
-                    except (OverflowError, ValueError) as e:
-                        # out-of-range ids or times, a NUL in a link target
-                        raise UnsupportedEntry(printable(ti.name),
-                                               f"cannot be extracted: {e}") from None
-                if stream.tell() > size:
-                    name = printable(last.name) if last is not None else "?"
-                    raise InvalidInput(f"layer tar is truncated in the data of {name!r}")
+            _apply_all(ex, tar_path, spool_dir)
             try:
                 ex.finish()
             except OSError as e:
@@ -442,3 +440,27 @@ def extract_layer(tar_path: str, dest: str, *,
         if not ok and created:
             with contextlib.suppress(StorageError):
                 remove_tree(dest)
+
+
+def _apply_all(ex: _Extractor, tar_path: str, spool_dir: str | None) -> None:
+    """Every entry of the layer at ``tar_path``, checked, applied in order."""
+    with open_tar(tar_path, tmpdir=spool_dir) as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        stream = PeekableStream(f, seekable=True)
+        last = None
+        for ti in iter_headers(stream):
+            check_member(ti)
+            last = ti
+            try:
+                ex.apply(ti, fd, size)
+            except OSError as e:
+                raise StorageError(f"cannot extract {printable(ti.name)!r} "
+                                   f"into {ex.dest}: {e.strerror or e}") from None
+            except (OverflowError, ValueError) as e:
+                # out-of-range ids or times, a NUL in a link target
+                raise UnsupportedEntry(printable(ti.name),
+                                       f"cannot be extracted: {e}") from None
+        if stream.tell() > size:
+            name = printable(last.name) if last is not None else "?"
+            raise InvalidInput(f"layer tar is truncated in the data of {name!r}")

@@ -40,9 +40,16 @@ from collections.abc import Sequence
 from estargz import PeekableStream, StorageError, check_member, iter_headers, open_tar, printable
 
 from ..linux import PAGE_SIZE, add_note
-from .dirfd import (DIR_FLAGS, MAX_CACHED_FDS, lstat_at, open_dir, prepare_dest, remove_at,
-                    remove_tree)
-from .extract import extract_layer
+from .dirfd import (
+    DIR_FLAGS,
+    MAX_CACHED_FDS,
+    lstat_at,
+    open_dir,
+    prepare_dest,
+    remove_at,
+    remove_tree,
+)
+from .extract import extract_layer, sparse_map
 from .layermap import LayerListing
 
 __all__ = ["layer_usage", "merge_layer", "assemble_flat_rootfs", "LAYER_SUBDIR"]
@@ -92,7 +99,7 @@ def layer_usage(blob_path: str, spool_dir: str | None = None) -> int:
             check_member(ti)
             if ti.isreg():
                 if ti.sparse:
-                    total += sum(_pages(off, n) for off, n in ti.sparse) * PAGE_SIZE
+                    total += sum(_pages(off, n) for off, n in sparse_map(ti)) * PAGE_SIZE
                 else:
                     total += _pages(0, ti.size) * PAGE_SIZE
             elif ti.issym() and len(ti.linkname.encode("utf-8", "surrogateescape")) \
@@ -230,84 +237,111 @@ def merge_layer(root: str, layer_dir: str, listing: LayerListing) -> None:
             layer_fd = os.open(layer_dir, DIR_FLAGS)
         except OSError as e:
             raise StorageError(f"cannot open {layer_dir}: {e.strerror}") from None
-        rdirs, ldirs = _Dirs(root_fd), _Dirs(layer_fd)
-        at = ""
+        merge = _Merge(root_fd, layer_fd, listing)
         try:
-            # Directories of root whose contents change, and their times from
-            # before: the mtime of a directory the layer only implies must
-            # stay what the lower layers gave it.
-            before: dict[str, tuple[int, int]] = {}
-
-            def touch(rel: str, fd: int) -> None:
-                if rel not in before:
-                    before[rel] = _times(fd)
-
-            for at in sorted(listing.whiteouts):
-                parent, _, base = at.rpartition("/")
-                pfd = rdirs.get(parent)
-                if pfd is not None and lstat_at(base, pfd) is not None:
-                    touch(parent, pfd)
-                    rdirs.forget(at)
-                    remove_at(pfd, base)
-            for at in sorted(listing.opaque_dirs):
-                fd = rdirs.get(at)
-                if fd is None:
-                    continue  # not a directory below: the layer's replaces it
-                touch(at, fd)
-                rdirs.forget(at, below_only=True)
-                for name in os.listdir(fd):
-                    remove_at(fd, name)
-
-            # Depth first through the directories both trees hold, with the
-            # layer's stat from before anything moves out (which changes its mtime).
-            merged: list[tuple[str, os.stat_result]] = []
-            todo = [""]
-            while todo:
-                at = todo.pop()
-                lfd, rfd = ldirs.get(at), rdirs.get(at)
-                assert lfd is not None and rfd is not None
-                touch(at, rfd)
-                merged.append((at, os.fstat(lfd)))
-                with os.scandir(lfd) as it:
-                    entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-                for name, is_dir in entries:
-                    child = _join(at, name)
-                    st = lstat_at(name, rfd)
-                    if st is not None and stat.S_ISDIR(st.st_mode):
-                        if is_dir:
-                            todo.append(child)
-                            continue
-                        # rename(2) cannot put a non-directory over one
-                        rdirs.forget(child)
-                        remove_at(rfd, name)
-                    elif st is not None and is_dir:
-                        os.unlink(name, dir_fd=rfd)  # nor a directory over a non-directory
-                    # over a non-directory: replaced in one step
-                    os.rename(name, name, src_dir_fd=lfd, dst_dir_fd=rfd)
-
-            # Metadata last: any entry moved in or out changes a directory's
-            # mtime. Only merged directories: every other one root's contents
-            # changed in was deleted since (an opaque or whited-out ancestor),
-            # and what stands at its path now is the layer's own, moved in.
-            for at, lst in merged:
-                rfd, lfd = rdirs.get(at), ldirs.get(at)
-                assert rfd is not None and lfd is not None
-                if at and at not in listing.implicit_dirs:
-                    _copy_dir_meta(lfd, lst, rfd)
-                else:
-                    os.utime(rfd, ns=before[at])
+            merge.delete_hidden()
+            merge.move_entries()
+            merge.apply_meta()
         except OSError as e:
-            where = f" ({printable(at)!r})" if at else ""
+            where = f" ({printable(merge.at)!r})" if merge.at else ""
             raise StorageError(f"cannot merge {layer_dir} into {root}{where}: "
                                f"{e.strerror or e}") from None
         finally:
-            ldirs.close()
-            rdirs.close()
+            merge.close()
             os.close(layer_fd)
     finally:
         os.close(root_fd)
     # What is left: the emptied directories that merged into root's.
     remove_tree(layer_dir)
+
+
+class _Merge:
+    """The three passes of :func:`merge_layer`, sharing the directory fds of
+    both trees and what the later passes need of the earlier ones."""
+
+    def __init__(self, root_fd: int, layer_fd: int, listing: LayerListing) -> None:
+        self.rdirs, self.ldirs = _Dirs(root_fd), _Dirs(layer_fd)
+        self.listing = listing
+        #: The path being worked on, for the error message.
+        self.at = ""
+        # Directories of root whose contents change, and their times from
+        # before: the mtime of a directory the layer only implies must
+        # stay what the lower layers gave it.
+        self.before: dict[str, tuple[int, int]] = {}
+        # Directories both trees hold, with the layer's stat from before
+        # anything moves out (which changes its mtime).
+        self.merged: list[tuple[str, os.stat_result]] = []
+
+    def close(self) -> None:
+        self.ldirs.close()
+        self.rdirs.close()
+
+    def _touch(self, rel: str, fd: int) -> None:
+        if rel not in self.before:
+            self.before[rel] = _times(fd)
+
+    def delete_hidden(self) -> None:
+        """What the layer deletes from the layers below: its whiteouts, the
+        contents of its opaque directories."""
+        rdirs = self.rdirs
+        for at in sorted(self.listing.whiteouts):
+            self.at = at
+            parent, _, base = at.rpartition("/")
+            pfd = rdirs.get(parent)
+            if pfd is not None and lstat_at(base, pfd) is not None:
+                self._touch(parent, pfd)
+                rdirs.forget(at)
+                remove_at(pfd, base)
+        for at in sorted(self.listing.opaque_dirs):
+            self.at = at
+            fd = rdirs.get(at)
+            if fd is None:
+                continue  # not a directory below: the layer's replaces it
+            self._touch(at, fd)
+            rdirs.forget(at, below_only=True)
+            for name in os.listdir(fd):
+                remove_at(fd, name)
+
+    def move_entries(self) -> None:
+        """Depth first through the directories both trees hold, moving every
+        other entry of the layer into root."""
+        todo = [""]
+        while todo:
+            self.at = at = todo.pop()
+            lfd, rfd = self.ldirs.get(at), self.rdirs.get(at)
+            assert lfd is not None and rfd is not None
+            self._touch(at, rfd)
+            self.merged.append((at, os.fstat(lfd)))
+            with os.scandir(lfd) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+            for name, is_dir in entries:
+                child = _join(at, name)
+                st = lstat_at(name, rfd)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    if is_dir:
+                        todo.append(child)
+                        continue
+                    # rename(2) cannot put a non-directory over one
+                    self.rdirs.forget(child)
+                    remove_at(rfd, name)
+                elif st is not None and is_dir:
+                    os.unlink(name, dir_fd=rfd)  # nor a directory over a non-directory
+                # over a non-directory: replaced in one step
+                os.rename(name, name, src_dir_fd=lfd, dst_dir_fd=rfd)
+
+    def apply_meta(self) -> None:
+        """Metadata last: any entry moved in or out changes a directory's
+        mtime. Only merged directories: every other one root's contents
+        changed in was deleted since (an opaque or whited-out ancestor), and
+        what stands at its path now is the layer's own, moved in."""
+        for at, lst in self.merged:
+            self.at = at
+            rfd, lfd = self.rdirs.get(at), self.ldirs.get(at)
+            assert rfd is not None and lfd is not None
+            if at and at not in self.listing.implicit_dirs:
+                _copy_dir_meta(lfd, lst, rfd)
+            else:
+                os.utime(rfd, ns=self.before[at])
 
 
 # --- a whole image -------------------------------------------------------------------------

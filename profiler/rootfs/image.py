@@ -7,8 +7,15 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 
-from estargz import (CONVERTIBLE_LAYERS, DOCKER_FOREIGN_LAYER, OCI_LAYER_NONDIST_GZIP,
-                     Descriptor, ImageSource, InvalidInput, StorageError)
+from estargz import (
+    CONVERTIBLE_LAYERS,
+    DOCKER_FOREIGN_LAYER,
+    OCI_LAYER_NONDIST_GZIP,
+    Descriptor,
+    ImageSource,
+    InvalidInput,
+    StorageError,
+)
 
 from ..linux import add_note, deferred_signals
 from .extract import extract_layer
@@ -72,7 +79,7 @@ def _extract_layers(source: ImageSource, layers: Sequence[Descriptor],
         # Per occurrence, not per digest: a layer that comes twice must sit
         # at both places of the overlayfs stack.
         dest = os.path.join(layers_dir, str(i))
-        listings.append(extract_layer(path, dest, lowers=list(zip(dirs, listings)),
+        listings.append(extract_layer(path, dest, lowers=list(zip(dirs, listings, strict=True)),
                                       spool_dir=scratch))
         dirs.append(dest)
         if last_use[desc.digest] == i and ours:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
 
 from estargz import InvalidInput
 
@@ -108,7 +108,7 @@ def _hides(listing: LayerListing, path: str, ancestors: Sequence[str]) -> bool:
     return False
 
 
-def layer_for(path: str, listings: Sequence[LayerListing]) -> Optional[int]:
+def layer_for(path: str, listings: Sequence[LayerListing]) -> int | None:
     """Index of the top-most layer whose ``path`` is visible in the merged
     root filesystem, or ``None`` (no layer holds it, or a higher layer hides
     it). ``path`` is taken literally (no symlinks followed); the root gives
@@ -131,7 +131,7 @@ def layer_for(path: str, listings: Sequence[LayerListing]) -> Optional[int]:
     return None
 
 
-LinkTargetOf = Callable[[str], Optional[str]]
+LinkTargetOf = Callable[[str], str | None]
 
 
 def link_targets(listings: Sequence[LayerListing]) -> LinkTargetOf:
@@ -139,7 +139,7 @@ def link_targets(listings: Sequence[LayerListing]) -> LinkTargetOf:
     not a visible symlink), from the listings alone; memoised."""
 
     @functools.lru_cache(maxsize=65536)
-    def target_of(path: str) -> Optional[str]:
+    def target_of(path: str) -> str | None:
         i = layer_for(path, listings)
         return None if i is None else listings[i].symlinks.get(path)
 
@@ -147,7 +147,7 @@ def link_targets(listings: Sequence[LayerListing]) -> LinkTargetOf:
 
 
 def resolve(path: str, listings: Sequence[LayerListing],
-            link_target_of: Optional[LinkTargetOf] = None) -> str:
+            link_target_of: LinkTargetOf | None = None) -> str:
     """The path, relative to the image root, that an access to ``path``
     reaches: every symlink on the way followed, the last one included.
 
@@ -184,7 +184,7 @@ def resolve(path: str, listings: Sequence[LayerListing],
 
 
 def prioritized_lists(accessed_paths: Iterable[str], listings: Sequence[LayerListing],
-                      link_target_of: Optional[LinkTargetOf] = None,
+                      link_target_of: LinkTargetOf | None = None,
                       ) -> dict[int, list[str]]:
     """Split the paths a workload accessed, in access order, by layer.
 

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 
 from estargz import StorageError
 
-from ..linux import (MS_NODEV, PAGE_SIZE, add_note, deferred_signals, mount, package_env,
-                     unmount_all)
+from ..linux import MS_NODEV, PAGE_SIZE, add_note, deferred_signals, mount, package_env, unmount_all
 from .dirfd import remove_tree
 
 #: overlayfs's limit on lower directories in one mount (OVL_MAX_STACK).
@@ -146,9 +145,10 @@ class OverlayRoot:
             raise StorageError(f"{len(lowers)} lower directories do not fit in one overlayfs "
                                f"mount's options; put them in one directory with short names")
         self.method = "mount(2), relative paths, child process"
-        p = subprocess.run([sys.executable, "-c", _CHILD_MOUNT, options, self.mountpoint,
-                            str(MS_NODEV)], cwd=base, capture_output=True, text=True,
-                           env=package_env())
-        if p.returncode != 0:
-            why = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+        child = subprocess.run([sys.executable, "-c", _CHILD_MOUNT, options, self.mountpoint,
+                                str(MS_NODEV)], cwd=base, capture_output=True, text=True,
+                               env=package_env())
+        if child.returncode != 0:
+            why = (child.stderr.strip().splitlines()[-1] if child.stderr.strip()
+                   else f"exit {child.returncode}")
             raise StorageError(f"cannot mount overlayfs on {self.mountpoint}: {why}")

@@ -173,7 +173,8 @@ def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process:
     job = _Job(tuple(blobs), process, replace(options, output=None, workdir=work),
                work, size)
     show = emit or options.output or (lambda line: print(line, file=sys.stderr, flush=True))
-    return call_in_userns(_job, job, on_message=show)
+    result: tuple[list[Access], ProfileRun] = call_in_userns(_job, job, on_message=show)
+    return result
 
 
 def _job(job: _Job) -> tuple[list[Access], ProfileRun]:

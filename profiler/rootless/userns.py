@@ -1,9 +1,10 @@
 """Run a function as root of a new user namespace, for rootless profiling.
 
 :func:`call_in_userns` starts a fresh interpreter (``python -m
-profiler.rootless``, whose ``__main__`` runs :func:`helper_main`), because ``unshare(CLONE_NEWUSER)`` is refused to a
-process with more than one thread, and the caller (a CLI with worker
-threads, a test runner) may have several.  The helper then::
+profiler.rootless``, whose ``__main__`` runs :func:`helper_main`), because
+``unshare(CLONE_NEWUSER)`` is refused to a process with more than one
+thread, and the caller (a CLI with worker threads, a test runner) may have
+several.  The helper then::
 
     unshare(USER | MOUNT | PID)   uid 0 inside = the caller's uid outside, gid
                                   likewise (one id each; setgroups denied,
@@ -46,9 +47,23 @@ from typing import Any
 from estargz import EstargzError
 
 from ..errors import ProfilingError
-from ..linux import (CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, MS_NODEV, MS_NOEXEC, MS_NOSUID,
-                     MS_PRIVATE, MS_REC, PR_SET_PDEATHSIG, map_to_root, mount, package_env,
-                     prctl, unshare, unshare_error)
+from ..linux import (
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+    PR_SET_PDEATHSIG,
+    map_to_root,
+    mount,
+    package_env,
+    prctl,
+    unshare,
+    unshare_error,
+)
 
 #: After forwarding SIGINT, how long the helper may take to tear down before
 #: it is killed (which still leaves nothing running: see the module docstring).
@@ -89,7 +104,7 @@ def call_in_userns(fn: Callable[..., Any], *args: Any,
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGINT)
 
-    outcome: tuple | None = None
+    outcome: tuple[Any, ...] | None = None
     try:
         with _forwarding(forward), os.fdopen(r, "rb") as pipe:
             assert proc.stdin is not None
@@ -117,8 +132,13 @@ def call_in_userns(fn: Callable[..., Any], *args: Any,
             forward()
             _wait(proc)
         raise
+    return _result(outcome, proc.returncode, interrupted)
+
+
+def _result(outcome: tuple[Any, ...] | None, code: int | None, interrupted: bool) -> Any:
+    """What the helper's last message means for the caller: its result, or
+    the error (or KeyboardInterrupt) to raise."""
     if outcome is None:
-        code = proc.returncode
         if interrupted:
             raise KeyboardInterrupt
         raise ProfilingError(f"the user-namespace helper died ({_describe(code)}) "
@@ -148,7 +168,7 @@ def _forwarding(forward: Callable[..., None]) -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def _wait(proc: subprocess.Popen) -> None:
+def _wait(proc: subprocess.Popen[bytes]) -> None:
     try:
         proc.wait(TEARDOWN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -181,7 +201,7 @@ def _rebuild(module: str, name: str, message: str) -> BaseException:
     return ProfilingError(message)
 
 
-def _read_message(pipe: Any) -> tuple | None:
+def _read_message(pipe: Any) -> tuple[Any, ...] | None:
     head = pipe.read(_LENGTH.size)
     if len(head) < _LENGTH.size:
         return None
@@ -189,7 +209,8 @@ def _read_message(pipe: Any) -> tuple | None:
     body = pipe.read(n)
     if len(body) < n:
         return None
-    return pickle.loads(body)
+    msg: tuple[Any, ...] = pickle.loads(body)
+    return msg
 
 
 # --- the helper's side ------------------------------------------------------------
@@ -202,7 +223,7 @@ def send_message(obj: Any) -> None:
     _send(("message", obj))
 
 
-def _send(msg: tuple) -> None:
+def _send(msg: tuple[Any, ...]) -> None:
     data = pickle.dumps(msg)
     view = memoryview(_LENGTH.pack(len(data)) + data)
     while view:
@@ -215,14 +236,14 @@ def _enter() -> None:
     try:
         unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
     except OSError as e:
-        raise ProfilingError(unshare_error(e.errno)) from None
+        raise ProfilingError(unshare_error(e.errno or 0)) from None
     try:
         map_to_root(uid, gid)
     except OSError as e:
         raise ProfilingError(f"cannot map ids in the new user namespace: {e.strerror}") from None
 
 
-def _init(fn: Callable[..., Any], args: tuple) -> int:
+def _init(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
     """PID 1 of the namespace: set up the mounts, run ``fn``, report."""
     def term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt

@@ -10,11 +10,24 @@ and record, with fanotify, the files it reads.
 """
 
 from .container import Container, find_runtime
-from .profile import (ProfileRun, StopReason, accesses_from_events, interrupt_on_sigterm,
-                      run_profiled)
-from .spec import (DEFAULT_MEMORY_BYTES, DEFAULT_PATH, DEFAULT_PIDS_LIMIT,
-                   DOCKER_DEFAULT_CAPABILITIES, STANDARD_MOUNTS, BindMount, ProcessSpec,
-                   SandboxOptions, build_spec)
+from .profile import (
+                      ProfileRun,
+                      StopReason,
+                      accesses_from_events,
+                      interrupt_on_sigterm,
+                      run_profiled,
+)
+from .spec import (
+                      DEFAULT_MEMORY_BYTES,
+                      DEFAULT_PATH,
+                      DEFAULT_PIDS_LIMIT,
+                      DOCKER_DEFAULT_CAPABILITIES,
+                      STANDARD_MOUNTS,
+                      BindMount,
+                      ProcessSpec,
+                      SandboxOptions,
+                      build_spec,
+)
 from .users import ResolvedUser, check_mapped, path_in_root, resolve_user
 
 __all__ = [

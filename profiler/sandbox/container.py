@@ -23,11 +23,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import ProfilingError
 from ..fanotify import Event, FidWatcher, Group, HandleTable, MarkKind, Watcher
-from ..linux import (PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, deferred_signals,
-                     in_initial_user_namespace, libc, prctl, which_sbin)
+from ..linux import (
+    PR_GET_CHILD_SUBREAPER,
+    PR_SET_CHILD_SUBREAPER,
+    deferred_signals,
+    in_initial_user_namespace,
+    libc,
+    prctl,
+    which_sbin,
+)
 from .spec import ProcessSpec, SandboxOptions, build_spec
 from .users import check_mapped, resolve_user
 
@@ -112,7 +120,7 @@ class Container:
         self.is_child = False                    # init was adopted: we can wait for it
         self.exit_status: int | None = None
         self.created = False
-        self.watcher: Group | None = None
+        self.watcher: Group[Any] | None = None
         # Root of a user namespace (profiler.rootless): FID-mode fanotify,
         # whose events name files by handle, through this table of the rootfs.
         self.rootless = not in_initial_user_namespace()
@@ -129,7 +137,7 @@ class Container:
         return [self.runtime, "--root", os.path.join(self.tmp, "state"),
                 "--log", os.path.join(self.tmp, "runtime.log"), *args]
 
-    def _runtime(self, *args: str, **popen: object) -> subprocess.CompletedProcess:
+    def _runtime(self, *args: str, **popen: Any) -> subprocess.CompletedProcess[bytes]:
         """Run a runtime command to completion (callers defer signals around the
         ones that must not be cut short: create, kill, delete)."""
         popen.setdefault("stdout", subprocess.PIPE)
@@ -137,12 +145,13 @@ class Container:
         try:
             # Own session: a terminal's Ctrl-C reaches us, not the runtime; we
             # tear the container down ourselves.
-            return subprocess.run(self.command(*args), stdin=subprocess.DEVNULL,
-                                  start_new_session=True, timeout=_RUNTIME_TIMEOUT,
-                                  check=False, **popen)  # type: ignore[call-overload]
+            done: subprocess.CompletedProcess[bytes] = subprocess.run(
+                self.command(*args), stdin=subprocess.DEVNULL, start_new_session=True,
+                timeout=_RUNTIME_TIMEOUT, check=False, **popen)
         except subprocess.TimeoutExpired:
             raise ProfilingError(f"{self.runtime_name} {args[0]} did not finish in"
                                  f" {_RUNTIME_TIMEOUT:.0f} s") from None
+        return done
 
     def failure(self, what: str, stderr: bytes) -> ProfilingError:
         text = stderr.decode("utf-8", "replace").strip()

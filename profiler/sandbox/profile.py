@@ -200,7 +200,7 @@ class _Recorder:
             if self.stop is None:
                 self.stop = StopReason.EXITED
 
-    def _until_stop(self, starter: subprocess.Popen, deadline: float | None) -> None:
+    def _until_stop(self, starter: subprocess.Popen[bytes], deadline: float | None) -> None:
         sigint = _Flag()
         with (_sigint_sets(sigint) if self.opts.wait_on_signal else contextlib.nullcontext()):
             while self.stop is None:

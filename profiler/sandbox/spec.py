@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ProfilingError
 from .users import ResolvedUser
@@ -31,7 +32,7 @@ DEFAULT_PIDS_LIMIT = 4096
 
 #: The standard mounts of Docker and `runc spec`.  Files under them are never
 #: part of the image, so accesses below them are never reported.
-STANDARD_MOUNTS: tuple[dict, ...] = (
+STANDARD_MOUNTS: tuple[dict[str, Any], ...] = (
     {"destination": "/proc", "type": "proc", "source": "proc",
      "options": ["nosuid", "noexec", "nodev"]},
     {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -52,7 +53,7 @@ STANDARD_MOUNTS: tuple[dict, ...] = (
 # `runc spec --rootless`): sysfs needs a network namespace of its own, so /sys
 # is the host's, read-only; a cgroup mount needs delegated cgroups; gid 5
 # (tty) is not mapped.
-_ROOTLESS_MOUNTS: dict[str, dict | None] = {
+_ROOTLESS_MOUNTS: dict[str, dict[str, Any] | None] = {
     "/sys": {"destination": "/sys", "type": "none", "source": "/sys",
              "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
     "/sys/fs/cgroup": None,
@@ -67,7 +68,7 @@ _STANDARD_DEVICES: tuple[tuple[str, str, int, int], ...] = (
 )
 
 # The device cgroup: deny everything, then Docker's default allow list.
-_DEVICE_RULES: tuple[dict, ...] = (
+_DEVICE_RULES: tuple[dict[str, Any], ...] = (
     {"allow": False, "access": "rwm"},
     {"allow": True, "type": "c", "access": "m"},               # mknod of any char device
     {"allow": True, "type": "b", "access": "m"},               # mknod of any block device
@@ -122,7 +123,7 @@ class BindMount:
             opts.append("ro")
         return cls(src, dst, tuple(opts))
 
-    def spec(self) -> dict:
+    def spec(self) -> dict[str, Any]:
         """This mount as an entry of the OCI spec's ``mounts``."""
         return {"destination": self.destination, "type": "bind",
                 "source": os.path.abspath(self.source), "options": list(self.options)}
@@ -175,20 +176,22 @@ class SandboxOptions:
 # --- the OCI spec -------------------------------------------------------------------
 
 def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
-               user: ResolvedUser, cgroups_path: str, rootless: bool = False) -> dict:
+               user: ResolvedUser, cgroups_path: str, rootless: bool = False) -> dict[str, Any]:
     """The OCI runtime spec (config.json) for one profiling run.
 
     ``rootless``: for a runtime run by the root of a user namespace (see
     :mod:`profiler.rootless`), as ``runc spec --rootless`` makes it: no
     cgroup limits (a user namespace may not create cgroups unless they were
     delegated to it), and the mounts of ``_ROOTLESS_MOUNTS``."""
+    # Over 60 lines because the spec is written out as one literal, in the
+    # order of the OCI runtime spec: split, it would no longer read as one.
     env = list(process.env)
     if not any(e.startswith("PATH=") for e in env):
         env.append(f"PATH={DEFAULT_PATH}")
     if not any(e.startswith("HOME=") for e in env):
         env.append(f"HOME={user.home}")  # as Docker does, from the passwd entry
     caps = list(DOCKER_DEFAULT_CAPABILITIES)
-    proc_user: dict = {"uid": user.uid, "gid": user.gid}
+    proc_user: dict[str, Any] = {"uid": user.uid, "gid": user.gid}
     if user.additional_gids:
         proc_user["additionalGids"] = list(user.additional_gids)
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
@@ -203,9 +206,9 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
             if m is None:
                 continue
         mounts.append(dict(m, options=list(m["options"])))
-    linux: dict = {"namespaces": namespaces}
+    linux: dict[str, Any] = {"namespaces": namespaces}
     if not rootless:
-        resources: dict = {"devices": [dict(r) for r in _DEVICE_RULES]}
+        resources: dict[str, Any] = {"devices": [dict(r) for r in _DEVICE_RULES]}
         if options.memory_bytes is not None:
             resources["memory"] = {"limit": int(options.memory_bytes)}
         if options.pids_limit is not None:
