@@ -24,7 +24,7 @@ import select
 import struct
 import time
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..errors import ProfilingError
 from ..linux import libc
@@ -177,6 +177,7 @@ class MaskedEvent:
 
 
 E = TypeVar("E")
+_G = TypeVar("_G", bound="Group[Any]")
 
 
 class Group(Generic[E]):
@@ -195,7 +196,7 @@ class Group(Generic[E]):
     def _decode(self, buf: bytes, now: float) -> list[E]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
+    def __enter__(self: _G) -> _G:
         self.open()
         return self
 
