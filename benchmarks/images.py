@@ -95,9 +95,15 @@ def workload_files(name: str, tmp: Path) -> dict[str, bytes]:
         tb.need("javac", "openjdk-17-jdk-headless")
         src = tmp / "Hello.java"
         src.write_text(HELLO_JAVA)
-        tb.run("javac", "--release", "17", "-d", tmp, src)
+        tb.run("javac", "--release", "17", "-d", str(tmp), str(src))
         files["usr/local/lib/hello/Hello.class"] = (tmp / "Hello.class").read_bytes()
     return files
+
+
+def _data(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tf.extractfile(member)
+    assert f is not None, member.name
+    return f.read()
 
 
 def diff_with_parents(base: Path, new: Path, extra: dict[str, bytes]) -> tuple[bytes, dict]:
@@ -107,7 +113,7 @@ def diff_with_parents(base: Path, new: Path, extra: dict[str, bytes]) -> tuple[b
     ``extra`` (name -> content, 0644, owned by root)."""
     diff, summary = tb.rootfs_diff(base, new, tb.EPOCH + 86400)
     with tarfile.open(fileobj=io.BytesIO(diff)) as tf:
-        members = [(m, tf.extractfile(m).read() if m.isreg() else None) for m in tf]
+        members = [(m, _data(tf, m) if m.isreg() else None) for m in tf]
     names = {m.name.rstrip("/") for m, _ in members} | set(extra)
     wanted = set(names)
     for n in names:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -310,7 +312,6 @@ def environment() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    import zlib
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": cores(),
@@ -326,7 +327,6 @@ def environment() -> dict:
                               "golang-github-containerd-stargz-snapshotter-dev"]),
         "default_backend": DEFAULT_BACKEND,
     }
-    import importlib.metadata as md
     try:
         from zlib_ng import zlib_ng
         env["zlib_ng"] = (f"{zlib_ng.ZLIBNG_RUNTIME_VERSION} "

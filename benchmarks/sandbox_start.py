@@ -34,7 +34,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from profiler.userns import call_in_userns, mount  # noqa: E402
+import tempfile
+
+from profiler.linux import mount  # noqa: E402
+from profiler.rootless import call_in_userns  # noqa: E402
+from profiler.sandbox import ProcessSpec, SandboxOptions, run_profiled
 
 
 def _rootfs(work: str) -> str:
@@ -84,7 +88,6 @@ def _direct(root: str) -> None:
 
 
 def _measure(work: str, runs: int) -> list[tuple[str, object]]:
-    from profiler.sandbox import ProcessSpec, SandboxOptions, run_profiled
     root = _rootfs(work)
     results: list[tuple[str, object]] = []
 
@@ -123,7 +126,6 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() == 0:
         sys.exit("run this as an ordinary user: it measures rootless sandboxes")
-    import tempfile
     # By module name, not __main__: the helper unpickles the function.
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(

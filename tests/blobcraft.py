@@ -145,7 +145,9 @@ def special_header(kind: bytes, size: int) -> bytes:
 
 def pax_header(records: dict[str, str]) -> bytes:
     """A PAX extended header holding ``records``, for the member after it."""
-    return tarfile.TarInfo()._create_pax_generic_header(records, tarfile.XHDTYPE, "utf-8")
+    # The private helper tarfile itself uses: a PAX header with exactly these records.
+    return tarfile.TarInfo()._create_pax_generic_header(  # type: ignore[attr-defined]
+        records, tarfile.XHDTYPE, "utf-8")
 
 
 # --- a blob taken apart ----------------------------------------------------

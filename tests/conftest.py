@@ -5,10 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
+import random
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +70,6 @@ def build_tar(specs: list[Spec], fmt: int = tarfile.PAX_FORMAT,
 
 def pattern(n: int, seed: int = 1) -> bytes:
     """``n`` deterministic, partly compressible bytes."""
-    import random
     rnd = random.Random(seed)
     words = [bytes(rnd.randrange(97, 123) for _ in range(rnd.randrange(2, 9)))
              for _ in range(200)]
@@ -132,7 +136,14 @@ class Result:
         return json.loads(self.out)
 
 
-def run_cli(*args: str, stdin: bytes | None = None, check: bool = False,
+def member_data(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The contents of regular file ``member`` of ``tf``."""
+    f = tf.extractfile(member)
+    assert f is not None, f"{member.name} is not a regular file"
+    return f.read()
+
+
+def run_cli(*args: object, stdin: bytes | None = None, check: bool = False,
             env: dict | None = None) -> Result:
     p = subprocess.run([sys.executable, "-m", "estargz", *map(str, args)], input=stdin,
                        capture_output=True, cwd=REPO, env={**os.environ, **(env or {})})
@@ -180,18 +191,16 @@ def make_readable(top: Path) -> None:
 
 def public_dir(prefix: str = "estargz-public-") -> Path:
     """A new directory every user can read (tmp_path lives under root's 0700 dirs)."""
-    import tempfile
     d = Path(tempfile.mkdtemp(prefix=prefix))
     d.chmod(0o755)
     return d
 
 
 @pytest.fixture(scope="session")
-def unprivileged() -> Path:
+def unprivileged() -> Iterator[Path]:
     """``estargz`` in a world-readable venv built from Debian's python3, for
     running the CLI as another user (root's own interpreter lives under
     /root, mode 0700)."""
-    import shutil
     base = shutil.which("python3", path="/usr/bin")
     if base is None or os.geteuid() != 0:
         pytest.skip("needs root and Debian's /usr/bin/python3 (python3-venv)")
@@ -229,9 +238,8 @@ class Account:
 
 
 @pytest.fixture(scope="session")
-def rootless_user() -> Account:
+def rootless_user() -> Iterator[Account]:
     """A dedicated unprivileged account, created for the tests and deleted after."""
-    import pwd
     if os.geteuid() != 0:
         pytest.skip("creating an account needs root")
     name = "estargz-rootless"
@@ -254,6 +262,7 @@ def start_until(argv: list, marker: str = "started", timeout: float = 120,
     p = subprocess.Popen(list(map(str, argv)), stderr=subprocess.PIPE, text=True, **popen)
     lines: list[str] = []
     deadline = time.monotonic() + timeout
+    assert p.stderr is not None  # piped
     while time.monotonic() < deadline:
         line = p.stderr.readline()
         lines.append(line)
@@ -274,8 +283,6 @@ def sparse_tar(where: Path, size: int = 16 << 20) -> bytes:
     """A PAX tar (GNU sparse 1.0, as GNU tar writes it) of ``sparse``, ``size``
     bytes of :func:`sparse_content` with real holes, and ``plain``; built in a
     scratch directory under ``where``, removed after."""
-    import shutil
-    import tempfile
     src = Path(tempfile.mkdtemp(prefix="sparse-src-", dir=where))
     try:
         with open(src / "sparse", "wb") as fh:

@@ -53,7 +53,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +245,7 @@ class Daemon:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
+        assert self.proc is not None, "started"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode} at start-up:\n"
@@ -373,7 +374,8 @@ class Containerd(Daemon):
         cid = f"t{os.getpid()}-{next(self._ids)}"
         return self.ctr("run", "--rm", "--snapshotter", snapshotter,
                         "--runc-binary", _need(runtime, runtime),
-                        "--runc-root", self.runc_root / runtime, "--fifo-dir", self.fifo_dir,
+                        "--runc-root", str(self.runc_root / runtime),
+                        "--fifo-dir", str(self.fifo_dir),
                         image, cid, *cmd, check=check, timeout=timeout)
 
     def _remove_objects(self) -> None:
@@ -511,7 +513,7 @@ def host_dirs():
 
 
 @pytest.fixture(scope="session")
-def containerd(tmp_path_factory, host_dirs) -> Containerd:
+def containerd(tmp_path_factory, host_dirs) -> Iterator[Containerd]:
     _require_root()
     d = Containerd(tmp_path_factory.mktemp("containerd")).start()
     try:
@@ -521,7 +523,7 @@ def containerd(tmp_path_factory, host_dirs) -> Containerd:
 
 
 @pytest.fixture(scope="session")
-def dockerd(tmp_path_factory, containerd, host_dirs) -> Dockerd:
+def dockerd(tmp_path_factory, containerd, host_dirs) -> Iterator[Dockerd]:
     _require_root()
     d = Dockerd(tmp_path_factory.mktemp("dockerd"), containerd).start()
     try:

@@ -173,7 +173,7 @@ class StargzSnapshotter(Daemon):
 
     def log_records(self) -> list[dict]:
         """The daemon's log, one dict per JSON line (other lines skipped)."""
-        out = []
+        out: list[dict] = []
         try:
             text = self.log.read_text(errors="replace")
         except FileNotFoundError:
@@ -366,7 +366,7 @@ class LazyPuller:
         key = f"view-{name}-{os.getpid()}"
         c.ctr("snapshots", "--snapshotter", snapshotter, "view", key, self.chain_id(ref))
         try:
-            lines = c.ctr("snapshots", "--snapshotter", snapshotter, "mounts", target,
+            lines = c.ctr("snapshots", "--snapshotter", snapshotter, "mounts", str(target),
                           key).stdout.split("\n")
             for line in filter(None, (item.strip() for item in lines)):
                 # mount -t TYPE SOURCE TARGET -o OPTIONS

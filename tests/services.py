@@ -199,7 +199,7 @@ def bcrypt_hash(password: str) -> str:
     Cost 4, the minimum: the registry checks the hash on every request.
     """
     try:
-        import bcrypt  # type: ignore[import-not-found]
+        import bcrypt
         return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
     except ImportError:
         pass
@@ -492,11 +492,11 @@ class FaultProxy:
         class Server(http.server.ThreadingHTTPServer):
             daemon_threads = True
 
-            def process_request(self, request, client_address):  # type: ignore[override]
+            def process_request(self, request, client_address):
                 slots.acquire()
                 super().process_request(request, client_address)
 
-            def process_request_thread(self, request, client_address):  # type: ignore[override]
+            def process_request_thread(self, request, client_address):
                 try:
                     super().process_request_thread(request, client_address)
                 finally:

@@ -112,11 +112,11 @@ class ShapingProxy:
             daemon_threads = True
             request_queue_size = 128
 
-            def process_request(self, request, client_address):  # type: ignore[override]
+            def process_request(self, request, client_address):
                 slots.acquire()
                 super().process_request(request, client_address)
 
-            def process_request_thread(self, request, client_address):  # type: ignore[override]
+            def process_request_thread(self, request, client_address):
                 try:
                     super().process_request_thread(request, client_address)
                 finally:

@@ -135,6 +135,7 @@ def test_precedence_of_the_files(env: Env, monkeypatch: pytest.MonkeyPatch) -> N
     arg = write_json(env.tmp / "arg.json", entry("arg"))
     assert resolve_credentials(HOST, auth_file=str(arg)) == ("arg", "pw-arg")
     found = find_credentials(HOST, auth_file=str(arg))
+    assert found is not None
     assert found.source == f"from {arg}" and "pw-arg" not in repr(found)
 
 
@@ -196,6 +197,7 @@ def test_cred_helper_for_the_host(env: Env) -> None:
     write_json(env.docker_config, {"credHelpers": {HOST: "test"},
                                    "auths": {HOST: {"auth": b64("plain", "pw")}}})
     found = find_credentials(HOST)
+    assert found is not None
     assert found.pair == ("helped", "helper-secret")
     assert "credHelpers 'test'" in found.source and "helper-secret" not in repr(found)
     assert calls(log) == [[["get"], HOST]]

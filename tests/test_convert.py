@@ -19,7 +19,7 @@ import pytest
 import zstandard
 
 import estargz
-from conftest import CHUNK, Spec, build_tar, every_kind_specs, pattern, write
+from conftest import CHUNK, Spec, build_tar, every_kind_specs, member_data, pattern, write
 from estargz import clean_name
 
 
@@ -39,7 +39,7 @@ def toc_of(blob: bytes) -> dict:
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tf:
         last = tf.getmembers()[-1]
         assert last.name == "stargz.index.json"
-        return json.loads(tf.extractfile(last).read())
+        return json.loads(member_data(tf, last))
 
 
 def convert(tmp_path: Path, tar: bytes, **opts) -> tuple[bytes, estargz.LayerResult]:

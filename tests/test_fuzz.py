@@ -170,7 +170,7 @@ INTS = [0, 1, 2, 13, 1000, 0o7777, 2**31, 2**32 - 1, 2**32, 2**40, 2**63 - 1]
 STRS = ["", "a", "../x", "/", "./etc", "etc/small", "d/a", "s/one", "a\nb", "\ud800",
         "x" * 300, "sha256:" + "0" * 64, "sha256:", "reg", "dir", "chunk", "hardlink",
         "symlink", "char", "fifo", "2000-01-01T00:00:00Z"]
-ANY = [None, True, -1, 2**63, 2**64, 1.5, float("inf"), [], {}, "1", 1]
+ANY: list[object] = [None, True, -1, 2**63, 2**64, 1.5, float("inf"), [], {}, "1", 1]
 XATTRS = [{}, {"k": "!!"}, {"user.k": "aGk="}, {"\udc80": "aGk="}, {"user.k": 7}]
 FIELD_VALUE = st.one_of(
     st.tuples(st.sampled_from(INT_FIELDS), st.sampled_from(INTS)),
@@ -316,11 +316,11 @@ def exercise(blob: bytes, scratch: Path) -> None:
     except EstargzError as e:
         assert_one_line(e)
         return
-    for e in reader.entries:
-        if e.type in ("reg", "hardlink"):
+    for entry in reader.entries:
+        if entry.type in ("reg", "hardlink"):
             try:
-                reader.chunks(e.name)
-                for _ in reader.iter_file(e.name):
+                reader.chunks(entry.name)
+                for _ in reader.iter_file(entry.name):
                     pass
             except EstargzError as error:
                 assert_one_line(error)

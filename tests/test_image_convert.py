@@ -8,10 +8,14 @@ the Docker engine run a command in it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,7 +200,6 @@ def make_layout_with_repeated_layer(src: Path, dst: Path) -> None:
     cfg = load(dst, m["config"]["digest"])
     m["layers"] = m["layers"] * 2
     cfg["rootfs"]["diff_ids"] = cfg["rootfs"]["diff_ids"] * 2
-    import hashlib
     def put(obj: dict) -> tuple[str, int]:
         data = json.dumps(obj).encode()
         d = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -230,7 +233,6 @@ def test_reuse_keeps_verified_estargz_layers(tmp_path, test_images):
     m = load(layout, m_desc["digest"])
     m["layers"][0]["annotations"][TOC] = "sha256:" + "1" * 64
     data = json.dumps(m).encode()
-    import hashlib
     d = "sha256:" + hashlib.sha256(data).hexdigest()
     blob(layout, d).write_bytes(data)
     index = json.loads((layout / "index.json").read_text())
@@ -264,7 +266,6 @@ def test_unsupported_layer_media_type_leaves_nothing(tmp_path, test_images):
     m = load(src, m_desc["digest"])
     m["layers"][0]["mediaType"] = "application/vnd.example.weird"
     data = json.dumps(m).encode()
-    import hashlib
     d = "sha256:" + hashlib.sha256(data).hexdigest()
     blob(src, d).write_bytes(data)
     index = json.loads((src / "index.json").read_text())
@@ -320,9 +321,6 @@ def test_layer_convert_full_disk(tiny_disk, test_images):
 
 
 def test_ctrl_c_leaves_no_output_and_no_temporaries(tmp_path, test_images):
-    import signal
-    import sys
-    import time
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     out = tmp_path / "out"

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,7 +285,6 @@ def test_input_truncated_in_file_data(small_layer, dirs):
 
 
 def test_gzip_stdin_truncated_in_file_data(small_layer, dirs):
-    import zlib
     offset, size = data_span(small_layer)
     z = zlib.compressobj(1, zlib.DEFLATED, 31)
     gz = z.compress(small_layer.read_bytes()) + z.flush()

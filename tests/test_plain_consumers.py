@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHUNK, Spec, build_tar, every_kind_specs, run_cli, write
+from conftest import CHUNK, Spec, build_tar, every_kind_specs, member_data, run_cli, write
 
 EXTRA = {".no.prefetch.landmark", ".prefetch.landmark", "stargz.index.json"}
 
@@ -85,7 +85,7 @@ def members(path: Path) -> dict[str, tuple]:
         for m in tf:
             if m.name in EXTRA:
                 continue
-            data = tf.extractfile(m).read() if m.isreg() else b""
+            data = member_data(tf, m) if m.isreg() else b""
             out[m.name.rstrip("/") or "."] = (
                 m.type if not m.isreg() else tarfile.REGTYPE, m.mode & 0o7777, m.uid, m.gid,
                 m.uname, m.gname, m.mtime, m.linkname, m.devmajor if m.isdev() else 0,

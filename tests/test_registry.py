@@ -7,14 +7,18 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import tarfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -242,6 +246,7 @@ def test_download_resumes_after_a_dropped_connection(tampering_proxy: FaultProxy
     first, second = tampering_proxy.requests("GET", digest)
     assert (first.range, first.sent) == (None, 100_000)
     # Resumed from what had arrived, less at most one partly read piece.
+    assert second.range is not None
     resumed_at = int(second.range.removeprefix("bytes=").removesuffix("-"))
     assert 0 < resumed_at <= 100_000 and second.sent == size - resumed_at
 
@@ -559,9 +564,6 @@ def test_client_certificate_from_the_cert_dir(mtls_registry, tmp_path: Path,
 
 def test_certificate_for_another_host_is_refused(tmp_path: Path) -> None:
     # A TLS server whose certificate, from a trusted CA, names another host.
-    import http.server
-    import ssl
-    import threading
     tls = make_tls(tmp_path / "tls", hosts=("other.example",))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tls.cert, tls.key)
@@ -640,7 +642,6 @@ def test_bearer_push_and_pull_with_cached_tokens(token_registry, tmp_path: Path,
 
 
 def test_one_client_shared_by_threads(token_registry, tmp_path: Path, repo: str) -> None:
-    from concurrent.futures import ThreadPoolExecutor
     server = token_registry.token_server
     pusher = client(token_registry.host,
                     credentials=(token_registry.user, token_registry.password))
@@ -720,13 +721,16 @@ def test_bearer_mount_asks_for_both_repositories(token_registry, tmp_path: Path,
 def test_parse_challenge() -> None:
     ch = parse_challenge('Bearer realm="https://auth.example/token",service="reg.example",'
                          'scope="repository:a/b:pull repository:c:pull,push"')
+    assert ch is not None
     assert ch.scheme == "bearer" and ch.realm == "https://auth.example/token"
     assert ch.service == "reg.example"
     assert ch.scopes == ["repository:a/b:pull", "repository:c:pull,push"]
     basic = parse_challenge('Basic realm="Registry Realm"')
+    assert basic is not None
     assert basic.scheme == "basic" and basic.realm == "Registry Realm"
     assert parse_challenge("") is None and parse_challenge(None) is None
-    assert parse_challenge('Bearer realm=unquoted,error="x\\"y"').params == {
+    quoted = parse_challenge('Bearer realm=unquoted,error="x\\"y"')
+    assert quoted is not None and quoted.params == {
         "realm": "unquoted", "error": 'x"y'}
 
 

@@ -22,6 +22,7 @@ def push_blob(host: str, data: bytes) -> str:
     r.read()
     assert r.status == 202, r.status
     location = r.getheader("Location")
+    assert location is not None
     sep = "&" if "?" in location else "?"
     conn.request("PUT", f"{location}{sep}digest={digest}", body=data,
                  headers={"Content-Length": str(len(data)),
@@ -39,7 +40,7 @@ def get(host: str, path: str, headers: dict | None = None) -> tuple[int, dict, b
     return r.status, dict(r.getheaders()), r.read()
 
 
-def test_ranges_bandwidth_latency_and_counts(registry):  # noqa: F811
+def test_ranges_bandwidth_latency_and_counts(registry) -> None:  # noqa: F811
     data = os.urandom(1 << 20)
     digest = push_blob(registry.host, data)
     path = f"/v2/shaping/blobs/{digest}"

@@ -11,6 +11,7 @@ leaves no mount, process or state directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -29,6 +30,7 @@ import pytest
 from daemons import BUILD_IMAGES, Containerd, Dockerd, build_images, mounts_under, processes_under
 
 _spec = importlib.util.spec_from_file_location("images_build", BUILD_IMAGES)
+assert _spec is not None and _spec.loader is not None
 images_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(images_build)
 
@@ -343,7 +345,10 @@ def test_daemons_are_private(containerd, dockerd):
     """Unix sockets under the tmp dirs only; nothing on TCP."""
     assert os.path.exists(containerd.address) and os.path.exists(dockerd.socket)
     for pid in (containerd.proc.pid, dockerd.proc.pid):
-        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed since the listing
+                inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
         inodes = {i[len("socket:["):-1] for i in inodes if i.startswith("socket:[")}
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with open(table) as f:

@@ -244,6 +244,7 @@ def diff_trees(a: dict[str, EntryState], b: dict[str, EntryState], *,
         x, y = a.get(path), b.get(path)
         if x is None or y is None:
             side, s = ("a", x) if y is None else ("b", y)
+            assert s is not None  # not both: the path came from one of them
             out.append(f"{path}: only in {side} ({s.kind})")
             continue
 

@@ -103,6 +103,7 @@ class Authenticator:
         self._token_lock = threading.Lock()
 
     def credentials(self) -> FoundCredentials | None:
+        """The credentials for this host, looked up on the first call."""
         with self._creds_lock:
             if not self._creds_resolved:
                 # Only now, when a registry asks: a credential helper may prompt
@@ -112,6 +113,7 @@ class Authenticator:
             return self._found
 
     def headers(self, scopes: list[str]) -> dict[str, str]:
+        """The ``Authorization`` header answering the challenge for ``scopes``."""
         ch = self.challenge
         if ch is None:
             return {}
@@ -172,7 +174,7 @@ class Authenticator:
             raise RegistryError(f"registry {self.host} names an unusable token realm "
                                 f"{ch.realm!r}")
         resp = self._send("GET", url, headers, None, stream=False,
-                              what=f"token request for {' '.join(scopes) or 'access'}")
+                          what=f"token request for {' '.join(scopes) or 'access'}")
         with resp:
             if resp.status_code in (401, 403):
                 raise self.error(resp.status_code, error_detail(resp.content),
@@ -195,7 +197,8 @@ class Authenticator:
             return Token(value, time.monotonic() + max(expires_in - 10, expires_in * 0.5))
 
     def error(self, status: int, detail: str, repo: str | None,
-                    via: str | None = None) -> AuthenticationError:
+              via: str | None = None) -> AuthenticationError:
+        """A refusal (401/403) as one line: what was asked, and how to fix it."""
         found = self._found if self._creds_resolved else None
         target = f"repository {repo}" if repo else "access"
         answer = f"{status}" + (f" {detail}" if detail else "")
