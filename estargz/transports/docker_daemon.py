@@ -3,7 +3,8 @@
 Reading is ``docker save`` (``GET /images/NAME/get``) spooled to a temporary
 file and read as a docker-archive; writing builds a docker-archive and hands
 it to ``docker load`` (``POST /images/load``). The ``docker`` package finds
-the engine as the docker CLI does (``DOCKER_HOST``, else the default socket).
+the engine as the docker CLI does (``DOCKER_HOST``, else the default socket);
+this module, and so ``docker``, is imported only when the transport is used.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import shutil
 import tempfile
 from typing import Any
 
+import docker
+from docker.errors import APIError, DockerException
+from docker.errors import NotFound as DockerNotFound
+
 from .._exceptions import InvalidInput, NotFound, RegistryError, StorageError
 from ..image.descriptor import Descriptor
 from ..image.reference import ImageRef, parse_docker_name
@@ -23,9 +28,6 @@ from .docker_archive import DockerArchiveDestination, DockerArchiveSource, _shor
 
 
 def _client(options: TransportOptions) -> Any:
-    import docker  # imported here: only this transport needs it
-    from docker.errors import DockerException
-
     try:
         if options.docker_host:
             return docker.DockerClient(base_url=options.docker_host)
@@ -38,9 +40,6 @@ class DaemonSource(DockerArchiveSource):
     """An image in the Docker daemon, read as ``docker save`` output."""
 
     def __init__(self, ref: ImageRef, options: TransportOptions) -> None:
-        from docker.errors import APIError, DockerException
-        from docker.errors import NotFound as DockerNotFound
-
         assert ref.name is not None
         name = _short_name(ref.name)
         self._tmpdir = tempfile.mkdtemp(prefix="estargz-daemon-")
@@ -81,8 +80,6 @@ class DaemonDestination(DockerArchiveDestination):
         self.name = f"docker-daemon:{_short_name(ref.name)}" if ref.name else "docker-daemon:"
 
     def commit(self, root: Descriptor, root_data: bytes) -> None:
-        from docker.errors import APIError, DockerException
-
         super().commit(root, root_data)
         client = _client(self._options)
         try:
