@@ -43,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -574,6 +575,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
+
+    def on_term(signum: int, frame: object) -> None:
+        # Unwind through the finally blocks: daemons stopped, mounts gone.
+        raise KeyboardInterrupt
+    # A background job's SIGINT is ignored; SIGTERM stops it cleanly.
+    signal.signal(signal.SIGTERM, on_term)
     try:
         if args.chart_only:
             doc = json.loads(args.chart_only.read_text())
