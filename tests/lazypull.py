@@ -54,7 +54,8 @@ background_fetch=False, extra="")``
 Fixtures: ``snapshotter_version`` (session, parametrized over ``VERSIONS``),
 ``snapshotter_binary`` (session), ``lazy_puller`` (function: a cold
 :class:`LazyPuller` per test, ``host_dirs`` cleans what containerd leaves in
-/run).
+/run), ``make_lazy_puller`` (function: ``make(config)`` for pullers with
+another :class:`SnapshotterConfig`).
 """
 
 from __future__ import annotations
@@ -429,12 +430,26 @@ def snapshotter_binary(snapshotter_version: str) -> Path:
 
 
 @pytest.fixture
-def lazy_puller(tmp_path_factory, snapshotter_version: str, snapshotter_binary: Path,
-                host_dirs) -> Iterator[LazyPuller]:
-    """A cold snapshotter + containerd for one test, stopped after it."""
-    puller = LazyPuller(tmp_path_factory.mktemp("lazy"), snapshotter_version,
-                        binary=snapshotter_binary).start()
+def make_lazy_puller(tmp_path_factory, snapshotter_version: str, snapshotter_binary: Path,
+                     host_dirs) -> Iterator:
+    """A function ``(config=SnapshotterConfig()) -> LazyPuller`` starting a
+    cold snapshotter + containerd; all are stopped after the test."""
+    pullers: list[LazyPuller] = []
+
+    def make(config: SnapshotterConfig = SnapshotterConfig()) -> LazyPuller:
+        puller = LazyPuller(tmp_path_factory.mktemp("lazy"), snapshotter_version, config,
+                            binary=snapshotter_binary)
+        pullers.append(puller.start())
+        return puller
+
     try:
-        yield puller
+        yield make
     finally:
-        puller.stop()
+        for puller in pullers:
+            puller.stop()
+
+
+@pytest.fixture
+def lazy_puller(make_lazy_puller) -> LazyPuller:
+    """A cold snapshotter + containerd (default config) for one test."""
+    return make_lazy_puller()
