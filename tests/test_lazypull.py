@@ -269,6 +269,9 @@ def covers(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
 def test_lazy_pull_mounts_verifies_prefetches_and_runs(
         lazy_puller: LazyPuller, lazy_proxy: FaultProxy, registry: RegistryDaemon,
         lazy_images, name: str, variant: str):
+    """rpull mounts every layer lazily and verified; until the container
+    starts only the footer, the TOC and our prefetch are fetched; the
+    workload runs, and an optimized image needs nothing more."""
     image = lazy_images[name, variant]
     ref = f"{lazy_proxy.host}/{image.ref}"
     sn = lazy_puller.snapshotter
@@ -331,7 +334,6 @@ def test_lazy_pull_mounts_verifies_prefetches_and_runs(
             assert not inside, f"layer {i}: recorded files fetched after start: {inside}"
             fetched[i] = got
         assert not fetched, f"fetched on demand while the workload ran: {fetched}"
-
 
 
 @pytest.mark.parametrize("variant", ["convert", "optimize"])
