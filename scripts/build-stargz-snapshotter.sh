@@ -10,9 +10,11 @@
 # v0.18   github.com/containerd/stargz-snapshotter v0.18.x (the newest v0.18
 #         release when tests/lazypull/snapshotter-v018/go.mod was last
 #         updated; `go get github.com/containerd/stargz-snapshotter@v0.18`
-#         there moves it), built in module mode with the Go first on PATH
-#         (>= 1.25) through the Go module proxy.  Modules and the build cache
-#         live under the cache dir, so only the first build downloads.
+#         there moves it), built in module mode through the Go module proxy
+#         with the Go on PATH if it is >= 1.25, else with Go 1.25 fetched
+#         from the proxy as module golang.org/toolchain.  Modules and the
+#         build cache live under the cache dir, so only the first build
+#         downloads.
 # debian  Debian bookworm's packaged 0.12 sources (/usr/share/gocode) in GOPATH
 #         mode with Debian's Go 1.19, no network.
 #
@@ -49,12 +51,6 @@ case "$version" in
         src_dir="$lazypull_dir/snapshotter-v018"
         name=containerd-stargz-grpc-v018
         GO=${GO_MODULES:-go}
-        command -v "$GO" >/dev/null 2>&1 ||
-            die "no Go toolchain on PATH (needs Go >= 1.25 for stargz-snapshotter v0.18)"
-        # "go1.26.8" -> 26; the library's go.mod says go 1.25.0.
-        minor=$("$GO" env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
-        [ "${minor:-0}" -ge 25 ] ||
-            die "$("$GO" env GOVERSION) on PATH is too old: stargz-snapshotter v0.18 needs Go >= 1.25"
         sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
         ;;
     debian)
@@ -93,6 +89,37 @@ needs_build() {
     return 1
 }
 
+gomodcache="${GOMODCACHE:-$cache_dir/go-mod}"
+goproxy="${GOPROXY:-https://proxy.golang.org,direct}"
+
+# Go >= 1.25 for v0.18 (its go.mod says go 1.25.0): the go on PATH if it is
+# new enough, else the release Go's own toolchain switching would fetch,
+# golang.org/toolchain from the module proxy, downloaded with Debian's go
+# (1.19 predates switching) into the module cache and used from there.
+toolchain=go1.25.0
+go_minor() { "$1" env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p'; }
+pick_module_go() {
+    if command -v "$GO" >/dev/null 2>&1 && [ "$(go_minor "$GO")" -ge 25 ] 2>/dev/null; then
+        return
+    fi
+    debian_go=${GO_DEBIAN:-/usr/lib/go-1.19/bin/go}
+    [ -x "$debian_go" ] ||
+        die "no Go >= 1.25 on PATH, and no Debian Go at $debian_go to fetch one (apt-get install golang-go)"
+    module="golang.org/toolchain@v0.0.1-$toolchain.linux-$("$debian_go" env GOARCH)"
+    dir="$gomodcache/$module"
+    if [ ! -x "$dir/bin/go" ]; then
+        echo "build-stargz-snapshotter: no Go >= 1.25 on PATH; fetching $module" >&2
+        (
+            cd "$work"
+            GOMODCACHE="$gomodcache" GOFLAGS=-modcacherw GO111MODULE=on GOPROXY="$goproxy" \
+                GOTOOLCHAIN=local "$debian_go" mod download "$module"
+        ) >&2 || die "cannot download $module"
+        # Module zips carry no file modes.
+        chmod +x "$dir"/bin/* "$dir"/pkg/tool/*/*
+    fi
+    GO="$dir/bin/go"
+}
+
 if needs_build; then
     work=$(mktemp -d "${TMPDIR:-/tmp}/stargz-build.XXXXXX")
     tmp_bin=""
@@ -112,11 +139,13 @@ if needs_build; then
         # The module is built where it is; -mod=readonly: go fetches exactly
         # what the committed go.mod/go.sum pin and never edits them.
         # GOTOOLCHAIN=local: never download another Go.
+        pick_module_go
+        # -modcacherw: a cache dir the user can simply delete.
         (
             cd "$src_dir"
-            GOMODCACHE="${GOMODCACHE:-$cache_dir/go-mod}" GOCACHE="$gocache" \
-                GOFLAGS="-mod=readonly -buildvcs=false" GO111MODULE=on GOTOOLCHAIN=local \
-                GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}" CGO_ENABLED=0 \
+            GOMODCACHE="$gomodcache" GOCACHE="$gocache" \
+                GOFLAGS="-mod=readonly -modcacherw -buildvcs=false" GO111MODULE=on \
+                GOTOOLCHAIN=local GOPROXY="$goproxy" CGO_ENABLED=0 \
                 "$GO" build -trimpath -o "$tmp_bin" .
         ) >&2 || die "go build failed"
     else

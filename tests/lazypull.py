@@ -40,9 +40,13 @@ background_fetch=False, extra="")``
     ``rpull(ref)``: ``ctr-remote images rpull --plain-http`` (lazy);
     ``pull(ref)``: ``ctr images pull --plain-http`` with overlayfs (a full
     pull, the "original" baseline); ``run(ref, *cmd)``: ``ctr run --rm`` with
-    the stargz snapshotter; ``mounted(ref, target)``: a context manager
-    mounting the image's root filesystem read-only with ``ctr images
-    mount`` (overlayfs over the FUSE layers), unmounted after.
+    the stargz snapshotter; ``mounted(ref, name)``: a context manager
+    mounting the image's root filesystem read-only below ``base`` (overlayfs
+    over the FUSE layers, as a container sees it), unmounted after.
+
+``mounted_image(containerd, ref, target, snapshotter)`` and
+``chain_id(containerd, ref)`` do the same for any :class:`daemons.Containerd`
+(e.g. the overlayfs-unpacked original of an image, to compare trees).
 
 ``parse_ranges(header, size) -> [(start, end_exclusive)]`` reads an HTTP
 ``Range`` header; ``ranges_overlap(a, b)`` tests two half-open ranges.
@@ -50,13 +54,15 @@ background_fetch=False, extra="")``
 Fixtures: ``snapshotter_version`` (session, parametrized over ``VERSIONS``),
 ``snapshotter_binary`` (session), ``lazy_puller`` (function: a cold
 :class:`LazyPuller` per test, ``host_dirs`` cleans what containerd leaves in
-/run).
+/run), ``make_lazy_puller`` (function: ``make(config)`` for pullers with
+another :class:`SnapshotterConfig`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -334,53 +340,70 @@ class LazyPuller:
                                    timeout=timeout)
 
     def chain_id(self, ref: str) -> str:
-        """The chain ID of ``ref``'s layers (the name of its top snapshot),
-        from the manifest and config in containerd's content store."""
-        c = self.containerd
-        rows = [item.split() for item in c.ctr("images", "ls").stdout.splitlines()[1:]]
-        digests = [row[2] for row in rows if row and row[0] == ref]
-        if not digests:
-            raise AssertionError(f"image {ref} is not in containerd")
-        manifest = json.loads(c.ctr("content", "get", digests[0]).stdout)
-        if "config" not in manifest:
-            raise AssertionError(f"{ref} is not a single-platform image manifest")
-        config = json.loads(c.ctr("content", "get", manifest["config"]["digest"]).stdout)
-        chain = ""
-        for diff_id in config["rootfs"]["diff_ids"]:
-            chain = diff_id if not chain else \
-                "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
-        return chain
+        """The chain ID (top snapshot name) of ``ref``; see :func:`chain_id`."""
+        return chain_id(self.containerd, ref)
 
-    @contextlib.contextmanager
     def mounted(self, ref: str, name: str = "rootfs",
-                snapshotter: str = SNAPSHOTTER) -> Iterator[Path]:
-        """Mount ``ref``'s root filesystem read-only below the puller's base
-        and yield the path: a view snapshot of its chain ID (for the stargz
-        snapshotter: overlayfs over the FUSE layers, or a bind mount of the
-        one layer), mounted as ``ctr snapshots mounts`` says; unmounted and
-        removed after.  (``ctr images mount`` of containerd 1.6 always
-        unpacks with the default snapshotter, so it cannot be used here.)"""
-        c = self.containerd
-        target = self.mounts_dir / name
-        target.mkdir(parents=True, exist_ok=True)
-        key = f"view-{name}-{os.getpid()}"
-        c.ctr("snapshots", "--snapshotter", snapshotter, "view", key, self.chain_id(ref))
-        try:
-            lines = c.ctr("snapshots", "--snapshotter", snapshotter, "mounts", str(target),
-                          key).stdout.split("\n")
-            for line in filter(None, (item.strip() for item in lines)):
-                # mount -t TYPE SOURCE TARGET -o OPTIONS
-                argv = line.split()
-                if argv[:2] != ["mount", "-t"] or len(argv) != 7 or argv[5] != "-o":
-                    raise AssertionError(f"unexpected mount command from ctr: {line}")
-                fstype, source, dest, options = argv[2], argv[3], argv[4], argv[6]
-                typed = [] if fstype == "bind" else ["-t", fstype]
-                subprocess.run(["mount", *typed, "-o", options, source, dest], check=True,
-                               capture_output=True)
-            yield target
-        finally:
-            unmount_all_under(target)
-            c.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, check=False)
+                snapshotter: str = SNAPSHOTTER) -> contextlib.AbstractContextManager[Path]:
+        """:func:`mounted_image` of ``ref`` at ``name`` below the puller's base."""
+        return mounted_image(self.containerd, ref, self.mounts_dir / name, snapshotter)
+
+
+def chain_id(containerd: Containerd, ref: str) -> str:
+    """The chain ID of ``ref``'s layers (the name of its top snapshot),
+    from the manifest and config in ``containerd``'s content store."""
+    c = containerd
+    rows = [line.split() for line in c.ctr("images", "ls").stdout.splitlines()[1:]]
+    digests = [row[2] for row in rows if row and row[0] == ref]
+    if not digests:
+        raise AssertionError(f"image {ref} is not in containerd")
+    manifest = json.loads(c.ctr("content", "get", digests[0]).stdout)
+    if "config" not in manifest:
+        raise AssertionError(f"{ref} is not a single-platform image manifest")
+    config = json.loads(c.ctr("content", "get", manifest["config"]["digest"]).stdout)
+    chain = ""
+    for diff_id in config["rootfs"]["diff_ids"]:
+        chain = diff_id if not chain else \
+            "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    return chain
+
+
+_view_ids = itertools.count()
+
+
+@contextlib.contextmanager
+def mounted_image(containerd: Containerd, ref: str, target: Path,
+                  snapshotter: str = SNAPSHOTTER) -> Iterator[Path]:
+    """Mount ``ref``'s root filesystem (already pulled into ``containerd``
+    with ``snapshotter``) read-only at ``target`` and yield it: a view
+    snapshot of its chain ID (for the stargz snapshotter overlayfs over the
+    FUSE layers, or a bind mount of a single layer), mounted as ``ctr
+    snapshots view --mounts`` says; unmounted and removed after.  (``ctr images
+    mount`` of containerd 1.6 reads --snapshotter as a global flag, so it
+    always unpacks with overlayfs and cannot be used here.)"""
+    c = containerd
+    target.mkdir(parents=True, exist_ok=True)
+    key = f"view-{target.name}-{os.getpid()}-{next(_view_ids)}"
+    # One call creates the view and prints its mounts: no lease holds the
+    # view, so containerd's garbage collector may remove it at any moment
+    # after (which does not disturb a mount already made of its parents).
+    mounts = json.loads(c.ctr("snapshots", "--snapshotter", snapshotter, "view", "--mounts",
+                              key, chain_id(c, ref)).stdout)
+    try:
+        for m in mounts:  # Go's mount.Mount, JSON without tags
+            options = [o for o in m.get("Options") or [] if o != "rbind"]
+            if m["Type"] == "bind":
+                argv = ["mount", "--rbind", "-o", ",".join(options), m["Source"], str(target)]
+            else:
+                argv = ["mount", "-t", m["Type"], "-o", ",".join(options), m["Source"],
+                        str(target)]
+            p = subprocess.run(argv, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise AssertionError(f"{' '.join(argv)} failed: {p.stderr}")
+        yield target
+    finally:
+        unmount_all_under(target)
+        c.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, check=False)
 
 
 # --- fixtures (pytest only) --------------------------------------------------------
@@ -407,12 +430,26 @@ def snapshotter_binary(snapshotter_version: str) -> Path:
 
 
 @pytest.fixture
-def lazy_puller(tmp_path_factory, snapshotter_version: str, snapshotter_binary: Path,
-                host_dirs) -> Iterator[LazyPuller]:
-    """A cold snapshotter + containerd for one test, stopped after it."""
-    puller = LazyPuller(tmp_path_factory.mktemp("lazy"), snapshotter_version,
-                        binary=snapshotter_binary).start()
+def make_lazy_puller(tmp_path_factory, snapshotter_version: str, snapshotter_binary: Path,
+                     host_dirs) -> Iterator:
+    """A function ``(config=SnapshotterConfig()) -> LazyPuller`` starting a
+    cold snapshotter + containerd; all are stopped after the test."""
+    pullers: list[LazyPuller] = []
+
+    def make(config: SnapshotterConfig = SnapshotterConfig()) -> LazyPuller:
+        puller = LazyPuller(tmp_path_factory.mktemp("lazy"), snapshotter_version, config,
+                            binary=snapshotter_binary)
+        pullers.append(puller.start())
+        return puller
+
     try:
-        yield puller
+        yield make
     finally:
-        puller.stop()
+        for puller in pullers:
+            puller.stop()
+
+
+@pytest.fixture
+def lazy_puller(make_lazy_puller) -> LazyPuller:
+    """A cold snapshotter + containerd (default config) for one test."""
+    return make_lazy_puller()

@@ -1,0 +1,609 @@
+#!/usr/bin/env python3
+"""Container start-up benchmark in the style of HelloBench (docs/benchmarks.md).
+
+For each image of benchmarks/images.py and each variant
+
+  original         the gzip image, full pull and unpack (`ctr images pull`, overlayfs)
+  estargz          `estargz convert --oci`
+  estargz-opt      `estargz optimize --oci --wait-on-line READY`
+  ref-estargz      `ctr-remote image convert --estargz --oci` (Debian's 0.12)
+  ref-estargz-opt  `ctr-remote image optimize --oci`
+
+it measures cold starts through a real Stargz Snapshotter (tests/lazypull.py:
+a fresh snapshotter and containerd for every run) pulling from Debian's
+registry behind a shaping proxy (tests/shapingproxy.py: bandwidth shared by
+all connections, latency per request):
+
+  pull    `ctr images pull` (original) or `ctr-remote images rpull` (lazy)
+  create  `ctr containers create`
+  run     `ctr tasks start` until the workload prints its ready line
+
+and the registry bytes sent before ready and in total (until the container
+is stopped, right after ready; background fetch is off unless asked for).
+It prints medians of --runs runs per network setting, and ratios measured
+in the same run (optimized/original, optimized/unoptimized,
+ours/reference), writes results.json and draws startup.png (stacked
+pull/create/run bars per image and variant; needs matplotlib, the `bench`
+extra).
+
+    sudo python3 benchmarks/startup.py --runs 3 --out out/startup
+    python3 benchmarks/startup.py --chart-only out/startup/results.json
+
+Needs root, /dev/fuse, containerd, runc, docker-registry, skopeo, ctr-remote
+(apt stargz-snapshotter), Go to build the snapshotter
+(scripts/build-stargz-snapshotter.sh) and what benchmarks/images.py needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(HERE))
+
+import images  # noqa: E402  (benchmarks/images.py)
+from daemons import Containerd, _env  # noqa: E402
+from lazypull import SNAPSHOTTER, LazyPuller, SnapshotterConfig, build_snapshotter  # noqa: E402
+from services import running_registry  # noqa: E402
+from shapingproxy import ShapingProxy  # noqa: E402
+
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:  # the `bench` extra; only the chart needs it
+    plt = None
+
+VARIANTS = ("original", "estargz", "estargz-opt", "ref-estargz", "ref-estargz-opt")
+LABELS = {"original": "original", "estargz": "eStargz", "estargz-opt": "eStargz optimized",
+          "ref-estargz": "ref eStargz", "ref-estargz-opt": "ref optimized"}
+DEFAULT_NETWORKS = ("20M/50ms", "100M/20ms")
+
+
+class BenchError(Exception):
+    """A one-line reason the benchmark cannot go on."""
+
+
+def log(msg: str) -> None:
+    print(f"[startup] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Network:
+    """A shaping setting: bandwidth in bit/s and latency per request in s."""
+
+    name: str
+    bandwidth: float
+    latency: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Network":
+        """``20M/50ms``: 20 Mbit/s and 50 ms per request (K, M, G; ms or s)."""
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)/(\d+(?:\.\d+)?)(ms|s)", text.strip())
+        if not m:
+            raise argparse.ArgumentTypeError(f"bad network {text!r}; e.g. 20M/50ms")
+        bw = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+        lat = float(m.group(3)) / (1000 if m.group(4) == "ms" else 1)
+        return cls(text.strip(), bw, lat)
+
+
+@dataclass
+class Run:
+    """One cold start."""
+
+    network: str
+    snapshotter: str
+    image: str
+    variant: str
+    index: int
+    pull: float = 0.0
+    create: float = 0.0
+    run: float = 0.0
+    #: pull + create + run: from the pull's start to the ready line.
+    total: float = 0.0
+    bytes_before_ready: int = 0
+    bytes_total: int = 0
+    requests_before_ready: int = 0
+    requests_total: int = 0
+    #: layer digest -> bytes the snapshotter prefetched (lazy variants).
+    prefetch: dict = field(default_factory=dict)
+    #: False if a layer fell back to a full pull (lazy variants).
+    lazy: Optional[bool] = None
+    error: str = ""
+
+
+# --- command helpers -------------------------------------------------------------
+
+def sh(*argv: object, timeout: float = 1800, env: Optional[dict] = None) -> str:
+    """Run a command; its stdout, or BenchError with the end of its stderr."""
+    cmd = [str(a) for a in argv]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env=env or _env())
+    except FileNotFoundError:
+        raise BenchError(f"{cmd[0]} not found")
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{' '.join(cmd[:4])}... timed out after {timeout:g} s")
+    if p.returncode != 0:
+        tail = " | ".join(p.stderr.strip().splitlines()[-6:])
+        raise BenchError(f"{' '.join(cmd[:5])}... exited {p.returncode}: {tail}")
+    return p.stdout
+
+
+def estargz_cli() -> list[str]:
+    """How to run this checkout's ``estargz`` (the one next to our Python)."""
+    exe = Path(sys.executable).with_name("estargz")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "estargz"]
+
+
+# --- publishing the variants --------------------------------------------------------
+
+def publish(image: str, variants: list[str], registry: str, work: Path) -> dict[str, str]:
+    """Push each variant of ``image`` to ``registry``; ``{variant: repo:tag}``
+    (missing: the variant could not be made, logged)."""
+    src = images.ensure(image) / "oci"
+    repo = f"{registry}/bench-{image}"
+    est = estargz_cli()
+    refs: dict[str, str] = {}
+    ready = images.READY[image]
+    makers = {
+        "original": lambda dst: sh("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                                   f"oci:{src}:latest", f"docker://{dst}"),
+        "estargz": lambda dst: sh(*est, "convert", "--oci", "-q", "--dest-tls-verify", "false",
+                                  f"oci:{src}:latest", f"docker://{dst}"),
+        "estargz-opt": lambda dst: sh(*est, "optimize", "--oci", "-q", "--period", "60",
+                                      "--wait-on-line", ready, "--dest-tls-verify", "false",
+                                      f"oci:{src}:latest", f"docker://{dst}"),
+    }
+    for v in variants:
+        if v in makers:
+            t0 = time.monotonic()
+            try:
+                makers[v](f"{repo}:{v}")
+            except BenchError as e:
+                log(f"{image} {v}: cannot make it: {e}")
+                continue
+            refs[v] = f"bench-{image}:{v}"
+            log(f"{image} {v}: pushed in {time.monotonic() - t0:.1f} s")
+    ref_variants = [v for v in variants if v.startswith("ref-")]
+    if ref_variants:
+        refs.update(publish_reference(image, src, ref_variants, repo, work))
+    return refs
+
+
+def publish_reference(image: str, src: Path, variants: list[str], repo: str,
+                      work: Path) -> dict[str, str]:
+    """Convert with Debian's ``ctr-remote`` on a containerd of its own (as
+    tests/test_optimize.py does) and push; ``{variant: repo:tag}``."""
+    ctr_remote = shutil.which("ctr-remote")
+    if ctr_remote is None:
+        log("ctr-remote not found (apt-get install stargz-snapshotter): no reference variants")
+        return {}
+    out: dict[str, str] = {}
+    base = Path(tempfile.mkdtemp(prefix=f"ref-{image}-", dir=work))
+    archive = base / "src.tar"
+    sh("skopeo", "copy", "--quiet", f"oci:{src}:latest", f"oci-archive:{archive}:latest")
+    c = Containerd(base / "ctd").start()
+    try:
+        name = f"bench/{image}"
+        c.ctr("images", "import", "--base-name", name, "--digests", archive)
+        digest = next(l for l in c.ctr("images", "ls", "-q").stdout.split()
+                      if l.startswith(f"{name}@"))
+        c.ctr("images", "tag", "--force", digest, f"{name}:src")
+        remote = [ctr_remote, "--address", c.address, "--namespace", c.namespace, "images"]
+        for v in variants:
+            local = f"{name}:{v}"
+            if v == "ref-estargz":
+                argv = [*remote, "convert", "--estargz", "--oci", f"{name}:src", local]
+            else:
+                # Records for --period seconds or until the workload exits.
+                argv = [*remote, "optimize", "--oci", "--period", "10", f"{name}:src", local]
+            t0 = time.monotonic()
+            try:
+                sh(*argv)
+                c.ctr("images", "push", "--plain-http", f"{repo}:{v}", local)
+            except (BenchError, AssertionError) as e:
+                log(f"{image} {v}: ctr-remote cannot make it: {str(e).splitlines()[0][:300]}")
+                continue
+            out[v] = f"bench-{image}:{v}"
+            log(f"{image} {v}: pushed in {time.monotonic() - t0:.1f} s")
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+# --- one cold start ---------------------------------------------------------------
+
+class Output:
+    """Reads a process's output lines in a thread; notes when ``ready`` appears."""
+
+    def __init__(self, proc: subprocess.Popen, ready: str) -> None:
+        self.proc, self.ready_text = proc, ready
+        self.lines: list[str] = []
+        self.ready_at: Optional[float] = None
+        self.event = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if self.ready_at is None and self.ready_text in line:
+                self.ready_at = time.monotonic()
+                self.event.set()
+        self.event.set()  # EOF: the workload is gone
+
+
+def cold_start(run: Run, ref: str, puller: LazyPuller, proxy: ShapingProxy,
+               timeout: float) -> None:
+    """Pull, create and start ``ref`` on ``puller``; fill in ``run``."""
+    c = puller.containerd
+    lazy = run.variant != "original"
+    snapshotter = SNAPSHOTTER if lazy else "overlayfs"
+    cid = f"bench-{run.image}-{run.index}"
+    proxy.reset()
+    t0 = time.monotonic()
+    if lazy:
+        puller.rpull(ref)
+    else:
+        puller.pull(ref)
+    t1 = time.monotonic()
+    c.ctr("containers", "create", "--snapshotter", snapshotter, ref, cid)
+    t2 = time.monotonic()
+    argv = [c.ctr_binary, "--address", c.address, "--namespace", c.namespace,
+            "tasks", "start", "--fifo-dir", str(c.fifo_dir), cid]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=_env())
+    try:
+        out = Output(proc, images.READY[run.image])
+        out.event.wait(timeout)
+        if out.ready_at is None:
+            tail = "".join(out.lines[-5:]).strip().replace("\n", " | ")
+            raise BenchError(f"no ready line {images.READY[run.image]!r} after "
+                             f"{time.monotonic() - t2:.0f} s: {tail or '(no output)'}")
+        t3 = out.ready_at
+    finally:
+        if proc.poll() is None:
+            c.ctr("tasks", "kill", "--signal", "SIGKILL", cid, check=False)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+    c.ctr("tasks", "delete", cid, check=False)
+    c.ctr("containers", "delete", cid, check=False)
+    run.pull, run.create, run.run, run.total = t1 - t0, t2 - t1, t3 - t2, t3 - t0
+    run.bytes_before_ready = proxy.bytes_until(t3)
+    run.bytes_total = proxy.total_bytes
+    run.requests_before_ready = len(proxy.requests(until=t3))
+    run.requests_total = len(proxy.requests())
+    if lazy:
+        prepared = puller.snapshotter.prepared_remote_snapshots()
+        run.lazy = bool(prepared) and all(prepared.values())
+        run.prefetch = puller.snapshotter.prefetch_sizes()
+
+
+# --- the whole benchmark --------------------------------------------------------------
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+    """Medians per (network, snapshotter, image, variant) over good runs."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.network, r.snapshotter, r.image, r.variant), []).append(r)
+    out = []
+    for (net, sn, img, var), rs in groups.items():
+        ok = [r for r in rs if not r.error]
+        row = {"network": net, "snapshotter": sn, "image": img, "variant": var,
+               "runs": len(ok), "failed": len(rs) - len(ok)}
+        for k in ("pull", "create", "run", "total", "bytes_before_ready", "bytes_total",
+                  "requests_before_ready", "requests_total"):
+            row[k] = median([getattr(r, k) for r in ok])
+        row["lazy"] = None if var == "original" else all(r.lazy for r in ok) if ok else None
+        out.append(row)
+    return out
+
+
+def ratios(summary: list[dict]) -> list[dict]:
+    """Ratios of median totals and bytes before ready within one run."""
+    by = {(s["network"], s["snapshotter"], s["image"], s["variant"]): s for s in summary}
+    pairs = [("estargz-opt", "original"), ("estargz-opt", "estargz"),
+             ("estargz", "ref-estargz"), ("estargz-opt", "ref-estargz-opt")]
+    out = []
+    for (net, sn, img, var), s in by.items():
+        for a, b in pairs:
+            if var != a or (net, sn, img, b) not in by:
+                continue
+            o = by[(net, sn, img, b)]
+            if not s["runs"] or not o["runs"]:
+                continue
+            out.append({"network": net, "snapshotter": sn, "image": img, "ratio": f"{a}/{b}",
+                        "time": s["total"] / o["total"],
+                        "bytes_before_ready": (s["bytes_before_ready"] / o["bytes_before_ready"]
+                                               if o["bytes_before_ready"] else float("nan"))})
+    return out
+
+
+def targets(summary: list[dict]) -> list[dict]:
+    """The targets of issue 9 at 20 Mbit/s (recorded, not enforced)."""
+    by = {(s["network"], s["snapshotter"], s["image"], s["variant"]): s for s in summary}
+    out = []
+    for (net, sn, img, var), s in sorted(by.items()):
+        if var != "estargz-opt" or not net.startswith("20M") or not s["runs"]:
+            continue
+        orig, ref = by.get((net, sn, img, "original")), by.get((net, sn, img, "ref-estargz-opt"))
+        if img in ("python", "gcc") and orig and orig["runs"]:
+            out.append({"network": net, "snapshotter": sn, "image": img,
+                        "target": "optimized >= 5x sooner than original",
+                        "value": f"{orig['total'] / s['total']:.1f}x",
+                        "met": orig["total"] >= 5 * s["total"]})
+        if ref and ref["runs"]:
+            out.append({"network": net, "snapshotter": sn, "image": img,
+                        "target": "optimized no later than reference optimized",
+                        "value": f"{s['total']:.2f} s vs {ref['total']:.2f} s",
+                        "met": s["total"] <= ref["total"]})
+            out.append({"network": net, "snapshotter": sn, "image": img,
+                        "target": "no more bytes before ready than reference optimized",
+                        "value": f"{s['bytes_before_ready'] / 1e6:.2f} MB vs "
+                                 f"{ref['bytes_before_ready'] / 1e6:.2f} MB",
+                        "met": s["bytes_before_ready"] <= ref["bytes_before_ready"]})
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    """The summary as a Markdown table."""
+    lines = ["| network | snapshotter | image | variant | pull s | create s | run s | total s "
+             "| MB before ready | MB total | requests before ready |",
+             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    img_order = {v: i for i, v in enumerate(images.IMAGES)}
+    for s in sorted(summary, key=lambda s: (s["network"], s["snapshotter"],
+                                            img_order.get(s["image"], 99),
+                                            order.get(s["variant"], 99))):
+        if not s["runs"]:
+            lines.append(f"| {s['network']} | {s['snapshotter']} | {s['image']} | "
+                         f"{s['variant']} | failed | | | | | | |")
+            continue
+        note = "" if s["lazy"] in (None, True) else " (fell back to a full pull)"
+        lines.append(
+            f"| {s['network']} | {s['snapshotter']} | {s['image']} | {s['variant']}{note} | "
+            f"{s['pull']:.2f} | {s['create']:.2f} | {s['run']:.2f} | {s['total']:.2f} | "
+            f"{s['bytes_before_ready'] / 1e6:.1f} | {s['bytes_total'] / 1e6:.1f} | "
+            f"{s['requests_before_ready']:.0f} |")
+    return "\n".join(lines)
+
+
+def chart(summary: list[dict], path: Path) -> None:
+    """Stacked pull/create/run bars per image and variant, one panel per
+    network setting and snapshotter."""
+    if plt is None:
+        raise BenchError("the chart needs matplotlib: pip install '.[bench]'")
+    # In the order measured (20M first by default).
+    panels = list(dict.fromkeys((s["network"], s["snapshotter"]) for s in summary))
+    imgs = [i for i in images.IMAGES if any(s["image"] == i for s in summary)]
+    variants = [v for v in VARIANTS if any(s["variant"] == v for s in summary)]
+    by = {(s["network"], s["snapshotter"], s["image"], s["variant"]): s for s in summary}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    colors = {"pull": "#4c72b0", "create": "#dd8452", "run": "#55a868"}
+    width = 0.8 / max(1, len(variants))
+    for ax, (net, sn) in zip(axes[:, 0], panels):
+        for vi, v in enumerate(variants):
+            for ii, img in enumerate(imgs):
+                s = by.get((net, sn, img, v))
+                x = ii + (vi - (len(variants) - 1) / 2) * width
+                if s is None or not s["runs"]:
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
+                    continue
+                bottom = 0.0
+                for part in ("pull", "create", "run"):
+                    ax.bar(x, s[part], width * 0.92, bottom=bottom, color=colors[part],
+                           label=part if vi == 0 and ii == 0 else None)
+                    bottom += s[part]
+                # The bar stacks the parts' medians; the label is the
+                # median of the totals, as in the table.
+                ax.text(x, bottom, f"{LABELS[v]}  {s['total']:.1f}", ha="center", va="bottom",
+                        fontsize=6, rotation=90)
+        ax.set_xticks(range(len(imgs)))
+        ax.set_xticklabels(imgs)
+        ax.set_ylabel("seconds to ready")
+        bw = next(s for s in summary if s["network"] == net)
+        ax.set_title(f"{net} (bandwidth/latency per request), Stargz Snapshotter {sn}: "
+                     f"median of {bw['runs']} cold starts", fontsize=9)
+        top = max((by[k]["total"] for k in by if k[:2] == (net, sn) and by[k]["runs"]),
+                  default=1)
+        ax.set_ylim(0, top * 1.45)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(doc: dict, out: Path) -> None:
+    """Print the table, ratios and targets; write results.json and the chart."""
+    summary = summarize([Run(**r) for r in doc["runs"]])
+    doc["summary"], doc["ratios"], doc["targets"] = summary, ratios(summary), targets(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(summary))
+    print()
+    for r in doc["ratios"]:
+        print(f"{r['network']:>10} {r['snapshotter']:>6} {r['image']:>7} {r['ratio']:>28}: "
+              f"time {r['time']:.2f}  bytes before ready {r['bytes_before_ready']:.2f}")
+    print()
+    for t in doc["targets"]:
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['network']} {t['snapshotter']} "
+              f"{t['image']}: {t['target']} ({t['value']})")
+    try:
+        chart(summary, out / "startup.png")
+        log(f"chart: {out / 'startup.png'}")
+    except BenchError as e:
+        log(str(e))
+
+
+@contextlib.contextmanager
+def registry_with_variants(names: list[str], variants: list[str],
+                           work: Path) -> Iterator[tuple[str, dict]]:
+    """A registry holding every variant of every image: (host, {image: {variant: ref}})."""
+    with running_registry(work / "registry") as reg:
+        refs = {}
+        for name in names:
+            refs[name] = publish(name, variants, reg.host, work)
+        yield reg.host, refs
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (containerd, FUSE mounts)")
+    if not os.path.exists("/dev/fuse"):
+        raise BenchError("needs /dev/fuse")
+    binaries = {v: build_snapshotter(v) for v in args.snapshotter}
+    for name in args.images:
+        images.ensure(name)
+    work = Path(tempfile.mkdtemp(prefix="startup-", dir=args.workdir))
+    config = SnapshotterConfig(prefetch_timeout_sec=args.prefetch_timeout,
+                               background_fetch=args.background_fetch)
+    doc = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                        timespec="seconds"),
+                    "runs": args.runs, "networks": [n.name for n in args.network],
+                    "snapshotters": args.snapshotter, "images": args.images,
+                    "variants": args.variants, "prefetch_timeout_sec": args.prefetch_timeout,
+                    "background_fetch": args.background_fetch},
+           "runs": []}
+    try:
+        with registry_with_variants(args.images, args.variants, work) as (upstream, refs):
+            for net in args.network:
+                with ShapingProxy(upstream, bandwidth=net.bandwidth,
+                                  latency=net.latency) as proxy:
+                    for sn in args.snapshotter:
+                        for i in range(args.runs):
+                            # Interleaved: a slow spell of the machine hits
+                            # every variant, not one.
+                            for name in args.images:
+                                for v in args.variants:
+                                    if v not in refs[name]:
+                                        continue
+                                    run = Run(net.name, sn, name, v, i)
+                                    one(run, f"{proxy.host}/{refs[name][v]}", binaries[sn],
+                                        config, proxy, work, args.timeout)
+                                    doc["runs"].append(asdict(run))
+                                    report_partial(doc, args.out)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return doc
+
+
+def one(run: Run, ref: str, binary: Path, config: SnapshotterConfig, proxy: ShapingProxy,
+        work: Path, timeout: float) -> None:
+    base = Path(tempfile.mkdtemp(prefix=f"{run.image}-{run.variant}-", dir=work))
+    puller = LazyPuller(base, run.snapshotter, config, binary)
+    try:
+        puller.start()
+        cold_start(run, ref, puller, proxy, timeout)
+    except (BenchError, AssertionError, RuntimeError, subprocess.TimeoutExpired) as e:
+        run.error = str(e).strip().splitlines()[0][:500] if str(e).strip() else repr(e)
+    finally:
+        try:
+            puller.stop()
+        except Exception as e:  # a leftover mount or process: say so, go on
+            run.error = run.error or f"cleanup: {e}"
+    if run.error:
+        log(f"{run.network} {run.snapshotter} {run.image} {run.variant} #{run.index}: "
+            f"FAILED: {run.error}")
+    else:
+        log(f"{run.network} {run.snapshotter} {run.image} {run.variant} #{run.index}: "
+            f"pull {run.pull:.2f} create {run.create:.2f} run {run.run:.2f} = {run.total:.2f} s, "
+            f"{run.bytes_before_ready / 1e6:.1f} MB before ready "
+            f"({run.requests_before_ready} requests), {run.bytes_total / 1e6:.1f} MB total")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def report_partial(doc: dict, out: Path) -> None:
+    """Keep results.json current while the benchmark runs (marked partial)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({**doc, "partial": True}, indent=1) + "\n")
+    os.replace(tmp, out / "results.json")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="startup.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("--images", nargs="+", choices=images.IMAGES, default=list(images.IMAGES))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--network", nargs="+", type=Network.parse,
+                    default=[Network.parse(n) for n in DEFAULT_NETWORKS],
+                    help="BANDWIDTH/LATENCY settings, e.g. 20M/50ms (default: %(default)s)")
+    ap.add_argument("--runs", type=int, default=3, help="cold starts per cell (median)")
+    ap.add_argument("--snapshotter", nargs="+", choices=("v0.18", "debian"), default=["v0.18"],
+                    help="Stargz Snapshotter version(s) (default: v0.18)")
+    ap.add_argument("--prefetch-timeout", type=int, default=10,
+                    help="seconds a start waits for prefetch (the daemon's default: 10)")
+    ap.add_argument("--background-fetch", action="store_true",
+                    help="let the snapshotter fetch whole layers in the background")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for ready")
+    ap.add_argument("--out", type=Path, default=Path("out/startup"),
+                    help="directory for results.json and startup.png")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where daemons keep their state (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument("--chart-only", type=Path, metavar="RESULTS_JSON",
+                    help="print and draw an earlier results.json instead of running")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+
+    def on_term(signum: int, frame: object) -> None:
+        # Unwind through the finally blocks: daemons stopped, mounts gone.
+        raise KeyboardInterrupt
+    # A background job's SIGINT is ignored; SIGTERM stops it cleanly.
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        if args.chart_only:
+            doc = json.loads(args.chart_only.read_text())
+            out = args.chart_only.parent
+        else:
+            if args.workdir:
+                args.workdir.mkdir(parents=True, exist_ok=True)
+            doc, out = benchmark(args), args.out
+        report(doc, out)
+    except BenchError as e:
+        log(f"error: {e}")
+        return 1
+    except images.tb.BuildError as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
