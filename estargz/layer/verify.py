@@ -102,16 +102,20 @@ def verify_blob(source: RangeSource, toc_digest: str | None = None) -> VerifyRep
         raise InvalidBlob("tar archive ends without the TOC entry")
     if pos != len(entries):
         raise InvalidBlob("TOC entry has no tar entry", entry=entries[pos].name)
-    # After the TOC entry: its padding, end-of-archive blocks (a record's worth
-    # at most), then the end of the gzip stream right at the footer.
+    _check_end(layer, stream, gz)
+    return VerifyReport(toc_digest=layer.toc_digest, entries=pos, files=files,
+                        chunks=chunks, gzip_members=gz.members + 1,
+                        uncompressed_size=gz.tell())
+
+
+def _check_end(layer: LayerReader, stream: PeekableStream, gz: GzipMembersReader) -> None:
+    """After the TOC entry: its padding, end-of-archive blocks (a record's
+    worth at most), then the end of the gzip stream right at the footer."""
     trailing = stream.read(padded(layer.toc_header.size) + 20 * BLOCK)
     if trailing.strip(b"\x00") or stream.read(1) or not gz.at_member_end():
         raise InvalidBlob("data follows the TOC before the footer", offset=layer.toc_offset)
     if gz.compressed_offset != layer.payload_end:
         raise InvalidBlob("gzip stream does not end at the footer", offset=gz.compressed_offset)
-    return VerifyReport(toc_digest=layer.toc_digest, entries=pos, files=files,
-                        chunks=chunks, gzip_members=gz.members + 1,
-                        uncompressed_size=gz.tell())
 
 
 def _verify_file(stream: PeekableStream, ti: tarfile.TarInfo, entries: list[TOCEntry],
