@@ -50,9 +50,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(HERE))
 
 import images  # noqa: E402  (benchmarks/images.py)
+
 from daemons import Containerd, _env  # noqa: E402
 from lazypull import SNAPSHOTTER, LazyPuller, SnapshotterConfig, build_snapshotter  # noqa: E402
 from services import running_registry  # noqa: E402
@@ -95,7 +96,7 @@ class Network:
     latency: float
 
     @classmethod
-    def parse(cls, text: str) -> "Network":
+    def parse(cls, text: str) -> Network:
         """``20M/50ms``: 20 Mbit/s and 50 ms per request (K, M, G; ms or s)."""
         m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)/(\d+(?:\.\d+)?)(ms|s)", text.strip())
         if not m:
@@ -126,22 +127,22 @@ class Run:
     #: layer digest -> bytes the snapshotter prefetched (lazy variants).
     prefetch: dict = field(default_factory=dict)
     #: False if a layer fell back to a full pull (lazy variants).
-    lazy: Optional[bool] = None
+    lazy: bool | None = None
     error: str = ""
 
 
 # --- command helpers -------------------------------------------------------------
 
-def sh(*argv: object, timeout: float = 1800, env: Optional[dict] = None) -> str:
+def sh(*argv: object, timeout: float = 1800, env: dict | None = None) -> str:
     """Run a command; its stdout, or BenchError with the end of its stderr."""
     cmd = [str(a) for a in argv]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                            env=env or _env())
     except FileNotFoundError:
-        raise BenchError(f"{cmd[0]} not found")
+        raise BenchError(f"{cmd[0]} not found") from None
     except subprocess.TimeoutExpired:
-        raise BenchError(f"{' '.join(cmd[:4])}... timed out after {timeout:g} s")
+        raise BenchError(f"{' '.join(cmd[:4])}... timed out after {timeout:g} s") from None
     if p.returncode != 0:
         tail = " | ".join(p.stderr.strip().splitlines()[-6:])
         raise BenchError(f"{' '.join(cmd[:5])}... exited {p.returncode}: {tail}")
@@ -204,9 +205,9 @@ def publish_reference(image: str, src: Path, variants: list[str], repo: str,
     c = Containerd(base / "ctd").start()
     try:
         name = f"bench/{image}"
-        c.ctr("images", "import", "--base-name", name, "--digests", archive)
-        digest = next(l for l in c.ctr("images", "ls", "-q").stdout.split()
-                      if l.startswith(f"{name}@"))
+        c.ctr("images", "import", "--base-name", name, "--digests", str(archive))
+        digest = next(ref for ref in c.ctr("images", "ls", "-q").stdout.split()
+                      if ref.startswith(f"{name}@"))
         c.ctr("images", "tag", "--force", digest, f"{name}:src")
         remote = [ctr_remote, "--address", c.address, "--namespace", c.namespace, "images"]
         for v in variants:
@@ -239,12 +240,13 @@ class Output:
     def __init__(self, proc: subprocess.Popen, ready: str) -> None:
         self.proc, self.ready_text = proc, ready
         self.lines: list[str] = []
-        self.ready_at: Optional[float] = None
+        self.ready_at: float | None = None
         self.event = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None  # started with stdout=PIPE
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace")
             self.lines.append(line)
@@ -290,7 +292,8 @@ def cold_start(run: Run, ref: str, puller: LazyPuller, proxy: ShapingProxy,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        proc.stdout.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
     c.ctr("tasks", "delete", cid, check=False)
     c.ctr("containers", "delete", cid, check=False)
     run.pull, run.create, run.run, run.total = t1 - t0, t2 - t1, t3 - t2, t3 - t0
@@ -410,7 +413,7 @@ def chart(summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
     colors = {"pull": "#4c72b0", "create": "#dd8452", "run": "#55a868"}
     width = 0.8 / max(1, len(variants))
-    for ax, (net, sn) in zip(axes[:, 0], panels):
+    for ax, (net, sn) in zip(axes[:, 0], panels, strict=True):
         for vi, v in enumerate(variants):
             for ii, img in enumerate(imgs):
                 s = by.get((net, sn, img, v))
@@ -486,13 +489,14 @@ def benchmark(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="startup-", dir=args.workdir))
     config = SnapshotterConfig(prefetch_timeout_sec=args.prefetch_timeout,
                                background_fetch=args.background_fetch)
+    runs: list[dict] = []
     doc = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                         timespec="seconds"),
                     "runs": args.runs, "networks": [n.name for n in args.network],
                     "snapshotters": args.snapshotter, "images": args.images,
                     "variants": args.variants, "prefetch_timeout_sec": args.prefetch_timeout,
                     "background_fetch": args.background_fetch},
-           "runs": []}
+           "runs": runs}
     try:
         with registry_with_variants(args.images, args.variants, work) as (upstream, refs):
             for net in args.network:
@@ -509,7 +513,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                                     run = Run(net.name, sn, name, v, i)
                                     one(run, f"{proxy.host}/{refs[name][v]}", binaries[sn],
                                         config, proxy, work, args.timeout)
-                                    doc["runs"].append(asdict(run))
+                                    runs.append(asdict(run))
                                     report_partial(doc, args.out)
     finally:
         if not args.keep:
@@ -550,7 +554,7 @@ def report_partial(doc: dict, out: Path) -> None:
     os.replace(tmp, out / "results.json")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="startup.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
