@@ -43,11 +43,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 __all__ = ["registry", "tls_registry", "mtls_registry", "token_registry", "tampering_proxy",
-           "RegistryDaemon", "FaultProxy", "Fault", "Exchange", "TokenServer",
+           "RegistryDaemon", "LoopbackProxy", "FaultProxy", "Fault", "Exchange", "TokenServer",
            "free_port", "wait_for_port", "stop_process", "running_registry",
            "make_tls", "bcrypt_hash"]
 
@@ -461,7 +462,64 @@ _MAX_BODY = 256 << 20
 _BLOB_OR_MANIFEST = re.compile(r"/(?:blobs|manifests)/(sha256:[0-9a-f]{64})(?:\?|$)")
 
 
-class FaultProxy:
+class LoopbackProxy:
+    """A threaded HTTP server on 127.0.0.1, served from a background thread,
+    with at most ``max_threads`` handler threads at once: the body of both
+    test proxies (:class:`FaultProxy`, ``shapingproxy.ShapingProxy``).
+    ``handler`` gets a ``proxy`` class attribute pointing here."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], max_threads: int,
+                 request_queue_size: int = 5) -> None:
+        slots = threading.BoundedSemaphore(max_threads)
+
+        class Handler(handler):  # type: ignore[valid-type,misc]
+            proxy = self
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def process_request(self, request, client_address):
+                slots.acquire()
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
+
+            def handle_error(self, request, client_address) -> None:
+                pass  # clients hang up (timeouts, cancelled pulls): part of the tests
+
+        Server.request_queue_size = request_queue_size
+        self._httpd = Server((LOOPBACK, 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` to talk to."""
+        return f"{LOOPBACK}:{self._httpd.server_address[1]}"
+
+    def start(self: _P) -> _P:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self: _P) -> _P:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_P = TypeVar("_P", bound=LoopbackProxy)
+
+
+class FaultProxy(LoopbackProxy):
     """A reverse proxy (127.0.0.1, one thread per connection, at most
     ``max_threads``) in front of a registry, that can break things on purpose.
 
@@ -481,51 +539,7 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.log: list[Exchange] = []
         self._lock = threading.Lock()
-        proxy = self
-        slots = threading.BoundedSemaphore(max_threads)
-
-        class Handler(_ProxyHandler):
-            pass
-
-        Handler.proxy = proxy
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def process_request(self, request, client_address):
-                slots.acquire()
-                super().process_request(request, client_address)
-
-            def process_request_thread(self, request, client_address):
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    slots.release()
-
-            def handle_error(self, request, client_address) -> None:
-                pass  # clients that hang up (timeouts, drops) are part of the tests
-
-        self._httpd = Server((LOOPBACK, 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self._httpd.server_address[1]}"
-
-    def start(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(_ProxyHandler, max_threads)
 
     def add_fault(self, method: str, pattern: str, **kwargs) -> Fault:
         fault = Fault(method.upper(), pattern, **kwargs)

@@ -16,7 +16,9 @@ end time and the body bytes sent, plus a time series of bytes sent, so a
 benchmark can tell how many bytes went out before a moment (``bytes_until``)
 and in total.
 
-Stdlib only; importable outside pytest (the start-up benchmark uses it).
+Importable outside a test run (the start-up benchmark uses it); the server
+around the handler is ``services.LoopbackProxy``, shared with the tests'
+``FaultProxy``.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from services import LoopbackProxy
+
 __all__ = ["ShapingProxy", "TokenBucket", "Request"]
 
-LOOPBACK = "127.0.0.1"
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                "te", "trailers", "transfer-encoding", "upgrade"}
 # Small enough that the bucket paces smoothly at 20 Mbit/s (16 KiB = 6.5 ms).
@@ -82,7 +85,7 @@ class Request:
     end: float
 
 
-class ShapingProxy:
+class ShapingProxy(LoopbackProxy):
     """A shaping reverse proxy; see the module docstring.
 
     ``bandwidth`` is in bits/s (None: unlimited), ``latency`` in seconds.
@@ -100,53 +103,8 @@ class ShapingProxy:
         self._totals: list[int] = []
         self._total = 0
         self._lock = threading.Lock()
-        slots = threading.BoundedSemaphore(max_threads)
-        proxy = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.proxy = proxy
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 128
-
-            def process_request(self, request, client_address):
-                slots.acquire()
-                super().process_request(request, client_address)
-
-            def process_request_thread(self, request, client_address):
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    slots.release()
-
-            def handle_error(self, request, client_address) -> None:
-                pass  # clients hang up (cancelled pulls, killed snapshotters)
-
-        self._httpd = Server((LOOPBACK, 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT`` to pull from."""
-        return f"{LOOPBACK}:{self._httpd.server_address[1]}"
-
-    def start(self) -> ShapingProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> ShapingProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        # Snapshotters open many connections at once during a pull.
+        super().__init__(_Handler, max_threads, request_queue_size=128)
 
     # --- accounting ---------------------------------------------------------
 
