@@ -242,17 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(SPECS) if "all" in args.image else list(dict.fromkeys(args.image))
     if args.force:
         tb.FORCE.update(f"bench-{n}" for n in names)
-    try:
-        outs = [ensure(n) for n in names]
-    except tb.BuildError as e:
-        tb.log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        tb.log("interrupted")
-        return 130
-    for o in outs:
-        print(o, flush=True)
-    return 0
+    return tb.build_and_print(ensure, names)
 
 
 if __name__ == "__main__":

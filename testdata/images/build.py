@@ -1074,8 +1074,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         log("terminated")
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, on_term)
+    return build_and_print(ensure, names)
+
+
+def build_and_print(build: Callable[[str], Path], names: list[str]) -> int:
+    """Build each of ``names`` with ``build``, print the directories (one a
+    line) once all are there, and return the exit status: 1 after a
+    :class:`BuildError` (said on stderr), 130 after Ctrl-C."""
     try:
-        outs = [ensure(n) for n in names]
+        outs = [build(n) for n in names]
     except BuildError as e:
         log(f"error: {e}")
         return 1
