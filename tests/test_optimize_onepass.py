@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import estargz.layer.layerinput as layerinput
+import estargz.transports.oci as oci_transport
 from conftest import run_cli
 from estargz import (
     ImageConvertOptions,
@@ -95,7 +96,17 @@ def test_one_get_per_blob_and_one_decompression_per_layer(tmp_path, test_images,
         f"oci:{test_images.debian_python3}:latest", tmp_path / "plain", record)
 
 
-def test_prefetch_list_reads_each_layer_once_too(tmp_path, test_images, decompressed):
+def test_prefetch_list_reads_each_layer_once_too(tmp_path, test_images, decompressed,
+                                                 monkeypatch):
+    # Converted layers are renamed into the layout: only the config is copied.
+    copied: list[str] = []
+    real_copy = oci_transport._copy_file
+
+    def counting_copy(src, out):
+        copied.append(src)
+        return real_copy(src, out)
+
+    monkeypatch.setattr(oci_transport, "_copy_file", counting_copy)
     record = tmp_path / "record.jsonl"
     src = f"oci:{test_images.debian_python3}:latest"
     result = optimize_image(src, f"oci:{tmp_path / 'out'}",
@@ -103,6 +114,7 @@ def test_prefetch_list_reads_each_layer_once_too(tmp_path, test_images, decompre
                                                            "usr/lib/python3.11/json/*.py"),
                                             record_out=str(record), quiet=True))
     assert decompressed == ["gzip", "gzip"]
+    assert len(copied) == 1 and copied[0].endswith(".json"), copied
     assert result.image is not None
     assert result.image.digest == convert_digest(src, tmp_path / "plain", record)
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .._exceptions import EstargzError, InvalidInput, NotFound
+from .._fsutil import unlink_quietly
 from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
 from ..layer.reader import LayerReader
 from ..layer.source import FileSource
@@ -183,12 +184,19 @@ class _Run:
             raise InvalidInput(f"layer {layer.digest} has unsupported media type "
                                f"{layer.media_type!r}")
         src_path = self._blob_file(layer)
-        fd, out = tempfile.mkstemp(dir=self.work, suffix=".esgz")
+        # Written where the destination can rename it in (an OCI layout's
+        # blob directory) instead of copying it there.
+        fd, out = tempfile.mkstemp(dir=self.dest.staging_dir() or self.work,
+                                   prefix=".estargz-", suffix=".esgz.tmp")
         os.close(fd)
         opts = replace(self.layer_options,
                        prioritized_files=list(prioritized) if prioritized else None,
                        allow_missing=True)
-        res = convert_layer(src_path, out, opts, tmpdir=self.work)
+        try:
+            res = convert_layer(src_path, out, opts, tmpdir=self.work)
+        except BaseException:
+            unlink_quietly(out)
+            raise
         if res.missing and not by_path:
             self.result.warnings.append(
                 f"layer {layer.digest}: recorded paths not in the layer: "
@@ -196,8 +204,7 @@ class _Run:
         desc = Descriptor(OCI_LAYER_GZIP, res.blob_digest, res.blob_size, {
             TOC_DIGEST_ANNOTATION: res.toc_digest,
             UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
-        self.dest.put_blob(desc, out)
-        os.unlink(out)
+        self.dest.put_blob_file(desc, out)
         if src_path.startswith(self.work):
             os.unlink(src_path)
         return desc, res, "converted", time.monotonic() - started
