@@ -1,6 +1,8 @@
 """``estargz optimize``: profile the workload, then convert with what it read first.
 
-1. Pick the host platform's manifest and read its config.
+1. Pick the host platform's manifest and read its config, from a
+   :class:`~estargz.StagedSource`: the manifest resolved once and pinned,
+   each layer fetched and decompressed once, for steps 2 and 5 alike.
 2. Assemble the root filesystem from the layers (``profiler.rootfs``:
    extracted safely, stacked read-only under a throwaway upper layer).
    Without root, ``profiler.rootless`` flattens them onto a tmpfs in a user
