@@ -37,6 +37,7 @@ from .image.convert import (
     ImageResult,
     LayerReport,
     convert_image,
+    convert_source,
     host_platform_default,
 )
 from .image.descriptor import (
@@ -61,6 +62,7 @@ from .image.descriptor import (
 )
 from .image.records import read_records
 from .image.reference import ImageRef
+from .image.staged import StagedSource
 from .image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from .image.transport import (
     Transport,
@@ -115,8 +117,9 @@ __all__ = [
     "OCI_INDEX", "OCI_LAYER", "OCI_LAYER_GZIP", "OCI_LAYER_NONDIST_GZIP", "OCI_LAYER_ZSTD",
     "OCI_MANIFEST", "Descriptor", "Platform", "sha256_digest",
     "ImageRef", "parse_reference",
-    "ImageDestination", "ImageSource", "Transport", "TransportOptions", "copy_verified",
+    "ImageDestination", "ImageSource", "StagedSource", "Transport", "TransportOptions",
+    "copy_verified",
     "open_destination", "open_source", "register_transport", "transport_names",
-    "ImageConvertOptions", "ImageResult", "LayerReport", "convert_image",
+    "ImageConvertOptions", "ImageResult", "LayerReport", "convert_image", "convert_source",
     "host_platform_default", "read_records",
 ]

@@ -1,6 +1,8 @@
 """``estargz optimize``: profile the workload, then convert with what it read first.
 
-1. Pick the host platform's manifest and read its config.
+1. Pick the host platform's manifest and read its config, from a
+   :class:`~estargz.StagedSource`: the manifest resolved once and pinned,
+   each layer fetched and decompressed once, for steps 2 and 5 alike.
 2. Assemble the root filesystem from the layers (``profiler.rootfs``:
    extracted safely, stacked read-only under a throwaway upper layer).
    Without root, ``profiler.rootless`` flattens them onto a tmpfs in a user
@@ -36,10 +38,11 @@ from estargz import (
     ImageSource,
     InvalidInput,
     PeekableStream,
+    StagedSource,
     atomic_output,
     check_member,
     clean_name,
-    convert_image,
+    convert_source,
     host_platform_default,
     iter_headers,
     open_source,
@@ -205,8 +208,13 @@ def optimize_image(src: str, dst: str | None,
     notes: list[str] = []
     sref = parse_reference(src)
     run = None
+    image = None
+    # One pass over the source: the manifest is resolved once and pinned,
+    # each layer fetched and decompressed once into work/staged; the root
+    # filesystem and the converter both read those copies.
     with tempfile.TemporaryDirectory(prefix="estargz-optimize-") as work, \
-            open_source(sref, options.convert.src) as source:
+            open_source(sref, options.convert.src) as inner, \
+            StagedSource(inner, os.path.join(work, "staged")) as source:
         desc, manifest, config, from_index = host_manifest(source)
         layers = [Descriptor.from_json(d) for d in manifest.get("layers") or []]
         if options.prefetch_list is not None:
@@ -229,22 +237,21 @@ def optimize_image(src: str, dst: str | None,
                 accesses, run = profile_rootless(source, layers, process, sandbox, work)
             if run.overflowed:
                 notes.append("the fanotify queue overflowed: the record may be incomplete")
-    records = per_layer(accesses, desc.digest)
-    if options.record_out:
-        with atomic_output(options.record_out) as f:
-            text = io.StringIO()
-            write_record(accesses, desc.digest, text)
-            f.write(text.getvalue().encode())
-    image = None
-    if not options.no_optimize:
-        if dst is None:
-            raise InvalidInput("optimize needs a destination unless --no-optimize")
-        convert = replace(options.convert, records=records,
-                          fallback_paths=tuple(by_path(records)))
-        if from_index and (convert.all_platforms or len(convert.platforms) > 1):
-            notes.append("only this machine's platform was profiled; other platforms get "
-                         "the same files prioritized by path")
-        image = convert_image(src, dst, convert)
+        records = per_layer(accesses, desc.digest)
+        if options.record_out:
+            with atomic_output(options.record_out) as f:
+                text = io.StringIO()
+                write_record(accesses, desc.digest, text)
+                f.write(text.getvalue().encode())
+        if not options.no_optimize:
+            if dst is None:
+                raise InvalidInput("optimize needs a destination unless --no-optimize")
+            convert = replace(options.convert, records=records,
+                              fallback_paths=tuple(by_path(records)))
+            if from_index and (convert.all_platforms or len(convert.platforms) > 1):
+                notes.append("only this machine's platform was profiled; other platforms get "
+                             "the same files prioritized by path")
+            image = convert_source(source, dst, convert, source_name=str(sref))
     layer_reports = [r for r in (image.layers if image else []) if r.manifest == desc.digest]
     report = Report(image=str(sref), workload=list(workload), accesses=accesses,
                     layers=layer_reports, seconds=round(run.duration if run else 0.0, 2),

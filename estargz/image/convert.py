@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .._exceptions import EstargzError, InvalidInput, NotFound
+from .._fsutil import unlink_quietly
 from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
 from ..layer.reader import LayerReader
 from ..layer.source import FileSource
@@ -183,12 +184,19 @@ class _Run:
             raise InvalidInput(f"layer {layer.digest} has unsupported media type "
                                f"{layer.media_type!r}")
         src_path = self._blob_file(layer)
-        fd, out = tempfile.mkstemp(dir=self.work, suffix=".esgz")
+        # Written where the destination can rename it in (an OCI layout's
+        # blob directory) instead of copying it there.
+        fd, out = tempfile.mkstemp(dir=self.dest.staging_dir() or self.work,
+                                   prefix=".estargz-", suffix=".esgz.tmp")
         os.close(fd)
         opts = replace(self.layer_options,
                        prioritized_files=list(prioritized) if prioritized else None,
                        allow_missing=True)
-        res = convert_layer(src_path, out, opts, tmpdir=self.work)
+        try:
+            res = convert_layer(src_path, out, opts, tmpdir=self.work)
+        except BaseException:
+            unlink_quietly(out)
+            raise
         if res.missing and not by_path:
             self.result.warnings.append(
                 f"layer {layer.digest}: recorded paths not in the layer: "
@@ -196,8 +204,7 @@ class _Run:
         desc = Descriptor(OCI_LAYER_GZIP, res.blob_digest, res.blob_size, {
             TOC_DIGEST_ANNOTATION: res.toc_digest,
             UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
-        self.dest.put_blob(desc, out)
-        os.unlink(out)
+        self.dest.put_blob_file(desc, out)
         if src_path.startswith(self.work):
             os.unlink(src_path)
         return desc, res, "converted", time.monotonic() - started
@@ -391,31 +398,46 @@ def convert_image(src: str, dst: str, options: ImageConvertOptions = ImageConver
     The destination shows nothing until everything is stored; on any error
     (or Ctrl-C) what was written is removed where the transport allows.
     """
+    sref = parse_reference(src)
+    with open_source(sref, options.src) as source:
+        return convert_source(source, dst, options, progress, source_name=str(sref))
+
+
+def convert_source(source: ImageSource, dst: str,
+                   options: ImageConvertOptions = ImageConvertOptions(),
+                   progress: ProgressFn | None = None, *,
+                   source_name: str | None = None) -> ImageResult:
+    """:func:`convert_image` from an already open ``source`` (left open).
+
+    The image converted is whatever ``source.root()`` returns, so a source
+    that pins its root (:class:`~estargz.image.staged.StagedSource`) makes
+    this convert exactly the image the caller has already read.
+    ``source_name`` is how the result names it (default ``source.name``).
+    """
     started = time.monotonic()
-    sref, dref = parse_reference(src), parse_reference(dst)
-    result = ImageResult(str(sref), str(dref))
-    with tempfile.TemporaryDirectory(prefix="estargz-") as work, \
-            open_source(sref, options.src) as source:
-            dest = open_destination(dref, options.dst)
-            run = _Run(source, dest, options, work, progress, result)
-            try:
-                data, media_type = source.root()
-                obj = _load_json(data, f"{source.name} manifest")
-                media_type = media_type or obj.get("mediaType") or (
-                    OCI_INDEX if "manifests" in obj else OCI_MANIFEST)
-                root = Descriptor(media_type, sha256_digest(data), len(data))
-                if media_type in INDEX_TYPES:
-                    new_root, raw = run.index(root, data)
-                else:
-                    new_root, raw = run.manifest(root, data)
-                dest.commit(new_root, raw)
-            except BaseException:
-                run.pool.shutdown(wait=True, cancel_futures=True)
-                dest.abort()
-                raise
-            finally:
-                run.pool.shutdown(wait=True)
-                dest.close()
+    dref = parse_reference(dst)
+    result = ImageResult(source_name or source.name, str(dref))
+    with tempfile.TemporaryDirectory(prefix="estargz-") as work:
+        dest = open_destination(dref, options.dst)
+        run = _Run(source, dest, options, work, progress, result)
+        try:
+            data, media_type = source.root()
+            obj = _load_json(data, f"{source.name} manifest")
+            media_type = media_type or obj.get("mediaType") or (
+                OCI_INDEX if "manifests" in obj else OCI_MANIFEST)
+            root = Descriptor(media_type, sha256_digest(data), len(data))
+            if media_type in INDEX_TYPES:
+                new_root, raw = run.index(root, data)
+            else:
+                new_root, raw = run.manifest(root, data)
+            dest.commit(new_root, raw)
+        except BaseException:
+            run.pool.shutdown(wait=True, cancel_futures=True)
+            dest.abort()
+            raise
+        finally:
+            run.pool.shutdown(wait=True)
+            dest.close()
     result.digest = new_root.digest
     result.media_type = new_root.media_type
     result.warnings = list(dict.fromkeys(result.warnings))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO
 
 from .._exceptions import DigestMismatch
+from .._fsutil import unlink_quietly
 from ..layer.source import RangeSource
 from .descriptor import Descriptor
 
@@ -90,6 +91,21 @@ class ImageDestination(ABC):
     @abstractmethod
     def put_blob(self, desc: Descriptor, path: str, *, mount_from: str | None = None) -> None:
         """Store the blob held in file ``path``."""
+
+    def staging_dir(self) -> str | None:
+        """A directory on the destination's own filesystem for blobs about to
+        be stored, so :meth:`put_blob_file` can rename them in rather than
+        copy; ``None`` (the default) when the destination copies anyway."""
+        return None
+
+    def put_blob_file(self, desc: Descriptor, path: str) -> None:
+        """Store the blob held in file ``path`` and remove ``path``: a
+        destination that can take the file over (see :meth:`staging_dir`)
+        renames it; the default copies it with :meth:`put_blob`."""
+        try:
+            self.put_blob(desc, path)
+        finally:
+            unlink_quietly(path)
 
     @abstractmethod
     def put_manifest(self, data: bytes, desc: Descriptor) -> None:

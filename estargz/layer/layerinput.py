@@ -72,6 +72,23 @@ def open_tar(path: str, tmpdir: str | None = None) -> Iterator[BinaryIO]:
         yield spool
 
 
+def decompress_file(path: str, dst: BinaryIO) -> str:
+    """Write the uncompressed tar of layer file ``path`` to ``dst``; return
+    what it was (``"gzip"``, ``"zstd"`` or ``"tar"``, then copied as is).
+
+    For callers that keep one decompressed copy to read several times
+    (``estargz optimize`` stages each layer so).
+    """
+    try:
+        with open(path, "rb") as src:
+            head = _peek(src, 8)
+            kind = detect_compression(head)
+            _decompress_into(kind, head, src, dst)
+    except OSError as e:
+        raise StorageError(f"cannot decompress {path}: {e.strerror or e}") from None
+    return kind
+
+
 def _peek(src: BinaryIO, n: int) -> bytes:
     if hasattr(src, "peek"):
         peeked: bytes = src.peek(n)

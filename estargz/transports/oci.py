@@ -139,6 +139,26 @@ class OCILayoutDestination(ImageDestination):
         target = blob_path(self.root_dir, desc.digest)
         self._store(target, lambda out: _copy_file(path, out))
 
+    def staging_dir(self) -> str:
+        # Beside the blobs: one filesystem, so put_blob_file is a rename.
+        return os.path.join(self.root_dir, "blobs", "sha256")
+
+    def put_blob_file(self, desc: Descriptor, path: str) -> None:
+        target = blob_path(self.root_dir, desc.digest)
+        if self.has_blob(desc) or os.path.dirname(os.path.abspath(path)) != \
+                os.path.dirname(os.path.abspath(target)):
+            super().put_blob_file(desc, path)
+            return
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(path, 0o666 & ~umask)  # as a copy through atomic_output gets
+            os.replace(path, target)
+        except OSError as e:
+            unlink_quietly(path)
+            raise StorageError(f"cannot store {target}: {e.strerror or e}") from None
+        self._new_blobs.append(target)
+
     def put_manifest(self, data: bytes, desc: Descriptor) -> None:
         if not self.has_blob(desc):
             self._store(blob_path(self.root_dir, desc.digest), lambda out: out.write(data))
