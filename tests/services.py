@@ -48,7 +48,8 @@ from typing import TypeVar
 import pytest
 
 __all__ = ["registry", "tls_registry", "mtls_registry", "token_registry", "tampering_proxy",
-           "RegistryDaemon", "LoopbackProxy", "FaultProxy", "Fault", "Exchange", "TokenServer",
+           "RegistryDaemon", "LoopbackProxy", "ProxyHandler", "FaultProxy", "Fault", "Exchange",
+           "TokenServer",
            "free_port", "wait_for_port", "stop_process", "running_registry",
            "make_tls", "bcrypt_hash"]
 
@@ -570,10 +571,11 @@ class FaultProxy(LoopbackProxy):
             self.log.append(exchange)
 
 
-class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """The request handler of a :class:`LoopbackProxy`: HTTP/1.1, silent,
+    every method passed to :meth:`_handle`."""
+
     protocol_version = "HTTP/1.1"
-    timeout = 30  # a silent client cannot hold a thread for long
-    proxy: FaultProxy
 
     def log_message(self, *args: object) -> None:
         pass
@@ -582,6 +584,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         self._handle()
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _handle(self) -> None:
+        raise NotImplementedError
+
+
+class _ProxyHandler(ProxyHandler):
+    timeout = 30  # a silent client cannot hold a thread for long
+    proxy: FaultProxy
 
     def _handle(self) -> None:
         proxy = self.proxy

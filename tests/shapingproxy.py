@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from services import LoopbackProxy
+from services import LoopbackProxy, ProxyHandler
 
 __all__ = ["ShapingProxy", "TokenBucket", "Request"]
 
@@ -147,18 +147,9 @@ class ShapingProxy(LoopbackProxy):
             self.log.append(r)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(ProxyHandler):
     timeout = 120
     proxy: ShapingProxy
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
     def _handle(self) -> None:
         proxy, method = self.proxy, self.command
