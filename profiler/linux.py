@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 # mount(2) flags (include/uapi/linux/mount.h).
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
@@ -178,6 +179,19 @@ def unshare_error(err: int) -> str:
 # --- signals ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
+def signal_handlers(handlers: dict[int, Any]) -> Iterator[None]:
+    """Install ``handlers`` (signal -> handler) for the block, then put back
+    what was there before (main thread only, where Python runs handlers)."""
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            # None: a handler not set from Python; the default is the best guess.
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def deferred_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
                      ) -> Iterator[None]:
     """Hold SIGINT and SIGTERM back for the block, then deliver them.
@@ -192,19 +206,12 @@ def deferred_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
         yield
         return
     caught: list[int] = []
-    previous = {}
-    for s in signums:
-        old = signal.getsignal(s)
-        if old is signal.SIG_IGN:
-            continue
-        previous[s] = old
-        signal.signal(s, lambda signum, _frame: caught.append(signum))
+    held = {s: lambda signum, _frame: caught.append(signum)
+            for s in signums if signal.getsignal(s) is not signal.SIG_IGN}
     try:
-        yield
+        with signal_handlers(held):
+            yield
     finally:
-        for s, old in previous.items():
-            # None: a handler not set from Python; the default is the best guess.
-            signal.signal(s, old if old is not None else signal.SIG_DFL)
         for s in dict.fromkeys(caught):
             signal.raise_signal(s)
 

@@ -61,6 +61,7 @@ from ..linux import (
     mount,
     package_env,
     prctl,
+    signal_handlers,
     unshare,
     unshare_error,
 )
@@ -160,12 +161,8 @@ def _forwarding(forward: Callable[..., None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers({signal.SIGINT: forward, signal.SIGTERM: forward}):
         yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _wait(proc: subprocess.Popen[bytes]) -> None:

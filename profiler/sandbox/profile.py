@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from ..errors import ProfilingError
 from ..fanotify import Event
-from ..linux import add_note, deferred_signals
+from ..linux import add_note, deferred_signals, signal_handlers
 from ..record import Access
 from .container import OUTPUT_DRAIN, Container, find_runtime, read_some
 from .spec import STANDARD_MOUNTS, ProcessSpec, SandboxOptions
@@ -97,11 +97,8 @@ def interrupt_on_sigterm() -> Iterator[None]:
     so that a profiling run is torn down the same way on either signal."""
     def handler(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
+    with signal_handlers({signal.SIGTERM: handler}):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 
 
 class _Flag:
@@ -118,11 +115,8 @@ def _sigint_sets(flag: _Flag) -> Iterator[None]:
 
     def handler(_signum: int, _frame: object) -> None:
         flag.set = True
-    old = signal.signal(signal.SIGINT, handler)
-    try:
+    with signal_handlers({signal.SIGINT: handler}):
         yield
-    finally:
-        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
 
 
 class _LineSplitter:
