@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import http.client
 import json
 import os
 import re
@@ -53,6 +54,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -66,6 +68,7 @@ from lazypull import SNAPSHOTTER, LazyPuller, SnapshotterConfig, build_snapshott
 from services import running_registry  # noqa: E402
 from shapingproxy import ShapingProxy  # noqa: E402
 
+plt: Any
 try:
     import matplotlib
     matplotlib.use("Agg")
@@ -307,6 +310,46 @@ def cold_start(run: Run, ref: str, puller: LazyPuller, proxy: ShapingProxy,
         run.prefetch = puller.snapshotter.prefetch_sizes()
 
 
+# --- is the proxy itself fast? ----------------------------------------------------------
+
+def request_times(host: str, repo: str, n: int = 30) -> float:
+    """Median seconds per 50 000-byte range GET of ``repo``'s first layer on
+    one keep-alive connection to ``host``: the snapshotter's on-demand
+    pattern, which sees every fixed per-request delay of the proxy."""
+    h, _, port = host.rpartition(":")
+    conn = http.client.HTTPConnection(h, int(port), timeout=60)
+    try:
+        conn.request("GET", f"/v2/{repo}/manifests/estargz", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"})
+        layer = json.loads(conn.getresponse().read())["layers"][0]
+        times = []
+        for i in range(n):
+            start = (i * 50_000) % max(layer["size"] - 50_000, 1)
+            t0 = time.monotonic()
+            conn.request("GET", f"/v2/{repo}/blobs/{layer['digest']}",
+                         headers={"Range": f"bytes={start}-{start + 49_999}"})
+            conn.getresponse().read()
+            times.append(time.monotonic() - t0)
+        return statistics.median(times)
+    finally:
+        conn.close()
+
+
+def check_proxy(upstream: str, repo: str) -> dict:
+    """Per-request time direct and through an unshaped proxy, printed and
+    kept in results.json: the proxy must add (almost) nothing but the
+    shaping, or every on-demand read pays it (a missing TCP_NODELAY once
+    added 45 ms to each; docs/benchmarks.md)."""
+    with ShapingProxy(upstream) as proxy:
+        via = request_times(proxy.host, repo)
+    direct = request_times(upstream, repo)
+    log(f"range GET of 50 000 bytes: {direct * 1e3:.1f} ms direct, "
+        f"{via * 1e3:.1f} ms through the unshaped proxy")
+    if via - direct > 0.005:
+        log("warning: the proxy adds more than 5 ms per request; results measure the proxy")
+    return {"direct_ms": round(direct * 1e3, 2), "proxy_ms": round(via * 1e3, 2)}
+
+
 # --- the whole benchmark --------------------------------------------------------------
 
 def median(xs: list[float]) -> float:
@@ -490,7 +533,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     config = SnapshotterConfig(prefetch_timeout_sec=args.prefetch_timeout,
                                background_fetch=args.background_fetch)
     runs: list[dict] = []
-    doc = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+    doc: dict[str, Any] = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                         timespec="seconds"),
                     "runs": args.runs, "networks": [n.name for n in args.network],
                     "snapshotters": args.snapshotter, "images": args.images,
@@ -499,6 +542,9 @@ def benchmark(args: argparse.Namespace) -> dict:
            "runs": runs}
     try:
         with registry_with_variants(args.images, args.variants, work) as (upstream, refs):
+            probe = next((f"bench-{n}" for n in args.images if "estargz" in refs[n]), None)
+            if probe:
+                doc["meta"]["proxy_check"] = check_proxy(upstream, probe)
             for net in args.network:
                 with ShapingProxy(upstream, bandwidth=net.bandwidth,
                                   latency=net.latency) as proxy:

@@ -576,6 +576,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     every method passed to :meth:`_handle`."""
 
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as Go's and nginx's servers set it. Without it a body
+    # written in several pieces stalls on Nagle's algorithm until the
+    # client's delayed ACK (40 ms): that was about 45 ms added to every
+    # range request of a lazy pull, and it made the start-up benchmark
+    # measure the proxy (docs/benchmarks.md, issue 9 point 7).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args: object) -> None:
         pass
