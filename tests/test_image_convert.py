@@ -227,6 +227,16 @@ def test_reuse_keeps_verified_estargz_layers(tmp_path, test_images):
     again = convert(f"oci:{tmp_path / 'a'}:v1", f"oci:{tmp_path / 'b'}:v1", "--reuse")
     assert again["layers"][0]["action"] == "reused"
     assert again["digest"] == first["digest"]  # nothing changed at all
+    # The --json record of a reused layer: the same flat keys, its verified
+    # TOC digest, and no prefetch figures (nothing was converted to know them).
+    converted, reused = first["layers"][0], again["layers"][0]
+    assert list(reused) == list(converted) == [
+        "manifest", "index", "old_digest", "old_size", "new_digest", "new_size",
+        "toc_digest", "seconds", "action", "prefetch_size", "toc_size"]
+    assert reused["toc_digest"] == converted["toc_digest"]
+    assert reused["new_digest"] == reused["old_digest"] == converted["new_digest"]
+    assert (reused["prefetch_size"], reused["toc_size"]) == (0, 0)
+    assert converted["toc_size"] > 0
     # A wrong TOC digest annotation is not trusted: the layer is converted.
     layout = tmp_path / "a"
     m_desc = root_of(layout, "v1")

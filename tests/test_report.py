@@ -7,17 +7,29 @@ import subprocess
 
 import pytest
 
-from estargz import LayerReport
+from estargz import (
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    TOC_DIGEST_ANNOTATION,
+    Descriptor,
+    LayerReport,
+    LayerResult,
+)
 from profiler.record import Access
 from profiler.report import Report, render_text, write_html
 
 
 def layer(index: int, digest: str, size: int, prefetch_size: int, toc_size: int) -> LayerReport:
     """A converted layer as the image conversion reports it."""
-    return LayerReport(manifest="sha256:" + "m" * 64, index=index, old_digest="sha256:" + "0" * 64,
-                       old_size=size, new_digest=digest, new_size=size,
-                       toc_digest="sha256:" + "t" * 64, seconds=0.1, action="converted",
-                       prefetch_size=prefetch_size, toc_size=toc_size)
+    result = LayerResult(blob_digest=digest, blob_size=size, diff_id="sha256:" + "d" * 64,
+                         toc_digest="sha256:" + "t" * 64, uncompressed_size=2 * size,
+                         entries=10, prioritized=3, prefetch_size=prefetch_size,
+                         toc_size=toc_size)
+    return LayerReport(manifest="sha256:" + "m" * 64, index=index,
+                       old=Descriptor(OCI_LAYER, "sha256:" + "0" * 64, size),
+                       new=Descriptor(OCI_LAYER_GZIP, digest, size,
+                                      {TOC_DIGEST_ANNOTATION: result.toc_digest}),
+                       action="converted", seconds=0.1, result=result)
 
 
 def sample() -> Report:

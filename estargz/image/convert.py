@@ -81,17 +81,65 @@ class ImageConvertOptions:
 
 @dataclass
 class LayerReport:
+    """One layer of a converted image: where it sits, its descriptor before
+    and after, and what was done to it.
+
+    The conversion itself is described once, by the layer package's
+    :class:`LayerResult` (``result``; ``None`` when the layer was reused as
+    it was); the figures below are read from it rather than copied."""
+
     manifest: str
     index: int
-    old_digest: str
-    old_size: int
-    new_digest: str
-    new_size: int
-    toc_digest: str
+    old: Descriptor
+    new: Descriptor
+    #: ``"converted"``, ``"reused"`` or ``"shared"`` (the same source layer
+    #: converted earlier in this run).
+    action: str
     seconds: float
-    action: str  # "converted", "reused" or "shared" (same layer earlier in this run)
-    prefetch_size: int = 0  # compressed bytes before .prefetch.landmark
-    toc_size: int = 0       # compressed TOC and footer
+    result: LayerResult | None = None
+
+    @property
+    def old_digest(self) -> str:
+        return self.old.digest
+
+    @property
+    def old_size(self) -> int:
+        return self.old.size
+
+    @property
+    def new_digest(self) -> str:
+        return self.new.digest
+
+    @property
+    def new_size(self) -> int:
+        return self.new.size
+
+    @property
+    def toc_digest(self) -> str:
+        """The TOC digest: of the conversion, or the verified annotation of a
+        reused layer (a Docker-typed manifest cannot carry it in ``new``)."""
+        if self.result is not None:
+            return self.result.toc_digest
+        return self.old.annotations.get(TOC_DIGEST_ANNOTATION, "")
+
+    @property
+    def prefetch_size(self) -> int:
+        """Compressed bytes before ``.prefetch.landmark`` (0 if unknown)."""
+        return self.result.prefetch_size if self.result else 0
+
+    @property
+    def toc_size(self) -> int:
+        """Compressed bytes of the TOC and footer (0 if unknown)."""
+        return self.result.toc_size if self.result else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat record ``--json`` prints for the layer."""
+        return {"manifest": self.manifest, "index": self.index,
+                "old_digest": self.old_digest, "old_size": self.old_size,
+                "new_digest": self.new_digest, "new_size": self.new_size,
+                "toc_digest": self.toc_digest, "seconds": self.seconds,
+                "action": self.action, "prefetch_size": self.prefetch_size,
+                "toc_size": self.toc_size}
 
 
 @dataclass
@@ -110,6 +158,7 @@ class ImageResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["layers"] = [layer.to_dict() for layer in self.layers]
         d["totals"] = {
             "layers": len(self.layers),
             "old_size": sum(layer.old_size for layer in self.layers),
@@ -283,12 +332,9 @@ class _Run:
                 new = Descriptor(OCI_LAYER_GZIP, converted.digest, converted.size,
                                  {**kept, **converted.annotations})
             new_layers.append(new)
-            report = LayerReport(desc.digest, i, old.digest, old.size, new.digest, new.size,
-                                 converted.annotations.get(TOC_DIGEST_ANNOTATION, ""),
-                                 0.0 if shared else round(seconds, 3),
+            report = LayerReport(desc.digest, i, old, new,
                                  "shared" if shared else action,
-                                 res.prefetch_size if res else 0,
-                                 res.toc_size if res else 0)
+                                 0.0 if shared else round(seconds, 3), res)
             self.result.layers.append(report)
             if self.progress:
                 self.progress("layer", report)
