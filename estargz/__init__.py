@@ -16,8 +16,16 @@ format), :mod:`estargz.image` (images, transports by name, conversion),
 the standard library.
 """
 
+from ._cancel import (
+    cancel_requested,
+    check_cancelled,
+    interrupt_on_signals,
+    request_cancel,
+    reset_cancel,
+)
 from ._exceptions import (
     AuthenticationError,
+    Cancelled,
     DigestMismatch,
     EstargzError,
     FooterError,
@@ -95,9 +103,12 @@ from .layer.verify import VerifyReport, verify_blob
 __all__ = [
     "__version__",
     # errors
-    "AuthenticationError", "DigestMismatch", "EstargzError", "FooterError", "InvalidBlob",
-    "InvalidInput", "MissingPrioritizedFiles", "NotFound", "RegistryError", "StorageError",
-    "TOCError", "UnsupportedEntry",
+    "AuthenticationError", "Cancelled", "DigestMismatch", "EstargzError", "FooterError",
+    "InvalidBlob", "InvalidInput", "MissingPrioritizedFiles", "NotFound", "RegistryError",
+    "StorageError", "TOCError", "UnsupportedEntry",
+    # cancellation (Ctrl-C): one signal guard, checks in every long loop
+    "cancel_requested", "check_cancelled", "interrupt_on_signals", "request_cancel",
+    "reset_cancel",
     # layer format: conversion, reading, verifying
     "BACKENDS", "DEFAULT_BACKEND", "get_backend",
     "ConvertOptions", "LayerResult", "convert_layer",

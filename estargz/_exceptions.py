@@ -14,8 +14,9 @@ only that one::
     │   └── DigestMismatch      content or TOC does not match its digest
     ├── NotFound                a path, image, tag or blob does not exist
     ├── StorageError            reading or writing the filesystem failed
-    └── RegistryError           a registry or daemon refused or failed a request
-        └── AuthenticationError 401/403: credentials missing or refused
+    ├── RegistryError           a registry or daemon refused or failed a request
+    │   └── AuthenticationError 401/403: credentials missing or refused
+    └── Cancelled               SIGINT/SIGTERM asked the run to stop (estargz._cancel)
 
 Errors carry a one-line message meant for people; ``InvalidBlob`` subclasses
 also carry the ``entry`` name and blob ``offset`` where known.
@@ -100,3 +101,14 @@ class RegistryError(EstargzError):
 
 class AuthenticationError(RegistryError):
     """The registry answered 401 or 403: credentials are missing or refused."""
+
+
+class Cancelled(EstargzError):
+    """The run was asked to stop (SIGINT or SIGTERM; see :mod:`estargz._cancel`).
+
+    Raised by the work in progress, in whichever thread notices first."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted") -> None:
+        super().__init__(message)

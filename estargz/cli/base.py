@@ -10,14 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .._exceptions import EstargzError, StorageError
+from .._cancel import interrupt_on_signals
+from .._exceptions import Cancelled, EstargzError, StorageError
 from .._version import __version__
 from ..registry.credentials import parse_creds
 
@@ -31,16 +32,18 @@ def _fail(message: str, code: int) -> None:
 
 
 def _run(fn: Callable[[], Any]) -> Any:
-    """Run a command body, turning our errors and Ctrl-C into exit codes."""
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_term)
+    """Run a command body, turning our errors and Ctrl-C into exit codes.
+
+    The first SIGINT or SIGTERM cancels the work in every thread
+    (:mod:`estargz._cancel`); what was half-written is removed on the way
+    out, and a second signal does not cut that short."""
     try:
-        return fn()
+        with interrupt_on_signals():
+            return fn()
+    except (KeyboardInterrupt, Cancelled):
+        _interrupted()
     except EstargzError as e:
         _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:
         # The reader of our output went away (``| head``): not our error.
         with contextlib.suppress(OSError):
@@ -50,8 +53,19 @@ def _run(fn: Callable[[], Any]) -> Any:
     except OSError as e:
         name = f" {e.filename}" if e.filename else ""
         _fail(f"cannot access{name}: {e.strerror or e}", StorageError.exit_code)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted() -> None:
+    """Exit 130 now. The outputs are cleaned up by the time we get here; a
+    worker thread may still be blocked in a socket read until its timeout,
+    and waiting for it (as interpreter exit would) is what Ctrl-C must not do."""
+    click.echo("estargz: error: interrupted", err=True)
+    if threading.active_count() > 1:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

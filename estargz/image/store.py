@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import IO, BinaryIO
 
+from .._cancel import check_cancelled
 from .._exceptions import DigestMismatch
 from .._fsutil import unlink_quietly
 from ..layer.source import RangeSource
@@ -127,6 +128,7 @@ def copy_verified(src: IO[bytes], dst: IO[bytes], desc: Descriptor, where: str) 
     h = hashlib.sha256()
     n = 0
     while True:
+        check_cancelled()
         piece = src.read(1 << 20)
         if not piece:
             break

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, cast
 
+from .._cancel import check_cancelled
 from .._exceptions import (
     InvalidInput,
     MissingPrioritizedFiles,
@@ -351,6 +352,7 @@ def _compress_task(fd: int, units: list[_Unit], backend: Backend) -> list[_Compr
         if u.member is not None:
             h = hashlib.sha256()
             for piece in read_payload(fd, u.member, u.start, u.length):
+                check_cancelled()
                 h.update(piece)
                 c.add(z.compress(piece))
             c.chunk_digest = "sha256:" + h.hexdigest()
@@ -445,6 +447,7 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:
         for batch in _batches(_plan_units(planned, options.chunk_size)):
+            check_cancelled()
             while len(pending) >= 3 * workers:
                 _drain_one(pending, writer)
             pending.append((batch, pool.submit(_compress_task, fd, batch, backend)))

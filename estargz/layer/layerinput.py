@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from .._cancel import check_cancelled
 from .._exceptions import InvalidInput, StorageError
 from .gzipstream import GzipMembersReader
 
@@ -111,13 +112,27 @@ class _Chain:
         return self._src.read(n)
 
 
+class _Cancellable:
+    """A reader that stops at the next read once cancellation is requested
+    (copy loops that run in C, like zstandard's copy_stream, call it)."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+
+    def read(self, n: int = -1) -> bytes:
+        check_cancelled()
+        return self._src.read(n)
+
+
 def _decompress_into(kind: str, head: bytes, src: BinaryIO, dst: BinaryIO) -> None:
     raw: BinaryIO = src if hasattr(src, "peek") else _Chain(head, src)  # type: ignore
+    raw = _Cancellable(raw)  # type: ignore[assignment]
     if kind == "tar":
         shutil.copyfileobj(raw, dst, 1 << 20)
     elif kind == "gzip":
         reader = GzipMembersReader(raw.read, error=_gzip_error, track_members=False)
         while True:
+            check_cancelled()
             data = reader.read(1 << 20)
             if not data:
                 break
