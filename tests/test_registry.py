@@ -63,7 +63,7 @@ def client(host: str, **kwargs) -> RegistryClient:
     kwargs.setdefault("tls_verify", False)
     kwargs.setdefault("retries", 3)
     kwargs.setdefault("backoff", 0.001)
-    kwargs.setdefault("timeout", 10)
+    kwargs.setdefault("read_timeout", 10)
     return RegistryClient(host, **kwargs)
 
 
@@ -480,7 +480,7 @@ def test_other_4xx_are_not_retried(tampering_proxy: FaultProxy, repo: str) -> No
 def test_timeout_is_retried(tampering_proxy: FaultProxy, tmp_path: Path, repo: str) -> None:
     c = client(tampering_proxy.host)
     digest, size = push_blob(c, repo, tmp_path, b"slow")
-    slow = client(tampering_proxy.host, timeout=0.3)
+    slow = client(tampering_proxy.host, read_timeout=0.3)
     slow.head_blob(repo, digest)  # pick the scheme before the stall
     tampering_proxy.add_fault("HEAD", "/blobs/", stall=1.0)
     assert slow.head_blob(repo, digest) == size
@@ -575,7 +575,7 @@ def test_certificate_for_another_host_is_refused(tmp_path: Path) -> None:
     try:
         host = f"127.0.0.1:{httpd.server_address[1]}"
         with pytest.raises(RegistryError) as e:
-            RegistryClient(host, cert_dir=str(tls.ca_dir), retries=0, timeout=5).head_blob(
+            RegistryClient(host, cert_dir=str(tls.ca_dir), retries=0, read_timeout=5).head_blob(
                 "a/b", "sha256:" + "0" * 64)
         assert f"cannot verify the TLS certificate of registry {host}" in one_line(e.value)
     finally:

@@ -33,6 +33,13 @@ class TransportOptions:
     credentials: tuple[str, str] | None = None
     auth_file: str | None = None
     docker_host: str | None = None
+    #: Registry deadlines (``None``: the client's defaults): seconds per
+    #: request, retries included; seconds per wait for bytes; the slowest
+    #: average bytes per second a blob transfer may take (it gets
+    #: ``timeout + size / min_transfer_rate`` seconds).
+    timeout: float | None = None
+    read_timeout: float | None = None
+    min_transfer_rate: float | None = None
 
 
 class ImageSource(ABC):

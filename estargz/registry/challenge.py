@@ -4,6 +4,11 @@
 registry names and cached until it expires). Credentials come from the
 caller or, only when a registry asks for them, from
 :func:`~estargz.registry.credentials.find_credentials`.
+
+A token realm is used over HTTPS, or over plain HTTP only on the registry's
+own host name when the registry itself is plain HTTP (which only a user
+turning TLS verification off allows): :func:`realm_refusal`. Any other
+realm is refused before a credential is looked up or a request is sent.
 """
 
 from __future__ import annotations
@@ -20,12 +25,37 @@ import requests
 
 from .._exceptions import AuthenticationError, RegistryError
 from .credentials import Credentials, FoundCredentials, find_credentials
+from .deadline import Deadline
 from .errors import AUTH_HINT, error_detail
 
 #: A cached token's key: realm, service and the sorted scopes.
 TokenKey = tuple[str, str, tuple[str, ...]]
-#: Sends one request: ``(method, url, headers, body, *, stream, what)``.
+#: Sends one request: ``(method, url, headers, body, *, stream, what, deadline)``.
 Send = Callable[..., requests.Response]
+
+
+def realm_refusal(realm: str, registry_url: str | None) -> str | None:
+    """Why the token realm ``realm`` must not be used by the registry at
+    ``registry_url`` (``SCHEME://HOST[:PORT]``), or ``None`` if it may.
+
+    HTTPS anywhere is fine (Docker Hub's realm is on another host). Plain
+    HTTP only on the registry's own host name, any port, and only when the
+    registry is plain HTTP too: the user chose to send to that machine in
+    clear, and another port there crosses the same network; another host
+    (compared by name, not resolved) would receive the credentials in clear.
+    """
+    r = urlsplit(realm)
+    if r.scheme == "https":
+        return None
+    if r.scheme != "http" or not r.hostname:
+        return "it is not an http(s) URL"
+    g = urlsplit(registry_url or "")
+    if g.scheme != "http":
+        return "it is plain HTTP while the registry is served over HTTPS"
+    if r.hostname != g.hostname:
+        return (f"it is plain HTTP on another host than the registry's ({g.hostname}), "
+                f"which would receive the credentials in clear")
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,6 +128,8 @@ class Authenticator:
         self._creds_resolved = credentials is not None
         #: What the registry asked for; ``None`` until known, or if nothing.
         self.challenge: Challenge | None = None
+        #: ``SCHEME://HOST[:PORT]`` the registry answers on, once known.
+        self.registry_url: str | None = None
         self._tokens: dict[TokenKey, Token] = {}
         self._creds_lock = threading.Lock()
         self._token_lock = threading.Lock()
@@ -112,8 +144,9 @@ class Authenticator:
                 self._creds_resolved = True
             return self._found
 
-    def headers(self, scopes: list[str]) -> dict[str, str]:
-        """The ``Authorization`` header answering the challenge for ``scopes``."""
+    def headers(self, scopes: list[str], deadline: Deadline) -> dict[str, str]:
+        """The ``Authorization`` header answering the challenge for ``scopes``
+        (a token is fetched within the operation's ``deadline``)."""
         ch = self.challenge
         if ch is None:
             return {}
@@ -121,7 +154,7 @@ class Authenticator:
             found = self.credentials()
             return {"Authorization": _basic(found.pair)} if found else {}
         if ch.scheme == "bearer" and ch.realm:
-            return {"Authorization": f"Bearer {self._token(ch, scopes)}"}
+            return {"Authorization": f"Bearer {self._token(ch, scopes, deadline)}"}
         return {}
 
     def learn(self, resp: requests.Response, scopes: list[str]) -> bool:
@@ -148,17 +181,22 @@ class Authenticator:
     def _token_key(ch: Challenge, scopes: list[str]) -> TokenKey:
         return (ch.realm, ch.service, tuple(sorted(set(scopes))))
 
-    def _token(self, ch: Challenge, scopes: list[str]) -> str:
+    def _token(self, ch: Challenge, scopes: list[str], deadline: Deadline) -> str:
         key = self._token_key(ch, scopes)
         with self._token_lock:
             tok = self._tokens.get(key)
             if tok is not None and tok.expires > time.monotonic():
                 return tok.value
-            tok = self._fetch_token(ch, key[2])
+            tok = self._fetch_token(ch, key[2], deadline)
             self._tokens[key] = tok
             return tok.value
 
-    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...]) -> Token:
+    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...], deadline: Deadline) -> Token:
+        # Before credentials are even looked up: a refused realm gets nothing.
+        refusal = realm_refusal(ch.realm, self.registry_url)
+        if refusal is not None:
+            raise RegistryError(f"registry {self.host} names the token realm {ch.realm!r}: "
+                                f"{refusal}; refused, no request sent")
         found = self.credentials()
         params: list[tuple[str, str]] = []
         if ch.service:
@@ -170,11 +208,9 @@ class Authenticator:
             headers["Authorization"] = _basic(found.pair)
         sep = "&" if urlsplit(ch.realm).query else "?"
         url = f"{ch.realm}{sep}{urlencode(params)}" if params else ch.realm
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise RegistryError(f"registry {self.host} names an unusable token realm "
-                                f"{ch.realm!r}")
         resp = self._send("GET", url, headers, None, stream=False,
-                          what=f"token request for {' '.join(scopes) or 'access'}")
+                          what=f"token request for {' '.join(scopes) or 'access'}",
+                          deadline=deadline)
         with resp:
             if resp.status_code in (401, 403):
                 raise self.error(resp.status_code, error_detail(resp.content),

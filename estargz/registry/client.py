@@ -25,6 +25,12 @@ tools people know:
   bounded exponential back-off (a short ``Retry-After`` is honoured); a
   download that breaks resumes where it stopped with a ``Range`` request.
   Other 4xx answers are final.
+* **Deadlines.** Every operation (a manifest, a token, a HEAD, a blob
+  transfer with its resumes, an upload with its restarts) ends within
+  ``timeout`` seconds, plus ``size / min_rate`` for the bytes it moves, all
+  attempts and back-off included; ``read_timeout`` bounds each wait for
+  bytes. A server that trickles its headers or body is cut off at the
+  deadline (:mod:`.deadline`), which is never retried.
 * **Errors.** Every failure is one :class:`~estargz.EstargzError` line naming
   the registry: :class:`AuthenticationError` (401/403, with how to give
   credentials), :class:`NotFound` (404), :class:`DigestMismatch`, or
@@ -58,8 +64,16 @@ from ..image.descriptor import check_digest, sha256_digest
 from ..image.reference import DockerName
 from ..layer.source import check_range
 from .credentials import Credentials
+from .deadline import Deadline
 from .errors import Transient, Unreachable
-from .http import Body, RegistryHTTP, parse_content_range
+from .http import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    Body,
+    RegistryHTTP,
+    parse_content_range,
+)
 
 __all__ = ["RegistryClient", "RegistryBlobSource", "open_registry_blob"]
 
@@ -113,8 +127,10 @@ class RegistryClient(RegistryHTTP):
     ``client.cert``/``client.key``); ``credentials`` is ``(user, password)``,
     else they are looked up (honouring ``auth_file``) when the registry asks.
     ``retries`` bounds the extra attempts of one operation; ``backoff`` is
-    the first delay between them, doubled each time; ``timeout`` is in
-    seconds, for connecting and between received bytes.
+    the first delay between them, doubled each time. ``timeout`` is the
+    deadline of one operation in seconds, retries included; a transfer of
+    N bytes gets ``timeout + N / min_rate`` (``min_rate`` in bytes per
+    second); ``read_timeout`` bounds connecting and each wait for bytes.
     """
 
     def __repr__(self) -> str:
@@ -141,15 +157,17 @@ class RegistryClient(RegistryHTTP):
         def attempt() -> tuple[bytes, str]:
             resp = self._request("GET", url, scopes=self._pull(repo), repo=repo,
                                  what=f"GET manifest {name}", missing=f"manifest {name}",
-                                 headers={"Accept": ", ".join(accept)}, stream=True)
+                                 headers={"Accept": ", ".join(accept)}, stream=True,
+                                 deadline=dl)
             with resp:
-                data = self._read_body(resp, MANIFEST_LIMIT + 1, f"manifest {name}")
+                data = self._read_body(resp, MANIFEST_LIMIT + 1, f"manifest {name}", dl)
                 if len(data) > MANIFEST_LIMIT:
                     raise RegistryError(f"manifest {name} from registry {self.host} is larger "
                                         f"than the {MANIFEST_LIMIT}-byte limit")
                 return data, resp.headers.get("Content-Type", "")
 
-        data, content_type = self._retrying(attempt)
+        with self._deadline(f"GET manifest {name}") as dl:
+            data, content_type = self._retrying(attempt, dl)
         digest = sha256_digest(data)
         if _is_digest(reference) and digest != reference:
             raise DigestMismatch(f"manifest {name} from registry {self.host} has digest "
@@ -176,11 +194,13 @@ class RegistryClient(RegistryHTTP):
         def attempt() -> str | None:
             resp = self._request("PUT", url, scopes=self._push(repo), repo=repo,
                                  what=f"PUT manifest {name}", ok=(200, 201, 202),
-                                 headers={"Content-Type": media_type}, body=data)
+                                 headers={"Content-Type": media_type}, body=data,
+                                 deadline=dl)
             with resp:
                 return resp.headers.get("Docker-Content-Digest")
 
-        answered = self._retrying(attempt)
+        with self._deadline(f"PUT manifest {name}", len(data)) as dl:
+            answered = self._retrying(attempt, dl)
         if answered and answered.startswith("sha256:") and answered != digest:
             raise DigestMismatch(f"registry {self.host} stored manifest {name} as {answered}, "
                                  f"but its digest is {digest}")
@@ -190,7 +210,8 @@ class RegistryClient(RegistryHTTP):
         """The size of blob ``digest`` in ``repo``, or ``None`` if it is absent."""
         _check_repo(repo)
         check_digest(digest)
-        return self._retrying(lambda: self._head(repo, digest, self._pull(repo)))
+        with self._deadline(f"HEAD blob {digest}") as dl:
+            return self._retrying(lambda: self._head(repo, digest, self._pull(repo), dl), dl)
 
     def download_blob(self, repo: str, digest: str, size: int, dst: BinaryIO) -> None:
         """Stream blob ``digest`` (of ``size`` bytes) into ``dst``.
@@ -202,6 +223,16 @@ class RegistryClient(RegistryHTTP):
         _check_repo(repo)
         check_digest(digest)
         url = f"/v2/{repo}/blobs/{digest}"
+        with self._deadline(f"GET blob {digest}", size) as dl:
+            got, actual = self._download(repo, digest, size, dst, url, dl)
+        if got != size:
+            raise self._blob_mismatch(repo, digest, f"has {got} bytes, not {size}")
+        if actual != digest:
+            raise self._blob_mismatch(repo, digest, f"does not match its digest: got {actual}")
+
+    def _download(self, repo: str, digest: str, size: int, dst: BinaryIO, url: str,
+                  dl: Deadline) -> tuple[int, str]:
+        """The transfer of :meth:`download_blob`: ``(bytes got, their digest)``."""
         h = hashlib.sha256()
         got = 0
         failures = 0       # consecutive failures without progress
@@ -214,10 +245,10 @@ class RegistryClient(RegistryHTTP):
             try:
                 resp = self._request("GET", url, scopes=self._pull(repo), repo=repo,
                                      what=f"GET blob {digest}", missing=f"blob {digest}",
-                                     headers=headers, stream=True, ok=(200, 206))
+                                     headers=headers, stream=True, ok=(200, 206), deadline=dl)
                 with resp:
                     skip, expected_end = self._resume_position(resp, got, digest)
-                    for piece in self._iter_body(resp, f"blob {digest}"):
+                    for piece in self._iter_body(resp, f"blob {digest}", dl):
                         if skip:
                             drop = min(skip, len(piece))
                             piece, skip = piece[drop:], skip - drop
@@ -240,18 +271,14 @@ class RegistryClient(RegistryHTTP):
                     break  # everything arrived; only the end of the answer was lost
                 failures = 1 if got > before else failures + 1
                 total_failures += 1
-                if failures > self.retries or total_failures > 10 * (self.retries + 1):
-                    raise RegistryError(f"download of blob {digest} from registry {self.host} "
-                                        f"(repository {repo}) failed: {e} (gave up after "
-                                        f"{total_failures} attempts)") from None
-                self._sleep(self._delay(failures - 1, e.retry_after))
+                message = (f"download of blob {digest} from registry {self.host} (repository "
+                           f"{repo}) failed: {e} (gave up after {total_failures} attempts)")
+                if total_failures > 10 * (self.retries + 1):
+                    raise RegistryError(message) from None
+                self._retry_or_raise(e, failures - 1, dl, message)
             except Unreachable as e:
                 raise RegistryError(str(e)) from None
-        if got != size:
-            raise self._blob_mismatch(repo, digest, f"has {got} bytes, not {size}")
-        actual = "sha256:" + h.hexdigest()
-        if actual != digest:
-            raise self._blob_mismatch(repo, digest, f"does not match its digest: got {actual}")
+        return got, "sha256:" + h.hexdigest()
 
     def read_blob_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
         """``length`` bytes of blob ``digest`` from ``offset``, by HTTP Range.
@@ -274,8 +301,8 @@ class RegistryClient(RegistryHTTP):
 
         def attempt() -> bytes:
             resp = self._request("GET", url, scopes=self._pull(repo), repo=repo,
-                                 what=f"GET bytes {offset}-{end} of blob {digest}",
-                                 missing=f"blob {digest}", stream=True, ok=(200, 206),
+                                 what=what, missing=f"blob {digest}", stream=True,
+                                 ok=(200, 206), deadline=dl,
                                  headers={"Range": f"bytes={offset}-{end}",
                                           "Accept-Encoding": "identity"})
             with resp:
@@ -294,13 +321,15 @@ class RegistryClient(RegistryHTTP):
                             f"a request for {length} bytes at offset {offset} of blob "
                             f"{digest} with the whole blob); reading a layer lazily needs them")
                     skip, want = offset, length
-                data = self._read_span(resp, skip, want, f"blob {digest}")
+                data = self._read_span(resp, skip, want, f"blob {digest}", dl)
             if len(data) < length:
                 raise InvalidBlob(f"blob {digest} in registry {self.host} ends before byte "
                                   f"{end} (read {len(data)} of {length} bytes)", offset=offset)
             return data
 
-        return self._retrying(attempt)
+        what = f"GET bytes {offset}-{end} of blob {digest}"
+        with self._deadline(what, length) as dl:
+            return self._retrying(attempt, dl)
 
     def blob_source(self, repo: str, digest: str, size: int) -> RegistryBlobSource:
         """A :class:`~estargz.source.RangeSource` reading the blob by ranges."""
@@ -342,15 +371,16 @@ class RegistryClient(RegistryHTTP):
         def attempt() -> None:
             # Before every attempt: a previous one may have landed even though
             # its answer was lost, and the blob may be there already anyway.
-            if self._head(repo, digest, scopes) is not None:
+            if self._head(repo, digest, scopes, dl) is not None:
                 return
-            self._upload_once(repo, digest, size, src_path, chunk_size, mount_from, scopes)
+            self._upload_once(repo, digest, size, src_path, chunk_size, mount_from, scopes, dl)
 
-        self._retrying(attempt)
+        with self._deadline(f"upload of blob {digest} to {repo}", size) as dl:
+            self._retrying(attempt, dl)
 
     def _upload_once(self, repo: str, digest: str, size: int, src_path: str,
                      chunk_size: int | None, mount_from: str | None,
-                     scopes: list[str]) -> None:
+                     scopes: list[str], dl: Deadline) -> None:
         what = f"upload of blob {digest} to {repo}"
         start = f"/v2/{repo}/blobs/uploads/"
         resp = None
@@ -358,13 +388,13 @@ class RegistryClient(RegistryHTTP):
             query = urlencode({"mount": digest, "from": mount_from})
             resp = self._request("POST", f"{start}?{query}", scopes=scopes, repo=repo,
                                  what=f"mount of blob {digest} from {mount_from} into {repo}",
-                                 ok=(201, 202), body=b"")
+                                 ok=(201, 202), body=b"", deadline=dl)
             resp.close()
             if resp.status_code == 201:
                 return  # mounted: no bytes needed
         if resp is None:
             resp = self._request("POST", start, scopes=scopes, repo=repo, what=what,
-                                 ok=(202,), body=b"")
+                                 ok=(202,), body=b"", deadline=dl)
             resp.close()
         location = self._location(resp, what)
         if chunk_size is None:
@@ -379,6 +409,7 @@ class RegistryClient(RegistryHTTP):
                 n = min(chunk_size, size - offset)
                 resp = self._request(
                     "PATCH", location, scopes=scopes, repo=repo, what=what, ok=(202,),
+                    deadline=dl,
                     headers={"Content-Type": "application/octet-stream",
                              "Content-Range": f"{offset}-{offset + n - 1}"},
                     body=lambda o=offset, n=n: _FileSlice(src_path, o, n))
@@ -390,7 +421,7 @@ class RegistryClient(RegistryHTTP):
         resp = self._request("PUT", f"{location}{sep}{urlencode({'digest': digest})}",
                              scopes=scopes, repo=repo, what=what, ok=(201, 204),
                              headers={"Content-Type": "application/octet-stream"},
-                             body=put_body)
+                             body=put_body, deadline=dl)
         resp.close()
 
     @staticmethod
@@ -401,9 +432,9 @@ class RegistryClient(RegistryHTTP):
     def _push(repo: str) -> list[str]:
         return [f"repository:{repo}:pull,push"]
 
-    def _head(self, repo: str, digest: str, scopes: list[str]) -> int | None:
+    def _head(self, repo: str, digest: str, scopes: list[str], dl: Deadline) -> int | None:
         resp = self._request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes=scopes, repo=repo,
-                             what=f"HEAD blob {digest}", ok=(200, 404))
+                             what=f"HEAD blob {digest}", ok=(200, 404), deadline=dl)
         with resp:
             if resp.status_code == 404:
                 return None
@@ -462,13 +493,17 @@ class RegistryBlobSource:
 def open_registry_blob(name: DockerName, *, tls_verify: bool = True,
                        cert_dir: str | None = None,
                        credentials: Credentials | None = None,
-                       auth_file: str | None = None) -> Iterator[RegistryBlobSource]:
+                       auth_file: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                       read_timeout: float = DEFAULT_READ_TIMEOUT,
+                       min_rate: float = DEFAULT_MIN_RATE) -> Iterator[RegistryBlobSource]:
     """Blob ``name`` (``HOST/REPO@DIGEST``) as a range source, read only by
-    HTTP range requests; :class:`NotFound` if the registry lacks it."""
+    HTTP range requests; :class:`NotFound` if the registry lacks it. The
+    deadlines are :class:`RegistryClient`'s."""
     if not name.digest:
         raise InvalidInput(f"{name}: a registry blob is named by digest")
     with RegistryClient(name.registry, tls_verify=tls_verify, cert_dir=cert_dir,
-                        credentials=credentials, auth_file=auth_file) as client:
+                        credentials=credentials, auth_file=auth_file, timeout=timeout,
+                        read_timeout=read_timeout, min_rate=min_rate) as client:
         size = client.head_blob(name.repository, name.digest)
         if size is None:
             raise NotFound(f"blob {name.digest} is not in {name.registry}/{name.repository}")

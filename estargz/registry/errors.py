@@ -31,6 +31,11 @@ class Transient(RegistryError):
         self.retry_after = retry_after
 
 
+class DeadlineExceeded(RegistryError):
+    """An operation outlived its deadline (:mod:`.deadline`). Never retried:
+    the deadline covers every attempt of the operation."""
+
+
 class Unreachable(RegistryError):
     """No connection could be made (refused, unknown host, TLS refused).
     Not retried, but the HTTPS-to-HTTP fallback catches it."""

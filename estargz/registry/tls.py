@@ -14,6 +14,7 @@ import requests.adapters
 import urllib3
 
 from .._exceptions import InvalidInput
+from .deadline import WatchedAdapter
 from .errors import reason_text
 
 #: Per-host certificate directories containers/image and Docker read when
@@ -22,7 +23,7 @@ DEFAULT_CERT_DIRS = ("~/.config/containers/certs.d/HOST", "/etc/containers/certs
                      "/etc/docker/certs.d/HOST")
 
 
-class ContextAdapter(requests.adapters.HTTPAdapter):
+class ContextAdapter(WatchedAdapter):
     """An adapter that uses our own :class:`ssl.SSLContext`.
 
     requests otherwise trusts certifi's bundle *or* a file given as
