@@ -179,3 +179,45 @@ def test_cancel_stops_a_layer_conversion_in_its_threads(tmp_path, test_images, m
     assert isinstance(outcome[0], estargz.Cancelled), outcome
     assert not out.exists()
     assert [f.name for f in tmp_path.iterdir()] == ["started"]
+
+
+# --- profiling ------------------------------------------------------------------------
+
+def pids_of(argv: list[str]) -> list[int]:
+    """Processes whose command line is exactly ``argv``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if [c.decode(errors="replace") for c in cmd] == argv:
+                found.append(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="profiling as root")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_a_profile_and_its_container(tmp_path, test_images, signum):
+    workload = ["/bin/sleep", str(4000 + os.getpid() % 1000)]  # ours alone
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "estargz", "optimize", "-q", "--period", "120",
+                          "--entrypoint", json.dumps(workload[:1]),
+                          "--args", json.dumps(workload[1:]),
+                          f"oci:{test_images.busybox}:latest", f"oci:{tmp_path / 'out'}:v1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    deadline = time.monotonic() + 120
+    while not pids_of(workload):
+        assert p.poll() is None, p.communicate()[1].decode()
+        assert time.monotonic() < deadline, "the workload never started"
+        time.sleep(0.05)
+    seconds, err = interrupt(p, signum)
+    assert_interrupted(p, seconds, err)
+    assert pids_of(workload) == []
+    assert not (tmp_path / "out").exists()
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp) not in f.read()
+    assert leftovers(tmp_path) == []
