@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,43 @@ from .. import (
     read_records,
 )
 from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
 from .base import _creds, _read_text_lines, _run, _tls, main
+
+
+class _Seconds(click.ParamType):
+    """A positive, finite number of seconds, at most ``MAX_TIMEOUT``."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+            self.fail(f"{value} is not a number of seconds above 0 and at most "
+                      f"{MAX_TIMEOUT:.0f}", param, ctx)
+        return seconds
+
+
+class _Rate(click.ParamType):
+    """Bytes per second, at least 1, with an optional k, M or G (binary)."""
+
+    name = "rate"
+    _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            value = str(value)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*", str(value), re.I)
+        rate = float(m.group(1)) * self._UNITS[m.group(2).lower()] if m else math.nan
+        if not (math.isfinite(rate) and rate >= 1):
+            self.fail(f"{value!r} is not a rate of at least 1 byte per second "
+                      f"(e.g. 512, 64k, 1M)", param, ctx)
+        return rate
 
 _IMAGE_OPTIONS = [
     # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
@@ -60,6 +98,21 @@ _IMAGE_OPTIONS = [
     click.option("--authfile", default=None, metavar="FILE",
                  help="Credentials file (containers auth.json format); default "
                       "REGISTRY_AUTH_FILE."),
+    # Named as wget names them: --timeout is the whole request (ctr's
+    # --timeout is whole too), --read-timeout each wait for bytes.
+    click.option("--timeout", type=_Seconds(), default=DEFAULT_TIMEOUT, show_default=True,
+                 metavar="SECONDS",
+                 help="Deadline of each registry request (manifest, token, HEAD), its "
+                      "retries included; a blob transfer gets this plus its size at "
+                      "--min-transfer-rate."),
+    click.option("--read-timeout", type=_Seconds(), default=DEFAULT_READ_TIMEOUT,
+                 show_default=True, metavar="SECONDS",
+                 help="Longest wait to connect or for the next bytes from a registry; "
+                      "an attempt that waits longer is retried within the deadline."),
+    click.option("--min-transfer-rate", type=_Rate(), default=f"{DEFAULT_MIN_RATE >> 10}k",
+                 show_default=True, metavar="BYTES/S",
+                 help="Slowest average rate a blob transfer may have before its "
+                      "deadline cuts it (k, M, G suffixes)."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
     click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
 ]
@@ -77,6 +130,8 @@ def _image_convert_options(kw: dict[str, Any],
                            ) -> ImageConvertOptions:
     """Build ``ImageConvertOptions`` from the shared options (popped from ``kw``)."""
     cert_dir, authfile = kw.pop("cert_dir"), kw.pop("authfile")
+    limits = {"timeout": kw.pop("timeout"), "read_timeout": kw.pop("read_timeout"),
+              "min_transfer_rate": kw.pop("min_transfer_rate")}
     return ImageConvertOptions(
         layer=ConvertOptions(chunk_size=kw.pop("chunk_size"),
                              compression_level=kw.pop("compression_level"),
@@ -85,10 +140,10 @@ def _image_convert_options(kw: dict[str, Any],
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
         src=TransportOptions(tls_verify=_tls(kw.pop("src_tls_verify")), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("src_creds"), "--src-creds"),
-                             auth_file=authfile),
+                             auth_file=authfile, **limits),
         dst=TransportOptions(tls_verify=_tls(kw.pop("dest_tls_verify")), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("dest_creds"), "--dest-creds"),
-                             auth_file=authfile))
+                             auth_file=authfile, **limits))
 
 
 def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None:
