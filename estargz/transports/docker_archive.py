@@ -2,7 +2,8 @@
 ``docker load`` reads.
 
 Written in a temporary place beside the destination and renamed into place
-whole, so an archive appears complete or not at all.
+whole, so an archive appears complete or not at all; writers take turns on
+``PATH.lock`` (see :func:`~.oci_archive.archive_lock`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 from typing import IO, BinaryIO
 
 from .._exceptions import InvalidInput, NotFound, StorageError
-from .._fsutil import atomic_output
+from .._fsutil import OwnedTempDir, atomic_output, reclaim_tempdirs
 from ..image.descriptor import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -30,7 +30,8 @@ from ..image.reference import DockerName, ImageRef, parse_docker_name, split_pat
 from ..image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from ..image.transport import Transport, register_transport
 from ..layer.layerinput import detect_compression
-from .oci_archive import add_file
+from .oci import TEMP_PREFIX
+from .oci_archive import add_file, archive_lock
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
@@ -155,7 +156,9 @@ class DockerArchiveDestination(ImageDestination):
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise StorageError(f"cannot write {path}: {directory} does not exist")
-        self._tmp = tempfile.mkdtemp(prefix=".estargz-", dir=directory)
+        reclaim_tempdirs(directory, TEMP_PREFIX)
+        self._work = OwnedTempDir(directory, TEMP_PREFIX)
+        self._tmp = self._work.path
         self._manifests: dict[str, bytes] = {}
 
     def _blob(self, digest: str) -> str:
@@ -187,7 +190,9 @@ class DockerArchiveDestination(ImageDestination):
         tags = [_short_name(self.image_name)] if self.image_name else []
         index = [{"Config": f"{config}.json", "RepoTags": tags,
                   "Layers": [f"{h}/layer.tar" for h in layers]}]
-        with atomic_output(self.path) as f, tarfile.open(fileobj=f, mode="w") as tf:
+        # One image per archive: the last writer's is the one kept, whole.
+        with archive_lock(self.path), atomic_output(self.path) as f, \
+                tarfile.open(fileobj=f, mode="w") as tf:
             add_file(tf, f"{config}.json", self._blob("sha256:" + config))
             for h in dict.fromkeys(layers):
                 add_file(tf, f"{h}/layer.tar", self._blob("sha256:" + h))
@@ -197,10 +202,10 @@ class DockerArchiveDestination(ImageDestination):
             tf.addfile(ti, io.BytesIO(data))
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._work.cleanup()
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._work.cleanup()
 
 
 class DockerArchiveTransport(Transport):
