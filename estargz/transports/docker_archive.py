@@ -29,6 +29,7 @@ from ..image.descriptor import (
 from ..image.reference import DockerName, ImageRef, parse_docker_name, split_path
 from ..image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from ..image.transport import Transport, register_transport
+from ..layer.jsondoc import MAX_JSON_SIZE, load_json
 from ..layer.layerinput import detect_compression
 from .oci import TEMP_PREFIX
 from .oci_archive import add_file, archive_lock
@@ -54,6 +55,11 @@ def _same_image(tag: str, name: DockerName) -> bool:
         (name.registry, name.repository, name.tag or "latest")
 
 
+def _strings(value: object) -> bool:
+    """True for ``null`` or a JSON list of strings."""
+    return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 class DockerArchiveSource(ImageSource):
     """Read one image of a ``docker save`` archive (legacy or OCI-style)."""
 
@@ -67,9 +73,15 @@ class DockerArchiveSource(ImageSource):
         except (tarfile.TarError, OSError) as e:
             raise InvalidInput(f"cannot read docker-archive {path}: {e}") from None
         self._members = {os.path.normpath(m.name): m for m in self._tar.getmembers()}
-        manifest = json.loads(self._read_member("manifest.json", 16 << 20))
+        manifest = load_json(self._read_member("manifest.json", MAX_JSON_SIZE),
+                             f"{path}: manifest.json")
         if not isinstance(manifest, list) or not manifest:
             raise InvalidInput(f"{path}: manifest.json lists no image")
+        for item in manifest:
+            if not (isinstance(item, dict) and isinstance(item.get("Config"), str)
+                    and _strings(item.get("RepoTags")) and _strings(item.get("Layers"))):
+                raise InvalidInput(f"{path}: manifest.json lists something other than an "
+                                   "image (a Config name, RepoTags and Layers)")
         if name is not None:
             chosen = [e for e in manifest
                       if any(_same_image(t, name) for t in e.get("RepoTags") or [])]
@@ -83,7 +95,7 @@ class DockerArchiveSource(ImageSource):
         entry = chosen[0]
         self._blobs: dict[str, str] = {}
         config_name = entry["Config"]
-        config = self._read_member(config_name, 16 << 20)
+        config = self._read_member(config_name, MAX_JSON_SIZE)
         config_desc = Descriptor(DOCKER_CONFIG, sha256_digest(config), len(config))
         self._blobs[config_desc.digest] = config_name
         layers = []

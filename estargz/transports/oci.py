@@ -32,6 +32,7 @@ from ..image.descriptor import OCI_INDEX, Descriptor, check_digest, sha256_diges
 from ..image.reference import ImageRef, check_tag, split_path
 from ..image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from ..image.transport import Transport, register_transport
+from ..layer.jsondoc import MAX_JSON_SIZE, load_json
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = "oci-layout"
@@ -55,11 +56,10 @@ def read_index(root: str) -> dict[str, Any]:
         raise NotFound(f"{root} is not an OCI image layout (no {LAYOUT_FILE} file)")
     try:
         with open(os.path.join(root, "index.json"), "rb") as f:
-            index = json.load(f)
+            data = f.read(MAX_JSON_SIZE + 1)
     except OSError as e:
         raise StorageError(f"cannot read {root}/index.json: {e.strerror}") from None
-    except ValueError as e:
-        raise InvalidInput(f"{root}/index.json is not valid JSON: {e}") from None
+    index = load_json(data, f"{root}/index.json")
     if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
         raise InvalidInput(f"{root}/index.json is not an OCI index")
     return index
