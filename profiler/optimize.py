@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fnmatch
 import io
-import json
 import os
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 
 from estargz import (
     INDEX_TYPES,
+    MAX_JSON_SIZE,
     Descriptor,
     ImageConvertOptions,
     ImageResult,
@@ -46,6 +46,7 @@ from estargz import (
     convert_source,
     host_platform_default,
     iter_headers,
+    load_json_object,
     open_source,
     open_tar,
     parse_reference,
@@ -103,28 +104,19 @@ class OptimizeResult:
     seconds: float = 0.0
 
 
-_MAX_JSON = 16 << 20
-
-
 def _read_json(source: ImageSource, desc: Descriptor, what: str) -> dict[str, Any]:
-    if desc.size > _MAX_JSON:
+    if desc.size > MAX_JSON_SIZE:
         raise InvalidInput(f"{what} {desc.digest} is implausibly large")
     buf = io.BytesIO()
     source.fetch_blob(desc, buf)
-    try:
-        obj = json.loads(buf.getvalue())
-    except ValueError as e:
-        raise InvalidInput(f"{what} {desc.digest} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{what} {desc.digest} is not a JSON object")
-    return obj
+    return load_json_object(buf.getvalue(), f"{what} {desc.digest}")
 
 
 def host_manifest(source: ImageSource) -> tuple[Descriptor, dict[str, Any], dict[str, Any], bool]:
     """The manifest this machine can run: ``(descriptor, manifest, config,
     from_index)``."""
     data, media_type = source.root()
-    root = json.loads(data)
+    root = load_json_object(data, "the image's root manifest")
     media_type = media_type or root.get("mediaType", "")
     if media_type in INDEX_TYPES or "manifests" in root:
         host = host_platform_default()
@@ -135,7 +127,7 @@ def host_manifest(source: ImageSource) -> tuple[Descriptor, dict[str, Any], dict
             raise InvalidInput(f"the image has no manifest for this machine ({host}); only "
                                f"the host's platform can be profiled (platforms: {have})")
         desc = chosen[0]
-        manifest = json.loads(source.get_manifest(desc))
+        manifest = load_json_object(source.get_manifest(desc), f"manifest {desc.digest}")
         from_index = True
     else:
         desc = Descriptor(media_type, sha256_digest(data), len(data))
