@@ -36,7 +36,7 @@ def run_all(commands: list[list[str]], env: dict[str, str], timeout: float = 120
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                               cwd=REPO_ROOT) for c in commands]
     errors = []
-    for c, p in zip(commands, procs):
+    for c, p in zip(commands, procs, strict=True):
         _, err = p.communicate(timeout=timeout)
         if p.returncode != 0:
             errors.append(f"{' '.join(c[3:])}: exit {p.returncode}: {err.decode()[-2000:]}")

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from estargz.transports.oci import LOCK_FILE
 from layoutcheck import (
     check_layout,
     check_registry,
@@ -25,8 +27,6 @@ from layoutcheck import (
     run_all,
     unpack_archive,
 )
-
-from estargz.transports.oci import LOCK_FILE
 
 WRITERS = 8
 ROUNDS = 3
