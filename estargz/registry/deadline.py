@@ -66,7 +66,10 @@ class Deadline:
         self.start = time.monotonic()
         self.end = self.start + self.seconds
         self._fired = False
-        self._conns: list[Any] = []
+        #: ``(connection, socket)``: the socket as the connection had it. A
+        #: response that ends the connection ("Connection: close") goes on
+        #: reading a socket the connection no longer holds.
+        self._socks: list[tuple[Any, socket.socket]] = []
         self._timer: threading.Timer | None = None
 
     def __enter__(self) -> Deadline:
@@ -79,7 +82,7 @@ class Deadline:
         if self._timer is not None:
             self._timer.cancel()
         with _owners:
-            self._conns.clear()
+            self._socks.clear()
 
     def remaining(self) -> float:
         """Seconds left, never negative."""
@@ -117,23 +120,27 @@ class Deadline:
     def _fire(self) -> None:
         self._fired = True
         with _owners:
-            for conn in self._conns:
+            for conn, sock in self._socks:
                 if getattr(conn, "_estargz_deadline", None) is not self:
                     continue  # back in the pool and taken by another operation
-                sock = getattr(conn, "sock", None)
-                if sock is not None:
-                    # socket.socket's shutdown, not SSLSocket's: that one
-                    # also drops the TLS object under the reading thread.
-                    with contextlib.suppress(OSError):
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                # socket.socket's shutdown, not SSLSocket's: that one also
+                # drops the TLS object under the reading thread.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _claim(conn: Any) -> None:
-    deadline: Deadline | None = getattr(_current, "deadline", None)
     with _owners:
-        conn._estargz_deadline = deadline
-        if deadline is not None:
-            deadline._conns.append(conn)
+        conn._estargz_deadline = getattr(_current, "deadline", None)
+
+
+def _track(conn: Any) -> None:
+    """Remember the connection's socket now, for the watchdog of its deadline."""
+    deadline: Deadline | None = getattr(conn, "_estargz_deadline", None)
+    sock = getattr(conn, "sock", None)
+    if deadline is not None and sock is not None:
+        with _owners:
+            deadline._socks.append((conn, sock))
 
 
 def _check(conn: Any) -> None:
@@ -152,14 +159,17 @@ class _Watched:
     def connect(self) -> None:
         _claim(self)
         super().connect()  # type: ignore[misc]
+        _track(self)
         _check(self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _claim(self)
+        _track(self)  # a kept-alive connection: its socket is already there
         super().request(*args, **kwargs)  # type: ignore[misc]
         _check(self)
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        _track(self)
         _check(self)
         return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
