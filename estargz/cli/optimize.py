@@ -18,13 +18,17 @@ from profiler.sandbox import BindMount
 
 from ..layer.order import read_prioritized_list
 from .base import _json_list, _read_text_lines, _run, main
-from .image import _image_convert_options, _image_options, _print_image_result
+from .image import _image_convert_options, _image_options, _print_image_result, _Seconds
+
+#: The longest ``--period``: a day is longer than any start-up worth
+#: profiling, and keeps the deadline arithmetic far from float limits.
+MAX_PERIOD = 86400.0
 
 
 @main.command("optimize")
 @click.argument("src")
 @click.argument("dst", required=False)
-@click.option("--period", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+@click.option("--period", type=_Seconds(0.1, MAX_PERIOD), default=10.0, show_default=True,
               help="Seconds to profile; the run also ends when the workload exits.")
 @click.option("--wait-on-line", default=None, metavar="TEXT",
               help="End the profile when a line of the workload's output contains TEXT.")

@@ -29,6 +29,7 @@ from ..image.descriptor import (
 from ..image.reference import DockerName, ImageRef, parse_docker_name, split_path
 from ..image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from ..image.transport import Transport, register_transport
+from ..layer.inputfile import require_regular_file
 from ..layer.jsondoc import MAX_JSON_SIZE, load_json
 from ..layer.layerinput import detect_compression
 from .oci import TEMP_PREFIX
@@ -66,6 +67,7 @@ class DockerArchiveSource(ImageSource):
     def __init__(self, path: str, name: DockerName | None) -> None:
         self.name = f"docker-archive:{path}"
         self.path = path
+        require_regular_file(path, "docker-archive")
         try:
             self._tar = tarfile.open(path)  # noqa: SIM115  (closed in close())
         except FileNotFoundError:
