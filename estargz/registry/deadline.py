@@ -15,6 +15,11 @@ from as many socket reads as it takes). Two things can:
   filled a byte at a time, an upload the server does not read) returns at
   once with an error, which the caller reports as the deadline's.
 
+The watchdog also acts on cancellation (:mod:`estargz._cancel`): Ctrl-C
+cuts a blocked read within :data:`CANCEL_POLL` seconds, and the operation
+raises :class:`~estargz._exceptions.Cancelled` instead of waiting for its
+read timeout.
+
 A connection learns which operation uses it from a thread-local that
 :meth:`Deadline.active` sets around each request: urllib3 connects, sends and
 reads the headers in the calling thread. Connections are used by one
@@ -36,11 +41,15 @@ import urllib3.connection
 import urllib3.connectionpool
 import urllib3.poolmanager
 
+from .._cancel import cancel_requested
+from .._exceptions import Cancelled, EstargzError
 from .errors import DeadlineExceeded
 
 #: Longest deadline an operation gets, whatever the settings: a timer
 #: cannot wait much longer than this anyway (threading.TIMEOUT_MAX).
 MAX_DEADLINE = 30 * 24 * 3600.0
+#: How often the watchdog looks for a cancellation request, in seconds.
+CANCEL_POLL = 0.25
 
 _current = threading.local()
 #: Guards which deadline owns a connection, so a watchdog never shuts down a
@@ -70,17 +79,14 @@ class Deadline:
         #: response that ends the connection ("Connection: close") goes on
         #: reading a socket the connection no longer holds.
         self._socks: list[tuple[Any, socket.socket]] = []
-        self._timer: threading.Timer | None = None
+        self._done = threading.Event()
 
     def __enter__(self) -> Deadline:
-        self._timer = threading.Timer(self.remaining(), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        threading.Thread(target=self._watch, name="estargz-deadline", daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._done.set()
         with _owners:
             self._socks.clear()
 
@@ -96,15 +102,20 @@ class Deadline:
         """Record the request now in flight (named if the deadline passes)."""
         self.who, self.what = who, what
 
-    def error(self) -> DeadlineExceeded:
+    def error(self) -> EstargzError:
+        """What a request cut by this deadline raises: :class:`Cancelled` if
+        the run is being cancelled, else :class:`DeadlineExceeded`."""
+        if cancel_requested():
+            return Cancelled()
         elapsed = time.monotonic() - self.start
         return DeadlineExceeded(f"{self.who}: {self.what} exceeded the "
                                 f"{_seconds(self.seconds)} s deadline ({self.received} bytes "
                                 f"in {elapsed:.1f} s)")
 
     def check(self) -> None:
-        """Raise :class:`DeadlineExceeded` if the deadline has passed."""
-        if self.expired:
+        """Raise :class:`DeadlineExceeded` if the deadline has passed
+        (:class:`Cancelled` if the run is being cancelled)."""
+        if self.expired or cancel_requested():
             raise self.error()
 
     @contextlib.contextmanager
@@ -116,6 +127,12 @@ class Deadline:
             yield
         finally:
             _current.deadline = previous
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(self.remaining(), CANCEL_POLL)):
+            if self.remaining() <= 0 or cancel_requested():
+                self._fire()
+                return
 
     def _fire(self) -> None:
         self._fired = True

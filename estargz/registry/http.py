@@ -164,8 +164,7 @@ class RegistryHTTP:
                         message: str | None = None) -> None:
         """After attempt ``n`` (from 0) failed with ``e``: back off, or raise
         if the retries or the deadline are used up."""
-        if deadline.expired:
-            raise deadline.error() from None  # the watchdog cut the connection
+        deadline.check()  # the watchdog cut the connection, or the run is cancelled
         if n >= self.retries:
             raise RegistryError(message or f"{e} (gave up after {n + 1} attempts)") from None
         delay = self._delay(n, e.retry_after)
