@@ -58,8 +58,10 @@ _owners = threading.Lock()
 
 
 def _seconds(value: float) -> str:
-    """``5`` for 5.0, ``3.5`` for 3.5, ``68.2`` for 68.1875: for messages."""
-    return f"{value:.1f}".rstrip("0").rstrip(".")
+    """``5`` for 5.0, ``3.5`` for 3.5, ``68.2`` for 68.1875, ``0.05`` for
+    0.05: for messages."""
+    text = f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 class Deadline:
@@ -102,15 +104,19 @@ class Deadline:
         """Record the request now in flight (named if the deadline passes)."""
         self.who, self.what = who, what
 
+    @property
+    def label(self) -> str:
+        """``the 3 s deadline``, for messages."""
+        return f"the {_seconds(self.seconds)} s deadline"
+
     def error(self) -> EstargzError:
         """What a request cut by this deadline raises: :class:`Cancelled` if
         the run is being cancelled, else :class:`DeadlineExceeded`."""
         if cancel_requested():
             return Cancelled()
         elapsed = time.monotonic() - self.start
-        return DeadlineExceeded(f"{self.who}: {self.what} exceeded the "
-                                f"{_seconds(self.seconds)} s deadline ({self.received} bytes "
-                                f"in {elapsed:.1f} s)")
+        return DeadlineExceeded(f"{self.who}: {self.what} exceeded {self.label} "
+                                f"({self.received} bytes in {elapsed:.1f} s)")
 
     def check(self) -> None:
         """Raise :class:`DeadlineExceeded` if the deadline has passed
