@@ -73,6 +73,13 @@ def test_default_deadlines_are_applied() -> None:
     assert (src.client.timeout, src.client.read_timeout, src.client.min_rate) == (7, 3, 1000)
     with pytest.raises(Exception, match="timeout must be a positive number"):
         RegistryClient("registry.example", timeout=float("nan"))
+    # The CLI's defaults are the client's, for convert and optimize alike.
+    for command in ("convert", "optimize"):
+        params = {p.name: p for p in main.commands[command].params}
+        assert params["timeout"].default == DEFAULT_TIMEOUT
+        assert params["read_timeout"].default == DEFAULT_READ_TIMEOUT
+        rate = params["min_transfer_rate"]
+        assert rate.type.convert(rate.default, rate, None) == DEFAULT_MIN_RATE
 
 
 @pytest.mark.parametrize("args, option", [
