@@ -361,8 +361,9 @@ class _Run:
         if config_path.startswith(self.work):
             os.unlink(config_path)
         rootfs = config.get("rootfs")
-        if not isinstance(rootfs, dict) or len(rootfs.get("diff_ids") or []) != len(layers):
-            found = len((rootfs or {}).get("diff_ids") or [])
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        found = len(diff_ids) if isinstance(diff_ids, list) else 0
+        if found != len(layers):  # (a rootfs or diff_ids of another type counts none)
             raise InvalidInput(f"config {config_desc.digest} has {found} "
                                f"diff_ids for {len(layers)} layers")
         return config_desc, config, layers
