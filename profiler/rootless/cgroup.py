@@ -118,9 +118,16 @@ def make_limited_cgroup(name: str, memory_bytes: int | None, pids: int | None,
 
 
 def remove_cgroups(dirs: Sequence[str], timeout: float = 5.0) -> list[str]:
-    """rmdir each cgroup once its last process is gone (exiting processes
-    leave it a little after they die); the ones that would not go."""
-    left = list(dirs)
+    """rmdir each cgroup, and the cgroups below it (the runtime nests the
+    container's in ours where it may), once their last process is gone
+    (exiting processes leave a little after they die); the ones that would
+    not go."""
+    left: list[str] = []
+    for d in dirs:
+        # Deepest first; a cgroup's only subdirectories are its children.
+        left.extend(os.path.join(top, sub) for top, subs, _ in os.walk(d, topdown=False)
+                    for sub in subs)
+        left.append(d)
     limit = time.monotonic() + timeout
     while left:
         for d in list(left):

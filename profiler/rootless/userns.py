@@ -180,7 +180,7 @@ def _result(outcome: tuple[Any, ...] | None, code: int | None, interrupted: bool
     if outcome is None:
         if interrupted:
             raise KeyboardInterrupt
-        raise ProfilingError(f"the user-namespace helper died ({_describe(code)}) "
+        raise ProfilingError(f"the namespace helper died ({_describe(code)}) "
                              "without a result")
     kind = outcome[0]
     if kind == "result":
@@ -189,7 +189,7 @@ def _result(outcome: tuple[Any, ...] | None, code: int | None, interrupted: bool
         raise _rebuild(outcome[1], outcome[2], outcome[3])
     if kind == "interrupted":
         raise KeyboardInterrupt
-    raise ProfilingError(f"the user-namespace helper sent {kind!r}")  # pragma: no cover
+    raise ProfilingError(f"the namespace helper sent {kind!r}")  # pragma: no cover
 
 
 @contextlib.contextmanager
@@ -306,7 +306,7 @@ def _init(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
             _send(("error", type(e).__module__, type(e).__name__, str(e)))
             return 1
         _send(("error", "builtins", "RuntimeError",
-               "unexpected error in the user namespace:\n" + traceback.format_exc()))
+               "unexpected error in the namespace helper:\n" + traceback.format_exc()))
         return 1
     _send(("result", result))
     return 0
@@ -331,7 +331,7 @@ def helper_main(argv: list[str]) -> int:
         try:
             fn, args = pickle.load(sys.stdin.buffer)
         except Exception as e:  # a caller's bug: fn must be importable by name
-            raise ProfilingError(f"the user-namespace helper cannot load its job: {e}") from None
+            raise ProfilingError(f"the namespace helper cannot load its job: {e}") from None
         _enter("--no-user-namespace" not in argv[1:])
     except ProfilingError as e:
         _send(("error", type(e).__module__, type(e).__name__, str(e)))

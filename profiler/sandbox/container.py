@@ -347,8 +347,11 @@ def remove_stale_containers(workdir: str) -> list[str]:
         if not name.startswith(_ID_PREFIX) or not os.path.isdir(os.path.join(state, name)):
             continue
         try:
-            with open(os.path.join(tmp, _RUNTIME_FILE)) as f:
-                runtime = f.read().strip()
+            try:
+                with open(os.path.join(tmp, _RUNTIME_FILE)) as f:
+                    runtime = f.read().strip()
+            except FileNotFoundError:  # left by an estargz that did not record it
+                runtime = which_sbin("runc") or "runc"
             done = subprocess.run([runtime, "--root", state, "delete", "--force", name],
                                   stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=_RUNTIME_TIMEOUT, check=False)
