@@ -241,8 +241,10 @@ def delegated(rootless_user):
     yield dirs
     subprocess.run(["pkill", "-KILL", "-u", str(rootless_user.uid)], check=False)
     for d in dirs:
-        for child in d.glob("estargz-optimize-*"):
-            until(lambda c=child: not _rmdir(c))
+        # Deepest first: what a failed test left, runc's cgroups nested in ours.
+        for sub in sorted(d.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if sub.is_dir():
+                until(lambda c=sub: not _rmdir(c))
         until(lambda d=d: not _rmdir(d))
 
 
