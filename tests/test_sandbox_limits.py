@@ -217,13 +217,21 @@ def user_tmp(busybox_public, rootless_user):
 
 def test_rootless_without_delegation_says_there_are_no_limits(
         busybox_public, user_tmp, rootless_user, unprivileged):
-    r = subprocess.run(rootless_user.argv(unprivileged, "optimize",
-                                          f"oci:{busybox_public / 'bb'}:latest", "--no-optimize",
-                                          "--args", '["true"]', "--json"),
+    """No cgroups delegated: a note says there are no limits.  And the room
+    for writes on the tmpfs is --scratch-size: 32 MiB into 8 fail, noted."""
+    r = subprocess.run(rootless_user.argv(
+        unprivileged, "optimize", f"oci:{busybox_public / 'bb'}:latest", "--no-optimize",
+        "--scratch-size", "8", "--entrypoint", '["/bin/sh", "-c"]',
+        "--args", '["dd if=/dev/zero of=/fill bs=1M count=32"]'),
                        capture_output=True, text=True, cwd="/",
                        env=rootless_user.env(TMPDIR=str(user_tmp)), timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["notes"] == [NO_LIMITS]
+    assert "workload: dd: error writing '/fill': No space left on device" in r.stderr
+    notes = [ln.removeprefix("  note: ") for ln in r.stdout.splitlines()
+             if ln.startswith("  note: ")]
+    assert notes == [NO_LIMITS, "the workload filled the 8 MiB it may write (--scratch-size):"
+                     " its writes failed with ENOSPC from then on, so it may have read less"
+                     " than it would have"]
 
 
 @pytest.fixture
