@@ -15,11 +15,13 @@ over plain HTTP, and an HTTPS registry may send nothing to plain HTTP.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import http.server
 import json
 import re
+import socket
 import ssl
 import threading
 import time
@@ -167,6 +169,39 @@ def test_trickled_blob_through_the_library(tampering_proxy: FaultProxy, tmp_path
         in str(e.value)
     assert 2.5 <= took < 2.5 + 3, took
     assert len(tampering_proxy.requests("GET", f"/blobs/{digest}")) == 1
+
+
+def test_trickled_headers_over_tls_are_cut(tls: TLSFiles) -> None:
+    # The watchdog shuts down a TLS socket under the reading thread too.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls.cert, tls.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with contextlib.suppress(OSError), ctx.wrap_socket(conn, server_side=True) as s:
+            s.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.is_set():
+                    break
+                s.sendall(bytes([byte]))
+                time.sleep(0.2)
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    host = f"127.0.0.1:{listener.getsockname()[1]}"
+    start = time.monotonic()
+    try:
+        with pytest.raises(DeadlineExceeded) as e:
+            RegistryClient(host, cert_dir=str(tls.ca_dir), timeout=2,
+                           read_timeout=1).head_blob("a/b", "sha256:" + "0" * 64)
+        took = time.monotonic() - start
+    finally:
+        stop.set()
+        listener.close()
+    assert f"registry {host}: GET /v2/ exceeded the 2 s deadline" in str(e.value)
+    assert 2 <= took < 2 + 3, took
 
 
 def test_cancellation_cuts_a_trickled_transfer(tampering_proxy: FaultProxy,
