@@ -570,9 +570,9 @@ def mutate_doc(doc: object, ops: list) -> bytes:
                 continue
             parent, key = slots[op[1] % len(slots)]
             if op[0] == "replace":
-                parent[key] = op[2]  # type: ignore[index]
+                parent[key] = op[2]
             else:
-                del parent[key]  # type: ignore[attr-defined]
+                del parent[key]
         elif op[0] in ("insert", "truncate", "set"):
             if text is None:
                 text = json.dumps(doc).encode()

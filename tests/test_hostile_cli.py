@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, write
-from estargz import InvalidInput
+from estargz import ConvertOptions, InvalidInput, convert_layer
 from estargz.cli import main
 from estargz.layer import inputfile
 from estargz.layer.inputfile import FIFO_WAIT, open_input
@@ -243,3 +243,18 @@ def test_fifo_whose_writer_has_written_and_left_is_read_whole(fifo):
         data = f.read()
     t.join()
     assert data == b"all of it"
+
+
+def test_a_chunk_size_too_small_for_the_layer_is_refused_before_writing(tmp_path):
+    # 2 MiB in 1-byte chunks: a TOC of over 200 MB, which no reader accepts.
+    src = write(tmp_path / "in.tar", one_file_tar(data=bytes(2 << 20)))
+    dst = tmp_path / "out.esgz"
+    started = time.monotonic()
+    with pytest.raises(InvalidInput, match=r"the TOC would be over \d+ bytes at a chunk size "
+                                           r"of 1, more than the 134217728 bytes readers"):
+        convert_layer(str(src), str(dst), ConvertOptions(chunk_size=1))
+    assert time.monotonic() - started < 5
+    assert not dst.exists()
+    # At 512 bytes the same layer fits, and converts.
+    convert_layer(str(src), str(dst), ConvertOptions(chunk_size=512, workers=1))
+    assert dst.exists()
