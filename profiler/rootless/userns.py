@@ -100,7 +100,9 @@ def call_in_namespaces(fn: Callable[..., Any], *args: Any,
     with a private mount namespace, and as root of a new user namespace
     unless ``user_namespace`` is False (the caller is root).  The helper
     dies with this process (PR_SET_PDEATHSIG), and everything in its
-    namespaces with it.
+    namespaces with it.  (PDEATHSIG fires when the *thread* that started
+    the helper ends: that is the calling thread, which waits here until
+    the helper is gone, so it cannot end first.)
 
     ``fn`` must be a module-level function, and its arguments and result
     picklable.  In the namespace, ``send_message(obj)`` passes ``obj`` to
