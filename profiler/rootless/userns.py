@@ -45,6 +45,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
@@ -338,16 +339,25 @@ def helper_main(argv: list[str]) -> int:
     except ProfilingError as e:
         _send(("error", type(e).__module__, type(e).__name__, str(e)))
         return 1
+    # PID 1 cannot tell its parent died by getppid() (0 from inside the
+    # namespace, whoever the parent is): an end of this pipe we hold says it.
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            os.close(alive_w)
             with contextlib.suppress(OSError):
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            # EOF: the helper died before PDEATHSIG was set, nobody waits for us.
+            if select.select([alive_r], [], [], 0)[0] and os.read(alive_r, 1) == b"":
+                os._exit(1)
+            os.close(alive_r)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             code = _init(fn, args)
         finally:
             os._exit(code)
+    os.close(alive_r)
 
     def relay(_signum: int, _frame: object) -> None:  # ...to PID 1, as SIGINT
         with contextlib.suppress(ProcessLookupError):
