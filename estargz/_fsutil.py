@@ -192,6 +192,12 @@ def locked_file(path: str) -> Iterator[None]:
     removed: removing a lock file lets two holders lock two inodes)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:
+        # Another user's lock file, readable only: flock needs no write access.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StorageError(f"cannot open lock file {path}: {e.strerror or e}") from None
     except OSError as e:
         raise StorageError(f"cannot open lock file {path}: {e.strerror or e}") from None
     try:

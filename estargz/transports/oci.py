@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -42,6 +43,7 @@ LAYOUT_FILE = "oci-layout"
 LOCK_FILE = "index.json.lock"
 #: Temporary directories of ours in a layout, or beside a new one.
 TEMP_PREFIX = ".estargz-"
+_HEX = re.compile(r"[0-9a-f]{64}")
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 
 
@@ -296,6 +298,8 @@ def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
         try:
             os.makedirs(blobs, exist_ok=True)
             for name in sorted(os.listdir(staged_blobs)):
+                if not _HEX.fullmatch(name):
+                    continue  # not a finished blob: never put in blobs/
                 src, dst = os.path.join(staged_blobs, name), os.path.join(blobs, name)
                 try:
                     if os.path.getsize(dst) == os.path.getsize(src):
