@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,21 @@ def test_writers_of_an_existing_archive_keep_its_tags(tmp_path, test_images, env
     index = json.loads((layout / "index.json").read_bytes())
     assert index_tags(index) == sorted(index_tags(before) + ["a", "b"])
     assert index["manifests"][0] == before["manifests"][0]
+
+
+def test_a_lock_file_this_writer_cannot_write(tmp_path, test_images, env):
+    """A layout on a volume two users write (CI): the second finds the first's
+    index.json.lock read-only to it, and must lock it all the same (flock
+    needs no write access). An immutable lock file refuses writing to root
+    too, which stands in for the other user's here."""
+    src = f"oci:{test_images.busybox}:latest"
+    layout = tmp_path / "layout"
+    run_all([estargz_cmd("convert", "-q", src, f"oci:{layout}:first")], env)
+    (layout / LOCK_FILE).touch()
+    if subprocess.run(["chattr", "+i", layout / LOCK_FILE], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        run_all([estargz_cmd("convert", "-q", src, f"oci:{layout}:second")], env)
+    finally:
+        subprocess.run(["chattr", "-i", layout / LOCK_FILE], check=True)
+    check_layout(layout, {"first", "second"}, skopeo=False)
