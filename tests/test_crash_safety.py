@@ -196,11 +196,22 @@ def test_what_an_older_killed_run_left_is_completed(tmp_path, test_images, tmpdi
     stray.write_bytes(b"x")
     if "oci-layout" in left:
         (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    # Their temporaries among the blobs: an hour old is dead, a fresh one
+    # may be a live old writer's.
+    dead = [out / "blobs" / "sha256" / n for n in (".estargz-k1llEd.esgz.tmp",
+                                                   f".{'1' * 64}.k1llEd.tmp")]
+    fresh = out / "blobs" / "sha256" / ".estargz-l1ve.esgz.tmp"
+    for path in [*dead, fresh]:
+        path.write_bytes(b"partial")
+    for path in dead:
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
     if not left:
         shutil.rmtree(out / "blobs")  # an empty directory
     src = f"oci:{test_images.busybox}:latest"
     assert convert_json(env, src, f"oci:{out}:x")["digest"] == busybox_digest
     check_layout(out, {"x"})
+    if left:
+        assert not any(p.exists() for p in dead) and fresh.exists()
 
 
 def test_a_directory_that_is_not_a_layout_is_refused(tmp_path, test_images, tmpdir_env):

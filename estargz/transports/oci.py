@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -273,6 +274,25 @@ def _write_layout_files(root: str, index: dict[str, Any]) -> None:
         f.write(json.dumps(index, indent=2).encode() + b"\n")
 
 
+#: Temporaries that older versions wrote among the blobs (a converted layer,
+#: a blob being copied), and how old one must be to be a killed run's: a live
+#: writer touches its file every few milliseconds and renames it when done.
+_LEGACY_TEMP = re.compile(r"\.(estargz-.*\.esgz|[0-9a-f]{64}\..*)\.tmp")
+_LEGACY_AGE = 3600.0
+
+
+def _remove_legacy_temporaries(blobs: str) -> None:
+    """Remove what killed runs of older versions left in ``blobs/sha256``
+    (this version stages elsewhere)."""
+    now = time.time()
+    for name in os.listdir(blobs):
+        if _LEGACY_TEMP.fullmatch(name):
+            path = os.path.join(blobs, name)
+            with contextlib.suppress(OSError):
+                if now - os.lstat(path).st_mtime > _LEGACY_AGE:
+                    os.unlink(path)
+
+
 def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
                   lock: bool = True) -> None:
     """Move the blobs in ``staged_blobs`` (files named by hex digest) into the
@@ -297,6 +317,7 @@ def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
         blobs = os.path.join(root, "blobs", "sha256")
         try:
             os.makedirs(blobs, exist_ok=True)
+            _remove_legacy_temporaries(blobs)
             for name in sorted(os.listdir(staged_blobs)):
                 if not _HEX.fullmatch(name):
                     continue  # not a finished blob: never put in blobs/
