@@ -4,6 +4,7 @@ directories a killed run's successor can find and remove; lock files."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -189,7 +190,8 @@ def _has_mounts_below(path: str) -> bool:
 @contextlib.contextmanager
 def locked_file(path: str) -> Iterator[None]:
     """Hold an exclusive flock(2) on ``path`` (created if missing, never
-    removed: removing a lock file lets two holders lock two inodes)."""
+    removed: removing a lock file lets two holders lock two inodes). Where
+    the filesystem cannot lock, the block runs unlocked."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except PermissionError:
@@ -204,7 +206,10 @@ def locked_file(path: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
-            raise StorageError(f"cannot lock {path}: {e.strerror or e}") from None
+            # A filesystem without locks (some network ones) still takes a
+            # lone writer, as before there were locks.
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise StorageError(f"cannot lock {path}: {e.strerror or e}") from None
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the lock
