@@ -258,3 +258,17 @@ def test_a_chunk_size_too_small_for_the_layer_is_refused_before_writing(tmp_path
     # At 512 bytes the same layer fits, and converts.
     convert_layer(str(src), str(dst), ConvertOptions(chunk_size=512, workers=1))
     assert dst.exists()
+
+
+@pytest.mark.parametrize("kind, command", [
+    ("fifo", ["layer", "verify"]), ("/dev/zero", ["layer", "verify"]),
+    ("directory", ["layer", "verify"]), ("fifo", ["layer", "ls"]),
+    ("fifo", ["layer", "toc"])])
+def test_special_file_as_blob_is_refused_promptly(tmp_path, kind, command):
+    # A blob is read by offset: no FIFO, however written to.
+    path = special(kind, tmp_path)
+    code, err, took = run(*command, path)
+    assert code == 1, err
+    line = only_line(err)
+    assert f"blob {path} is " in line and "not a regular file" in line, line
+    assert took < MARGIN, took
