@@ -215,6 +215,10 @@ EDGES = [
     ("devmajor=2**21-1", patch_field(one_file_tar("c", b"", type=tarfile.CHRTYPE), 0, 329,
                                      b"7777777\0")),
     ("size=0-leading-zeros", pax_tar({"size": "0006"})),
+    # star's headers keep access and change times after a shorter prefix.
+    ("star-times-after-the-prefix", patch_field(
+        patch_field(one_file_tar(), 0, 476, b"14000000000\0" + b"14000000000\0"),
+        0, 508, b"tar\0")),
 ]
 
 

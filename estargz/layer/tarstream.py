@@ -74,8 +74,13 @@ _NUMBER_FIELDS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124),
                   ("devmajor", 329, 337), ("devminor", 337, 345))
 _NAME_FIELDS = (("name", 0, 100), ("linkname", 157, 257), ("uname", 265, 297),
                 ("gname", 297, 329))
-_USTAR_PREFIX = ("prefix", 345, 500)  # POSIX ustar only: GNU keeps other data there
+# The ustar prefix field, in POSIX headers only (GNU keeps other data
+# there); star's headers (a "tar\0" trailer, as Go's reader tells them)
+# end it early and keep access and change times after it.
+_USTAR_PREFIX = ("prefix", 345, 500)
+_STAR_PREFIX = ("prefix", 345, 476)
 _POSIX_MAGIC = b"ustar\x0000"
+_STAR_TRAILER = b"tar\x00"
 _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
              tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
@@ -257,7 +262,9 @@ def _raw_problem(reads: list[bytes]) -> str | None:
             if field[0] not in (0x80, 0xFF) and not _OCTAL.match(field):
                 shown = printable(field.rstrip(b"\x00").decode("latin-1"))
                 return f"{what} field '{shown}' is not an octal number"
-        names = _NAME_FIELDS + ((_USTAR_PREFIX,) if block[257:265] == _POSIX_MAGIC else ())
+        names: tuple[tuple[str, int, int], ...] = _NAME_FIELDS
+        if block[257:265] == _POSIX_MAGIC:
+            names += (_STAR_PREFIX if block[508:512] == _STAR_TRAILER else _USTAR_PREFIX,)
         for what, start, end in names:
             if _nul_inside(block[start:end]):
                 return f"{what} field holds a NUL byte"
