@@ -63,8 +63,8 @@ def sweep_stale(parent: str | None = None) -> list[str]:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its run is alive
+            except OSError:
+                continue  # its run is alive (or no flock here: cannot tell)
             if not os.listdir(fd) and time.time() - st.st_mtime < _CREATION_GRACE:
                 continue  # just made, perhaps not yet locked by its run
             with deferred_signals():
@@ -90,7 +90,8 @@ def work_directory(parent: str | None = None) -> Iterator[str]:
     try:
         # Held until this process ends, however: the descriptor is
         # close-on-exec, so no child keeps it.
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # no flock here: never swept, as never locked
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield path
     except BaseException as e:
         with deferred_signals():
