@@ -204,6 +204,9 @@ def optimize_image(src: str, dst: str | None,
                    options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
     """Profile image ``src`` and write the optimized eStargz image to ``dst``."""
     started = time.monotonic()
+    if options.scratch_bytes < 1 << 20:  # a tmpfs of size 0 would have no limit at all
+        raise InvalidInput(f"the scratch size must be at least 1 MiB, not "
+                           f"{options.scratch_bytes} bytes")
     # What killed runs left: their directories, containers, cgroups.
     notes = [f"left by an earlier run: {p}" for p in sweep_stale()]
     sref = parse_reference(src)
