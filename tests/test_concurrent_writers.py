@@ -64,7 +64,7 @@ def test_eight_writers_into_one_oci_layout(tmp_path, test_images, env):
         tags = round_tags(r)
         seconds = run_all(writers(src, f"oci:{out}", tags), env)
         expected |= set(tags)
-        check_layout(out, expected)
+        check_layout(out, expected, skopeo=r == ROUNDS - 1)  # skopeo once: it is slow
         print(f"round {r}: {WRITERS} writers in {seconds:.1f} s")
     assert sorted(os.listdir(out)) == ["blobs", "index.json", LOCK_FILE, "oci-layout"]
     assert all(len(name) == 64 for name in os.listdir(out / "blobs" / "sha256"))
@@ -81,7 +81,7 @@ def test_eight_writers_into_one_oci_archive(tmp_path, test_images, env):
         seconds = run_all(writers(src, f"oci-archive:{archive}", tags), env)
         expected |= set(tags)
         layout = unpack_archive(archive, tmp_path / f"unpacked{r}")
-        check_layout(layout, expected)
+        check_layout(layout, expected, skopeo=r == ROUNDS - 2)
         print(f"round {r}: {WRITERS} writers in {seconds:.1f} s")
     # The lock file sits beside the archive (the archive is replaced by rename).
     assert sorted(os.listdir(archive.parent)) == ["image.tar", "image.tar.lock"]
