@@ -24,9 +24,9 @@ from .. import (
     convert_image,
     read_records,
 )
-from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_WORKERS
 from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
-from .base import BOOL, MAX_WORKERS, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
+from .base import BOOL, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
 
 
 class _Seconds(click.ParamType):
