@@ -43,6 +43,9 @@ RUN apt-get update \
            /var/log/apt /var/log/dpkg.log /var/log/alternatives.log
 COPY --from=build /opt/estargz /opt/estargz
 COPY container/entrypoint.sh /usr/local/bin/estargz-entrypoint
+# The seccomp profile `optimize` needs in a container, for the host to read:
+#   docker run --rm --entrypoint cat estargz:VERSION /usr/share/estargz/seccomp.json
+COPY container/seccomp.json /usr/share/estargz/seccomp.json
 ENV PATH=/opt/estargz/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1
 ARG VERSION=unknown

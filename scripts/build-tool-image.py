@@ -22,7 +22,7 @@ ${ESTARGZ_CACHE:-$HOME/.cache/estargz-dev}/images/tool-image/image.tar with
 build-info.json, keyed like the test images (testdata/images/build.py, whose
 machinery this reuses) by a hash of: this script, the Dockerfile,
 .dockerignore, every file of the build context (setup.cfg, pyproject.toml,
-README.md, container/entrypoint.sh, estargz/, profiler/), the Debian rootfs tar and the base's name.
+README.md, container/, estargz/, profiler/), the Debian rootfs tar and the base's name.
 When the key matches, the image is loaded from there (`docker load`, a few
 seconds) instead of built; when the daemon already holds it, nothing is done.
 --force rebuilds anyway.
@@ -56,7 +56,8 @@ import build as tb  # noqa: E402  (testdata/images/build.py: ensure, run, log, .
 NAME = "tool-image"
 REPOSITORY = "estargz"
 #: The build context, as .dockerignore admits it.
-CONTEXT_FILES = ("setup.cfg", "pyproject.toml", "README.md", "container/entrypoint.sh")
+CONTEXT_FILES = ("setup.cfg", "pyproject.toml", "README.md", "container/entrypoint.sh",
+                 "container/seccomp.json")
 CONTEXT_DIRS = ("estargz", "profiler")
 #: What Debian's -slim images leave out (their dpkg.cfg.d file, as paths
 #: below the root); copyright files stay.
