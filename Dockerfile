@@ -1,7 +1,8 @@
 # The estargz tool as a container image: `estargz convert`, `layer …` and
 # `estargz optimize` (runc and fanotify inside; privileges in docs/pipelines.md).
 #
-#   docker build --network host -t estargz:0.1.0 .            # from debian:bookworm-slim
+#   docker build --network host --build-arg VERSION=0.1.0 -t estargz:0.1.0 .
+#                                                              # from debian:bookworm-slim
 #   scripts/build-tool-image.py                                # the same from a base made
 #                                                              # here (debootstrap), cached
 #
