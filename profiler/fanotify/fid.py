@@ -240,8 +240,9 @@ class HandleTable:
         except OSError as e:
             raise ProfilingError(
                 f"cannot get file handles (name_to_handle_at) under {self.root}: "
-                f"{e.strerror}; FID-mode fanotify needs them (a seccomp profile must "
-                "allow name_to_handle_at, see docs/pipelines.md)") from None
+                f"{e.strerror}; FID-mode fanotify needs them (the filesystem has none"
+                " here, e.g. overlayfs inside a user namespace, or a seccomp profile"
+                " refuses name_to_handle_at: see docs/pipelines.md)") from None
         self.add(".")
         for top, dirs, files in os.walk(self.root, followlinks=False):
             rel_top = os.path.relpath(top, self.root)
