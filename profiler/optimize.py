@@ -67,6 +67,10 @@ class OptimizeOptions:
     period: float = 10.0
     wait_on_line: str | None = None
     wait_on_signal: bool = False
+    #: End the profile when the workload accepts connections on this port,
+    #: or answers this http:// URL with 2xx (in the sandbox's network).
+    wait_on_port: int | None = None
+    wait_on_http: str | None = None
     entrypoint: list[str] | None = None
     args: list[str] | None = None
     env: tuple[str, ...] = ()
@@ -94,6 +98,9 @@ class OptimizeResult:
     image: ImageResult | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: Why the profile ended (exited, period, line, ready, signal); None
+    #: without a run (--prefetch-list).
+    stopped_by: str | None = None
 
 
 _MAX_JSON = 16 << 20
@@ -226,6 +233,7 @@ def optimize_image(src: str, dst: str | None,
             sandbox = SandboxOptions(
                 runtime=options.runtime, period=options.period,
                 wait_on_line=options.wait_on_line, wait_on_signal=options.wait_on_signal,
+                wait_on_port=options.wait_on_port, wait_on_http=options.wait_on_http,
                 net_host=options.net_host, mounts=list(options.mounts), quiet=options.quiet,
                 output=options.output, workdir=work)
             if os.geteuid() == 0:
@@ -235,6 +243,8 @@ def optimize_image(src: str, dst: str | None,
                     accesses = map_accesses(run.accesses, listings, root)
             else:
                 accesses, run = profile_rootless(source, layers, process, sandbox, work)
+            if run.not_ready:
+                notes.append(run.not_ready)
             if run.overflowed:
                 notes.append("the fanotify queue overflowed: the record may be incomplete")
         records = per_layer(accesses, desc.digest)
@@ -260,4 +270,5 @@ def optimize_image(src: str, dst: str | None,
     if options.report_html:
         write_html(report, options.report_html)
     return OptimizeResult(desc.digest, accesses, report, image, notes,
-                          round(time.monotonic() - started, 3))
+                          round(time.monotonic() - started, 3),
+                          run.stopped_by.value if run else None)

@@ -11,13 +11,23 @@ from typing import Any
 import click
 
 from profiler.capabilities import probe
+from profiler.errors import ProfilingError
 from profiler.optimize import OptimizeOptions, optimize_image
 from profiler.report import render_text
-from profiler.sandbox import BindMount
+from profiler.sandbox import BindMount, parse_http_url
 
 from ..layer.order import read_prioritized_list
 from .base import _json_list, _read_text_lines, _run, main
 from .image import _image_convert_options, _image_options, _print_image_result
+
+
+def _http_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_http_url(value)
+        except ProfilingError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
 
 
 @main.command("optimize")
@@ -27,6 +37,12 @@ from .image import _image_convert_options, _image_options, _print_image_result
               help="Seconds to profile; the run also ends when the workload exits.")
 @click.option("--wait-on-line", default=None, metavar="TEXT",
               help="End the profile when a line of the workload's output contains TEXT.")
+@click.option("--wait-on-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="End the profile when the workload accepts TCP connections on PORT "
+                   "(in the sandbox's network).")
+@click.option("--wait-on-http", default=None, metavar="URL", callback=_http_url,
+              help="End the profile when GET URL (http://, in the sandbox's network) "
+                   "answers 2xx.")
 @click.option("--wait-on-signal", is_flag=True,
               help="Profile until Ctrl-C (SIGINT) instead of for a period.")
 @click.option("--entrypoint", default=None, metavar="JSON",
@@ -65,6 +81,7 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
         options = OptimizeOptions(
             convert=_image_convert_options(kw), runtime=kw["runtime"], period=kw["period"],
             wait_on_line=kw["wait_on_line"], wait_on_signal=kw["wait_on_signal"],
+            wait_on_port=kw["wait_on_port"], wait_on_http=kw["wait_on_http"],
             entrypoint=_json_list(kw["entrypoint"], "--entrypoint"),
             args=_json_list(kw["args_json"], "--args"), env=tuple(env), user=kw["user"],
             cwd=kw["cwd"], mounts=tuple(BindMount.parse(m) for m in kw["mounts"]),
@@ -74,6 +91,7 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
         result = optimize_image(src, dst, options)
         if as_json:
             out = {"manifest": result.manifest_digest, "seconds": result.seconds,
+                   "stopped_by": result.stopped_by, "profile_seconds": result.report.seconds,
                    "accessed": [a.__dict__ for a in result.accesses], "notes": result.notes,
                    "image": result.image.to_dict() if result.image else None}
             click.echo(json.dumps(out, indent=2))
