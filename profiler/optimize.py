@@ -101,6 +101,9 @@ class OptimizeResult:
     #: Why the profile ended (exited, period, line, ready, signal); None
     #: without a run (--prefetch-list).
     stopped_by: str | None = None
+    #: The source's root manifest or index, as resolved (and pinned): what a
+    #: record pushed to a registry refers to.
+    source: Descriptor | None = None
 
 
 _MAX_JSON = 16 << 20
@@ -223,6 +226,9 @@ def optimize_image(src: str, dst: str | None,
             open_source(sref, options.convert.src) as inner, \
             StagedSource(inner, os.path.join(work, "staged")) as source:
         desc, manifest, config, from_index = host_manifest(source)
+        root_data, root_type = source.root()
+        source_root = Descriptor(root_type or str(json.loads(root_data).get("mediaType", "")),
+                          sha256_digest(root_data), len(root_data))
         layers = [Descriptor.from_json(d) for d in manifest.get("layers") or []]
         if options.prefetch_list is not None:
             accesses = _list_only(source, layers, options.prefetch_list, work)
@@ -271,4 +277,4 @@ def optimize_image(src: str, dst: str | None,
         write_html(report, options.report_html)
     return OptimizeResult(desc.digest, accesses, report, image, notes,
                           round(time.monotonic() - started, 3),
-                          run.stopped_by.value if run else None)
+                          run.stopped_by.value if run else None, source_root)
