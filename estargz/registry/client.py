@@ -213,8 +213,8 @@ class RegistryClient(RegistryHTTP):
             if url is None:
                 break
             data, url = self._referrers_page(repo, digest, url)
-            if data is None:
-                return None
+            if data is None:  # no API (a later page that vanished ends the list)
+                return found or None
             try:
                 manifests = json.loads(data).get("manifests") or []
             except (ValueError, AttributeError):
