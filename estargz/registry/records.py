@@ -76,7 +76,10 @@ def push_record(client: RegistryClient, repo: str, record: bytes, subject: Descr
             client.upload_blob(repo, sha256_digest(blob), len(blob), f.name)
     digest, indexed = client.put_referrer(repo, manifest, OCI_MANIFEST)
     found_by = "referrers API"
-    if not indexed:
+    # OCI-Subject alone is not trusted: some registries send it without
+    # serving the API (sigstore-js found ECR doing so), and readers fall
+    # back to the tag only on a 404.
+    if not indexed or client.get_referrers(repo, subject.digest, RECORD_ARTIFACT_TYPE) is None:
         found_by = f"tag {_add_to_fallback_index(client, repo, subject.digest, desc)}"
     if tag:
         client.put_manifest(repo, tag, manifest, OCI_MANIFEST)
