@@ -17,10 +17,11 @@ import json
 import os
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from estargz import TransportOptions, sha256_digest
 from estargz.image.descriptor import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor
 from estargz.image.records import OCI_EMPTY, RECORD_ARTIFACT_TYPE
@@ -107,6 +108,54 @@ def test_the_record_file_image_of_stargz_snapshotter_pr_642_is_read(registry, su
         client.put_manifest(repo, "record", manifest, OCI_MANIFEST)
     with client_for(registry.host, PLAIN) as client:
         assert fetch_record(client, repo, "record") == RECORD
+
+
+@pytest.fixture(scope="session")
+def oras() -> Path:
+    """The oras CLI, built once from the Go module proxy (scripts/build-oras.sh)."""
+    p = subprocess.run([str(REPO / "scripts" / "build-oras.sh")], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        pytest.fail(f"cannot build oras: {p.stderr.strip()[-2000:]}")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+def test_oras_reads_our_record_and_we_read_what_oras_attaches(tmp_path, registry,
+                                                              test_images, oras):
+    """An independent OCI 1.1 client: `oras discover` lists our record through
+    the tag schema, `oras pull` saves it as stargz.record.json, byte for
+    byte; a record `oras attach` puts on the image is the one we then find."""
+    repo = "records/oras"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{test_images.busybox}:latest",
+           f"docker://{registry.host}/{repo}:1")
+    raw = skopeo("inspect", "--raw", "--tls-verify=false",
+                 f"docker://{registry.host}/{repo}:1").encode()
+    image = Descriptor(json.loads(raw)["mediaType"], sha256_digest(raw), len(raw))
+    with client_for(registry.host, PLAIN) as client:
+        ours = push_record(client, repo, RECORD, image, created="2026-03-01T00:00:00Z")
+
+    def run_oras(*args: str) -> str:
+        p = subprocess.run([str(oras), *args], capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    subject = f"{registry.host}/{repo}@{image.digest}"
+    found = json.loads(run_oras("discover", "--plain-http", "--distribution-spec",
+                                "v1.1-referrers-tag", "--format", "json", subject))
+    [listed] = found["referrers"]
+    assert (listed["digest"], listed["artifactType"]) == (ours.digest, RECORD_ARTIFACT_TYPE)
+    run_oras("pull", "--plain-http", "-o", "pulled", f"{registry.host}/{repo}@{ours.digest}")
+    assert (tmp_path / "pulled" / "stargz.record.json").read_bytes() == RECORD
+
+    newer = RECORD.replace(b"bin/sh", b"bin/busybox")
+    (tmp_path / "stargz.record.json").write_bytes(newer)
+    run_oras("attach", "--plain-http", "--distribution-spec", "v1.1-referrers-tag",
+             "--artifact-type", RECORD_ARTIFACT_TYPE, subject,
+             f"stargz.record.json:{RECORD_ARTIFACT_TYPE}")
+    with client_for(registry.host, PLAIN) as client:
+        record, digest, notes = find_record(client, repo, image.digest)
+    assert record == newer and digest != ours.digest  # oras dates it now: the newest
+    assert notes[0].startswith("2 records refer to")
 
 
 @pytest.mark.parametrize("args, message", [
