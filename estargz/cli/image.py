@@ -31,13 +31,18 @@ from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from ..registry.client import client_for
 from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
 from ..registry.records import fetch_record, find_record
-from .base import _creds, _read_text_lines, _run, _tls, main
+from .base import BOOL, MAX_WORKERS, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
 
 
 class _Seconds(click.ParamType):
-    """A positive, finite number of seconds, at most ``MAX_TIMEOUT``."""
+    """A finite number of seconds above 0 (or at least ``minimum``), at most
+    ``maximum`` (``MAX_TIMEOUT`` unless given). Not click.FloatRange, which
+    takes nan and inf."""
 
     name = "seconds"
+
+    def __init__(self, minimum: float = 0.0, maximum: float = MAX_TIMEOUT) -> None:
+        self.minimum, self.maximum = minimum, maximum
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
@@ -45,9 +50,11 @@ class _Seconds(click.ParamType):
             seconds = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
-            self.fail(f"{value} is not a number of seconds above 0 and at most "
-                      f"{MAX_TIMEOUT:.0f}", param, ctx)
+        if not (math.isfinite(seconds) and seconds <= self.maximum
+                and (seconds >= self.minimum if self.minimum else seconds > 0)):
+            low = f"at least {self.minimum:g}" if self.minimum else "above 0"
+            self.fail(f"{value} is not a number of seconds {low} and at most "
+                      f"{self.maximum:.0f}", param, ctx)
         return seconds
 
 
@@ -83,11 +90,12 @@ _IMAGE_OPTIONS = [
     click.option("--all-platforms", is_flag=True, help="Convert every platform of an index."),
     click.option("--reuse", is_flag=True,
                  help="Keep layers that already are eStargz with a verifying TOC digest."),
-    click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
-                 show_default=True, help="Largest payload chunk, in bytes."),
+    click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE),
+                 default=DEFAULT_CHUNK_SIZE, show_default=True,
+                 help="Largest payload chunk, in bytes."),
     click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
                  show_default=True, help="gzip level."),
-    click.option("--workers", type=click.IntRange(min=0), default=0,
+    click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
                  help="Compression threads per layer (default: cores shared among layers)."),
     click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
                  show_default=True, help="Deflate implementation."),
@@ -95,9 +103,9 @@ _IMAGE_OPTIONS = [
                  help="Source registry credentials."),
     click.option("--dest-creds", default=None, metavar="USER:PASS",
                  help="Destination registry credentials."),
-    click.option("--src-tls-verify", default="true", metavar="BOOL",
+    click.option("--src-tls-verify", type=BOOL, default=True, metavar="BOOL",
                  help="Verify the source registry's TLS certificate (false also allows HTTP)."),
-    click.option("--dest-tls-verify", default="true", metavar="BOOL",
+    click.option("--dest-tls-verify", type=BOOL, default=True, metavar="BOOL",
                  help="Verify the destination registry's TLS certificate (false also "
                       "allows HTTP)."),
     click.option("--src-cert-dir", "--cert-dir", "cert_dir", default=None, metavar="DIR",
@@ -145,10 +153,10 @@ def _image_convert_options(kw: dict[str, Any],
                              workers=kw.pop("workers"), backend=kw.pop("backend")),
         oci=kw.pop("oci"), platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
-        src=TransportOptions(tls_verify=_tls(kw.pop("src_tls_verify")), cert_dir=cert_dir,
+        src=TransportOptions(tls_verify=kw.pop("src_tls_verify"), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("src_creds"), "--src-creds"),
                              auth_file=authfile, **limits),
-        dst=TransportOptions(tls_verify=_tls(kw.pop("dest_tls_verify")), cert_dir=cert_dir,
+        dst=TransportOptions(tls_verify=kw.pop("dest_tls_verify"), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("dest_creds"), "--dest-creds"),
                              auth_file=authfile, **limits))
 

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .._exceptions import EstargzError, InvalidInput, NotFound
-from .._fsutil import unlink_quietly
+from .._fsutil import owned_tempdir, unlink_quietly
 from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
+from ..layer.jsondoc import load_json_object
 from ..layer.reader import LayerReader
 from ..layer.source import FileSource
 from ..layer.toc import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
@@ -181,16 +182,6 @@ def host_platform_default() -> Platform:
     return Platform("linux", arch, "v7" if machine == "armv7l" else "")
 
 
-def _load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError as e:
-        raise InvalidInput(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{what} is not a JSON object")
-    return obj
-
-
 def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -306,7 +297,7 @@ class _Run:
     # --- manifests --------------------------------------------------------
 
     def manifest(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
-        m = _load_json(data, f"manifest {desc.digest}")
+        m = load_json_object(data, f"manifest {desc.digest}")
         media_type = desc.media_type or m.get("mediaType") or OCI_MANIFEST
         if media_type not in MANIFEST_TYPES:
             raise InvalidInput(f"manifest {desc.digest} has unsupported media type {media_type!r}")
@@ -366,12 +357,13 @@ class _Run:
             raise InvalidInput(f"config {config_desc.digest} is implausibly large")
         config_path = self._blob_file(config_desc)
         with open(config_path, "rb") as f:
-            config = _load_json(f.read(), f"config {config_desc.digest}")
+            config = load_json_object(f.read(), f"config {config_desc.digest}")
         if config_path.startswith(self.work):
             os.unlink(config_path)
         rootfs = config.get("rootfs")
-        if not isinstance(rootfs, dict) or len(rootfs.get("diff_ids") or []) != len(layers):
-            found = len((rootfs or {}).get("diff_ids") or [])
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        found = len(diff_ids) if isinstance(diff_ids, list) else 0
+        if found != len(layers):  # (a rootfs or diff_ids of another type counts none)
             raise InvalidInput(f"config {config_desc.digest} has {found} "
                                f"diff_ids for {len(layers)} layers")
         return config_desc, config, layers
@@ -402,7 +394,7 @@ class _Run:
                 "image needs allow_no_verification in the snapshotter")
 
     def index(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
-        idx = _load_json(data, f"index {desc.digest}")
+        idx = load_json_object(data, f"index {desc.digest}")
         entries = [Descriptor.from_json(d) for d in idx.get("manifests") or []]
         wanted = self.options.platforms or (host_platform_default(),)
         selected = []
@@ -463,12 +455,14 @@ def convert_source(source: ImageSource, dst: str,
     started = time.monotonic()
     dref = parse_reference(dst)
     result = ImageResult(source_name or source.name, str(dref))
-    with tempfile.TemporaryDirectory(prefix="estargz-") as work:
+    # In TMPDIR, named so that the next run removes it if this one is killed.
+    with owned_tempdir("convert") as owned:
+        work = owned.path
         dest = open_destination(dref, options.dst)
         run = _Run(source, dest, options, work, progress, result)
         try:
             data, media_type = source.root()
-            obj = _load_json(data, f"{source.name} manifest")
+            obj = load_json_object(data, f"{source.name} manifest")
             media_type = media_type or obj.get("mediaType") or (
                 OCI_INDEX if "manifests" in obj else OCI_MANIFEST)
             root = Descriptor(media_type, sha256_digest(data), len(data))

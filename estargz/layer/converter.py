@@ -43,7 +43,14 @@ from .footer import footer_bytes
 from .layerinput import open_tar
 from .order import Landmark, Planned, dedupe, plan_order
 from .tarstream import index_tar, printable
-from .toc import PREFETCH_LANDMARK, TOC_TAR_NAME, TOCEntry, encode_entry, encode_toc
+from .toc import (
+    MAX_TOC_JSON_SIZE,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+    TOCEntry,
+    encode_entry,
+    encode_toc,
+)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9
@@ -143,12 +150,36 @@ def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions()
         planned, missing = plan_order(members, options.prioritized_files)
         if missing and not options.allow_missing:
             raise MissingPrioritizedFiles(missing)
+        check_toc_fits(planned, options.chunk_size)
         with atomic_output(dst) as out:
             result = write_estargz(tar.fileno(), planned, out, options, backend)
     prioritized = planned.index(next(p for p in planned if isinstance(p, Landmark)))
     return LayerResult(**{**result, "entries": len(members), "prioritized": prioritized,
                           "missing": tuple(missing),
                           "seconds": round(time.monotonic() - started, 3)})
+
+
+# Lower bounds of a TOC entry's JSON: any entry has a name, a type and
+# punctuation; a data chunk also a 78-character sha256 chunk digest.
+_MIN_ENTRY_JSON = 40
+_MIN_CHUNK_JSON = 100
+
+
+def check_toc_fits(planned: Sequence[Planned], chunk_size: int) -> None:
+    """Refuse, before anything is written, a layer whose TOC would exceed
+    ``MAX_TOC_JSON_SIZE`` -- a blob every reader (ours, the snapshotter)
+    refuses -- judged by a lower bound of its size: a very small chunk size
+    on a large layer, or millions of entries."""
+    least = 0
+    for m in planned:
+        if isinstance(m, tarfile.TarInfo) and m.isreg() and m.size:
+            least += -(-m.size // chunk_size) * _MIN_CHUNK_JSON
+        else:
+            least += _MIN_ENTRY_JSON
+    if least > MAX_TOC_JSON_SIZE:
+        raise InvalidInput(f"the TOC would be over {least} bytes at a chunk size of "
+                           f"{chunk_size}, more than the {MAX_TOC_JSON_SIZE} bytes readers "
+                           "accept; use a larger chunk size")
 
 
 # --- building headers and TOC entries ------------------------------------
@@ -458,6 +489,10 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
 
     toc_json = encode_toc(writer.toc_parts)
     writer.toc_parts = []
+    if len(toc_json) > MAX_TOC_JSON_SIZE:  # over check_toc_fits's lower bound
+        raise InvalidInput(f"the TOC is {len(toc_json)} bytes, more than the "
+                           f"{MAX_TOC_JSON_SIZE} bytes readers accept; use a larger "
+                           "chunk size")
     toc_offset = writer.offset
     toc_header = tarfile.TarInfo(TOC_TAR_NAME)
     toc_header.size = len(toc_json)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -63,6 +62,7 @@ from .._exceptions import (
 from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
 from ..image.reference import DockerName
 from ..image.store import TransportOptions
+from ..layer.jsondoc import load_json_object
 from ..layer.source import check_range
 from .credentials import Credentials
 from .deadline import Deadline
@@ -178,8 +178,8 @@ class RegistryClient(RegistryHTTP):
         media_type = content_type.split(";", 1)[0].strip()
         if media_type in ("", "application/json", "text/plain", "application/octet-stream"):
             try:  # some registries and proxies send a generic type
-                declared = json.loads(data).get("mediaType")
-            except (ValueError, AttributeError, UnicodeDecodeError):
+                declared = load_json_object(data, "manifest").get("mediaType")
+            except InvalidInput:
                 declared = None
             if isinstance(declared, str) and declared:
                 media_type = declared
@@ -215,11 +215,12 @@ class RegistryClient(RegistryHTTP):
             data, url = self._referrers_page(repo, digest, url)
             if data is None:  # no API (a later page that vanished ends the list)
                 return found or None
-            try:
-                manifests = json.loads(data).get("manifests") or []
-            except (ValueError, AttributeError):
+            manifests = load_json_object(
+                data, f"the referrers of {digest} from registry {self.host}",
+                error=RegistryError).get("manifests") or []
+            if not isinstance(manifests, list):
                 raise RegistryError(f"registry {self.host} answered the referrers of {digest} "
-                                    "with something that is not an image index") from None
+                                    "with something that is not an image index")
             found += [m for m in manifests if isinstance(m, dict)]
         if artifact_type:  # a registry may ignore the filter (no OCI-Filters-Applied)
             found = [m for m in found if m.get("artifactType") == artifact_type]

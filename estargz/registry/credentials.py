@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import AuthenticationError, InvalidInput
+from ..layer.jsondoc import load_json_object
 
 Credentials = tuple[str, str]
 
@@ -141,12 +141,7 @@ def _load_config(path: str, must_exist: bool) -> dict[str, Any] | None:
         raise InvalidInput(f"cannot read auth file {path}: {e.strerror}") from None
     if not raw.strip():
         return {}  # an empty file is what some tools leave after logout
-    try:
-        config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"auth file {path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise InvalidInput(f"auth file {path} is not a JSON object")
+    config = load_json_object(raw, f"auth file {path}")
     for key in ("auths", "credHelpers"):
         if not isinstance(config.get(key, {}), dict):
             raise InvalidInput(f"auth file {path}: {key!r} is not a JSON object")
@@ -268,11 +263,11 @@ def _run_helper(name: str, server_url: str, host: str,
         first = said.splitlines()[0][:200] if said else f"exit status {proc.returncode}"
         raise AuthenticationError(f"credential helper {program} failed for {host}: {first}")
     try:
-        reply = json.loads(proc.stdout)
+        reply = load_json_object(proc.stdout, "credential helper output")
         user, secret = reply["Username"], reply["Secret"]
         if not isinstance(user, str) or not isinstance(secret, str):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (InvalidInput, KeyError, TypeError):
         raise AuthenticationError(f"credential helper {program} returned malformed "
                                   f"output for {host} (expected JSON with "
                                   "Username and Secret)") from None

@@ -33,6 +33,7 @@ from ..image.records import (
     record_artifact,
     record_blob,
 )
+from ..layer.jsondoc import load_json_object
 from ..layer.toc import clean_name
 from .client import RegistryClient
 
@@ -42,6 +43,10 @@ __all__ = ["RecordPush", "fallback_tag", "fetch_record", "find_record", "push_re
 #: Largest record read (a record is about 150 bytes a file).
 RECORD_LIMIT = 64 << 20
 _ARTIFACT_ACCEPT = (OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json")
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def fallback_tag(digest: str) -> str:
@@ -91,13 +96,11 @@ def _add_to_fallback_index(client: RegistryClient, repo: str, subject: str,
     tag = fallback_tag(subject)
     try:
         data, _, _ = client.get_manifest(repo, tag, (OCI_INDEX,))
-        index: dict[str, Any] = json.loads(data)
     except NotFound:
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    except ValueError:
-        raise InvalidInput(f"tag {tag} in {client.host}/{repo} is not a referrers "
-                           "index") from None
-    manifests = [m for m in index.get("manifests") or [] if isinstance(m, dict)]
+        index: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    else:
+        index = load_json_object(data, f"referrers index {client.host}/{repo}:{tag}")
+    manifests = [m for m in _list(index.get("manifests")) if isinstance(m, dict)]
     if not any(m.get("digest") == desc.digest for m in manifests):
         index["manifests"] = [*manifests, desc.to_json()]
         client.put_manifest(repo, tag, json.dumps(index, indent=2).encode(), OCI_INDEX)
@@ -117,12 +120,8 @@ def referrers(client: RegistryClient, repo: str, subject: str,
         data, _, _ = client.get_manifest(repo, tag, (OCI_INDEX,))
     except NotFound:
         return [], f"tag {tag}"
-    try:
-        manifests = json.loads(data).get("manifests") or []
-    except (ValueError, AttributeError):
-        raise InvalidInput(f"tag {tag} in {client.host}/{repo} is not a referrers "
-                           "index") from None
-    return [m for m in manifests if isinstance(m, dict)
+    index = load_json_object(data, f"referrers index {client.host}/{repo}:{tag}")
+    return [m for m in _list(index.get("manifests")) if isinstance(m, dict)
             and (artifact_type is None or m.get("artifactType") == artifact_type)], f"tag {tag}"
 
 
@@ -130,12 +129,7 @@ def fetch_record(client: RegistryClient, repo: str, reference: str) -> bytes:
     """The record held by the artifact ``repo`` ``reference`` (tag or
     digest): ours, or stargz-snapshotter PR #642's record file image."""
     data, _, _ = client.get_manifest(repo, reference, _ARTIFACT_ACCEPT)
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        raise InvalidInput(f"{client.host}/{repo}:{reference} is not a JSON manifest") from None
-    if not isinstance(manifest, dict):
-        raise InvalidInput(f"{client.host}/{repo}:{reference} is not a manifest")
+    manifest = load_json_object(data, f"manifest {client.host}/{repo}:{reference}")
     desc, packed = record_blob(manifest)
     if desc.size > RECORD_LIMIT:
         raise InvalidInput(f"the record {desc.digest} in {client.host}/{repo} is "

@@ -11,7 +11,7 @@ and record, with fanotify, the files it reads.
   (:class:`ProfileRun`).
 """
 
-from .container import Container, find_runtime
+from .container import Container, find_runtime, remove_stale_containers
 from .profile import (
                       ProfileRun,
                       StopReason,
@@ -38,5 +38,5 @@ __all__ = [
     "STANDARD_MOUNTS", "BindMount", "Container", "ProcessSpec", "ProfileRun", "ResolvedUser",
     "ReadinessProbe", "SandboxOptions", "StopReason", "accesses_from_events", "build_spec",
     "check_mapped", "check_port", "find_runtime", "interrupt_on_sigterm", "parse_http_url",
-    "path_in_root", "resolve_user", "run_profiled",
+    "path_in_root", "remove_stale_containers", "resolve_user", "run_profiled",
 ]
