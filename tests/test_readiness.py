@@ -45,13 +45,18 @@ def profile(image: Path, shell: str, *args: object, period: float = 20) -> tuple
         record.unlink(missing_ok=True)
 
 
+def not_ready(out: dict) -> list[str]:
+    """The readiness notes (rootless adds its own about cgroups)."""
+    return [n for n in out["notes"] if "was not ready" in n]
+
+
 STARTUP = ("usr/lib/python3.11/http/server.py", "usr/lib/python3.11/socketserver.py")
 
 
 @root_only
 def test_port_ends_the_profile_at_readiness(test_images):
     out, paths = profile(test_images.debian_python3, SERVER, "--wait-on-port", 8080)
-    assert out["stopped_by"] == "ready" and out["notes"] == []
+    assert out["stopped_by"] == "ready" and not_ready(out) == []
     assert out["profile_seconds"] < 8
     for p in STARTUP:
         assert p in paths
@@ -63,7 +68,7 @@ def test_port_ends_the_profile_at_readiness(test_images):
 def test_http_waits_for_a_slow_start(test_images):
     out, paths = profile(test_images.debian_python3, SLOW_SERVER,
                          "--wait-on-http", "http://127.0.0.1:8080/")
-    assert out["stopped_by"] == "ready" and out["notes"] == []
+    assert out["stopped_by"] == "ready" and not_ready(out) == []
     assert 1.0 <= out["profile_seconds"] < 10
     assert paths.index("usr/bin/sleep") < paths.index("usr/lib/python3.11/http/server.py")
     for p in STARTUP:
@@ -75,8 +80,8 @@ def test_a_port_that_never_opens_ends_at_the_period(test_images):
     out, paths = profile(test_images.debian_python3, SLOW_SERVER, "--wait-on-port", 8081,
                          period=3)
     assert out["stopped_by"] == "period"
-    assert out["notes"] == ["port 8081 was not ready when the 3 s period ended "
-                            "(last attempt: connection refused)"]
+    assert not_ready(out) == ["port 8081 was not ready when the 3 s period ended "
+                              "(last attempt: connection refused)"]
     assert "usr/lib/python3.11/http/server.py" in paths  # the run went on to the end
 
 
@@ -105,9 +110,8 @@ def test_net_host_refuses_a_port_the_host_already_serves(test_images):
 def test_bad_values_are_usage_errors(args, message):
     r = run_cli("optimize", "oci:/nonexistent", "--no-optimize", *args)
     assert r.code == 2, r.err
-    assert message in r.err
-    error = [ln for ln in r.err.splitlines() if ln.startswith("Error:")]
-    assert len(error) == 1 and args[0] in error[0]
+    [line] = r.err.strip().splitlines()
+    assert line.startswith("estargz: error: ") and args[0] in line and message in line
 
 
 def test_http_url_parsing():
@@ -143,7 +147,7 @@ def test_rootless_http_readiness(public_image, rootless_user, unprivileged):
         env=rootless_user.env(TMPDIR=str(out_dir)))
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    assert out["stopped_by"] == "ready" and out["notes"] == []
+    assert out["stopped_by"] == "ready" and not_ready(out) == []
     paths = [json.loads(ln)["path"] for ln in record.read_text().splitlines()]
     for path in STARTUP:
         assert path in paths
