@@ -106,6 +106,7 @@ def test_net_host_refuses_a_port_the_host_already_serves(test_images):
     (("--wait-on-http", "ftp://127.0.0.1/"), "is not an http:// URL"),
     (("--wait-on-http", "http://127.0.0.1:99999/"), "is not a valid URL"),
     (("--wait-on-http", "http:///x"), "names no host"),
+    (("--wait-on-port", "80", "--wait-on-http", "http://127.0.0.1/"), "not both"),
 ])
 def test_bad_values_are_usage_errors(args, message):
     r = run_cli("optimize", "oci:/nonexistent", "--no-optimize", *args)

@@ -108,6 +108,8 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
         prefetch = None
         if kw["prefetch_list"]:
             prefetch = tuple(read_prioritized_list(_read_text_lines(kw["prefetch_list"])))
+        if kw["wait_on_port"] is not None and kw["wait_on_http"] is not None:
+            raise click.UsageError("give --wait-on-port or --wait-on-http, not both")
         record_out, push_to = kw["record_out"], None
         if record_out and record_out.startswith("docker://"):
             push_to = parse_docker_name(record_out.removeprefix("docker://"), default_tag=None)
