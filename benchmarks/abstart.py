@@ -52,7 +52,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one(name: str, ref: str, index: int, binary: Path, proxy: ShapingProxy, work: Path) -> dict:
+def one(name: str, ref: str, index: int, binary: Path, proxy: ShapingProxy, work: Path,
+        workload: list[str]) -> dict:
     base = Path(tempfile.mkdtemp(dir=work))
     puller = LazyPuller(base, "v0.18", SnapshotterConfig(prefetch_timeout_sec=10), binary)
     puller.start()
@@ -62,7 +63,7 @@ def one(name: str, ref: str, index: int, binary: Path, proxy: ShapingProxy, work
         puller.rpull(ref)
         t1 = time.monotonic()
         c = puller.containerd
-        c.ctr("containers", "create", "--snapshotter", SNAPSHOTTER, ref, "ab", "--", *WORKLOAD)
+        c.ctr("containers", "create", "--snapshotter", SNAPSHOTTER, ref, "ab", "--", *workload)
         assert puller.snapshotter.proc is not None
         pid = puller.snapshotter.proc.pid
         cpu0, t2 = cpu_seconds(pid), time.monotonic()
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nagle", action="store_true",
                     help="the proxy without TCP_NODELAY (the old artifact)")
     ap.add_argument("--json", type=Path, help="write every run, with its timeline")
+    ap.add_argument("--workload", type=json.loads, default=WORKLOAD, metavar="JSON",
+                    help="the container's command, a JSON array (default: the python import)")
     args = ap.parse_args(argv)
     images = dict(item.split("=", 1) for item in args.images)
     services.ProxyHandler.disable_nagle_algorithm = not args.nagle
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"docker://{reg.host}/ab:{name}"], check=True)
             for i in range(args.runs):
                 for name in images:
-                    r = one(name, f"{proxy.host}/ab:{name}", i, binary, proxy, work)
+                    r = one(name, f"{proxy.host}/ab:{name}", i, binary, proxy, work, args.workload)
                     runs.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k != "timeline"}), flush=True)
     finally:

@@ -76,10 +76,6 @@ def _interrupted() -> None:
 #: need a TOC over the 128 MiB readers accept. The reference takes any
 #: positive size; the library still does (the format tests use 1 byte).
 MIN_CHUNK_SIZE = 512
-#: The most ``--workers``: each may have three batches of about 1 MiB in
-#: flight, so this bounds that memory (768 MiB) and the threads started;
-#: more threads than cores gains nothing.
-MAX_WORKERS = 256
 
 
 class _Bool(click.ParamType):

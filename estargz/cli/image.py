@@ -27,11 +27,11 @@ from .. import (
 )
 from ..image.descriptor import INDEX_TYPES, MANIFEST_TYPES
 from ..image.reference import parse_docker_name
-from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_WORKERS
 from ..registry.client import client_for
 from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
 from ..registry.records import fetch_record, find_record
-from .base import BOOL, MAX_WORKERS, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
+from .base import BOOL, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
 
 
 class _Seconds(click.ParamType):

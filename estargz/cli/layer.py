@@ -26,10 +26,10 @@ from .. import (
     verify_blob,
 )
 from ..image.reference import parse_docker_name
-from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_WORKERS
 from ..layer.order import read_prioritized_list
 from ..registry.client import open_registry_blob
-from .base import BOOL, MAX_WORKERS, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
+from .base import BOOL, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
 
 
 def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -23,11 +23,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .._exceptions import EstargzError, InvalidInput, NotFound
+from .._cancel import cancel_requested, request_cancel
+from .._exceptions import Cancelled, EstargzError, InvalidInput, NotFound
 from .._fsutil import owned_tempdir, unlink_quietly
 from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
 from ..layer.jsondoc import load_json_object
@@ -54,6 +55,9 @@ from .store import ImageDestination, ImageSource, TransportOptions
 from .transport import open_destination, open_source, parse_reference
 
 _MAX_JSON = 16 << 20  # manifests and configs are small; a bigger one is hostile
+#: Seconds a cancelled run waits for a layer job blocked in I/O before it
+#: cleans up anyway (the CLI then exits without waiting for it).
+_CANCEL_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,19 @@ class _Run:
         self.pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="estargz-layer")
         self._lock = threading.Lock()
         self._converted: dict[tuple[str, tuple[str, ...]], Future[_LayerJob]] = {}
+
+    def stop(self, cancelled: bool) -> None:
+        """Stop the layer jobs after an error. Cancelled (Ctrl-C), each job
+        stops at its next check (:mod:`estargz._cancel`), and one blocked in
+        a socket read is given at most ``_CANCEL_GRACE`` seconds; otherwise
+        the running jobs are awaited, so that nothing writes after the
+        destination is cleaned up."""
+        if cancelled:
+            request_cancel()
+        with self._lock:
+            running = list(self._converted.values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        wait(running, timeout=_CANCEL_GRACE if cancelled else None)
 
     # --- layers -----------------------------------------------------------
 
@@ -471,12 +488,12 @@ def convert_source(source: ImageSource, dst: str,
             else:
                 new_root, raw = run.manifest(root, data)
             dest.commit(new_root, raw)
-        except BaseException:
-            run.pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException as e:
+            run.stop(cancelled=isinstance(e, (KeyboardInterrupt, Cancelled)))
             dest.abort()
             raise
         finally:
-            run.pool.shutdown(wait=True)
+            run.pool.shutdown(wait=not cancel_requested())
             dest.close()
     result.digest = new_root.digest
     result.media_type = new_root.media_type

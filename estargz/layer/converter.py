@@ -54,6 +54,10 @@ from .toc import (
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9
+#: The most compression threads: each may have three batches of about
+#: 1 MiB in flight, so this bounds that memory (768 MiB) and the threads
+#: started; more threads than cores gains nothing.
+MAX_WORKERS = 256
 #: The TOC member is compressed at most at this level. zlib-ng's level 9
 #: compresses TOC JSON worse than its level 8 (Debian minbase's 2.05 MB TOC:
 #: 349 KB at 9, 313 KB at 8; stdlib zlib: 330 184 at 9, 330 224 at 8), and
@@ -97,8 +101,9 @@ class ConvertOptions:
             raise InvalidInput(f"chunk size must be positive, not {self.chunk_size}")
         if not 0 <= self.compression_level <= 9:
             raise InvalidInput(f"compression level must be 0-9, not {self.compression_level}")
-        if self.workers < 0:
-            raise InvalidInput(f"workers must be 0 (all cores) or more, not {self.workers}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise InvalidInput(f"workers must be 0 (all cores) to {MAX_WORKERS}, "
+                               f"not {self.workers}")
 
 
 @dataclass(frozen=True)

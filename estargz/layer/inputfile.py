@@ -56,11 +56,17 @@ def require_regular_file(path: str, what: str) -> None:
         raise InvalidInput(f"{what} {path} is {why}, not a regular file")
 
 
-def check_stdin(what: str) -> None:
-    """Raise unless standard input is a file, a pipe or a socket: not a
-    terminal, a device (``< /dev/zero``) or a directory."""
-    mode = os.fstat(0).st_mode
-    if os.isatty(0):
+def check_stdin(stream: BinaryIO, what: str) -> None:
+    """Raise unless ``stream`` (standard input) is a file, a pipe or a
+    socket: not a terminal, a device (``< /dev/zero``) or a directory. A
+    stream without a descriptor (replaced in memory, as by a test runner)
+    is taken as it is."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return
+    mode = os.fstat(fd).st_mode
+    if os.isatty(fd):
         raise InvalidInput(f"{what} on standard input is a terminal; pipe or redirect a file")
     if not (stat.S_ISSOCK(mode) or kind_problem(mode) is None):
         raise InvalidInput(f"{what} on standard input is {kind_problem(mode)}, not a regular file")

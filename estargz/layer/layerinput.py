@@ -53,8 +53,8 @@ def open_tar(path: str, tmpdir: str | None = None) -> Iterator[BinaryIO]:
     """
     with contextlib.ExitStack() as stack:
         if path == "-":
-            check_stdin("input layer")
             src: BinaryIO = sys.stdin.buffer
+            check_stdin(src, "input layer")
         else:
             src = stack.enter_context(open_input(path, "input layer"))
         head = _peek(src, 8)

@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol, cast
 
+from .._cancel import check_cancelled
 from .._exceptions import EstargzError, InvalidInput, UnsupportedEntry
 
 BLOCK = tarfile.BLOCKSIZE
@@ -214,6 +215,7 @@ def iter_headers(stream: PeekableStream,
     """
     ctx = _Ctx(_HeaderReader(stream))
     while True:
+        check_cancelled()  # the walk of a layer with many files takes a while
         stream.skip_to(ctx.offset)
         head = stream.peek(BLOCK)
         if not head:

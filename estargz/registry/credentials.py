@@ -29,8 +29,9 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import AuthenticationError, InvalidInput
-from ..layer.jsondoc import load_json_object
+from .._exceptions import AuthenticationError, InvalidInput, StorageError
+from ..layer.inputfile import open_input
+from ..layer.jsondoc import MAX_JSON_SIZE, load_json_object
 
 Credentials = tuple[str, str]
 
@@ -130,13 +131,17 @@ def _auth_file_paths(auth_file: str | None) -> list[tuple[str, bool]]:
 
 
 def _load_config(path: str, must_exist: bool) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         if must_exist:
-            raise InvalidInput(f"auth file {path} does not exist") from None
+            raise InvalidInput(f"auth file {path} does not exist")
         return None
+    try:
+        # Refuses devices and directories; never reads more than a JSON
+        # document may hold (``--authfile /dev/zero`` would never end).
+        with open_input(path, "auth file") as f:
+            raw = f.read(MAX_JSON_SIZE + 1)
+    except StorageError as e:
+        raise InvalidInput(f"cannot read auth file {path}: {e}") from None
     except OSError as e:
         raise InvalidInput(f"cannot read auth file {path}: {e.strerror}") from None
     if not raw.strip():

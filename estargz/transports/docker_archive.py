@@ -16,6 +16,7 @@ import shutil
 import tarfile
 from typing import IO, BinaryIO
 
+from .._cancel import check_cancelled
 from .._exceptions import InvalidInput, NotFound, StorageError
 from .._fsutil import OwnedTempDir, atomic_output, reclaim_tempdirs
 from ..image.descriptor import (
@@ -138,6 +139,7 @@ class DockerArchiveSource(ImageSource):
         h.update(head)
         n = len(head)
         while piece := f.read(1 << 20):
+            check_cancelled()
             h.update(piece)
             n += len(piece)
         return "sha256:" + h.hexdigest(), n, detect_compression(head)

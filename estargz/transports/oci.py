@@ -17,11 +17,11 @@ import errno
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from .._cancel import check_cancelled
 from .._exceptions import DigestMismatch, InvalidInput, NotFound, StorageError
 from .._fsutil import (
     OwnedTempDir,
@@ -339,7 +339,9 @@ def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
 
 def _copy_file(src: str, out: BinaryIO) -> None:
     with open(src, "rb") as f:
-        shutil.copyfileobj(f, out, 1 << 20)
+        while piece := f.read(1 << 20):
+            check_cancelled()
+            out.write(piece)
 
 
 class OCITransport(Transport):

@@ -27,6 +27,7 @@ from ..image.descriptor import Descriptor
 from ..image.reference import ImageRef
 from ..image.store import ImageDestination, ImageSource, TransportOptions
 from ..image.transport import register_transport
+from ..layer.inputfile import require_regular_file
 from .oci import (
     LOCK_FILE,
     TEMP_PREFIX,
@@ -60,8 +61,9 @@ class OCIArchiveSource(OCILayoutSource):
     """An OCI layout inside a tar file, unpacked to a temporary directory."""
 
     def __init__(self, path: str, tag: str | None) -> None:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise NotFound(f"oci-archive {path} does not exist")
+        require_regular_file(path, "oci-archive")
         self._tmp = owned_tempdir("ociarchive")
         try:
             _safe_extract(path, self._tmp.path)
