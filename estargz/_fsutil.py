@@ -31,11 +31,19 @@ def atomic_output(dst: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
     and renamed. On any exception, Ctrl-C included, it is removed and the
     exception propagates; an ``OSError`` while writing becomes a one-line
     :class:`StorageError` naming ``dst``.
+
+    Where the filesystem allows, the file has no name at all until it is
+    complete (``O_TMPFILE``), so a run killed by SIGKILL leaves nothing
+    behind: the kernel frees an unnamed file with its last descriptor.
+    Elsewhere it is a ``.NAME.*.tmp`` file that a killed run leaves.
     """
     directory = os.path.dirname(os.path.abspath(dst))
+    base = os.path.basename(dst)
+    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.",
-                                   suffix=".tmp")
+        fd = _open_unnamed(directory)
+        if fd < 0:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
     except OSError as e:
         raise StorageError(f"cannot write {dst}: {e.strerror}") from None
     try:
@@ -44,16 +52,57 @@ def atomic_output(dst: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+            if tmp is None:
+                tmp = _name_unnamed(f.fileno(), directory, base)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dst)
     except OSError as e:
-        unlink_quietly(tmp)
+        if tmp is not None:
+            unlink_quietly(tmp)
         raise StorageError(f"cannot write {dst}: {e.strerror or e}") from None
     except BaseException:
-        unlink_quietly(tmp)
+        if tmp is not None:
+            unlink_quietly(tmp)
         raise
+
+
+#: Errors of ``open(O_TMPFILE)`` that mean "not on this filesystem".
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
+
+
+def _open_unnamed(directory: str) -> int:
+    """An unnamed file in ``directory`` open for writing (mode 0666 less the
+    umask, as ``open`` gives), or -1 where ``O_TMPFILE`` or the
+    ``/proc/self/fd`` link that names it later is not available."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return -1
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in _NO_TMPFILE:
+            return -1
+        raise
+
+
+def _name_unnamed(fd: int, directory: str, base: str) -> str:
+    """Give the complete unnamed file ``fd`` a temporary name beside its
+    destination (for the instant before the rename over it)."""
+    # linkat(AT_SYMLINK_FOLLOW) through /proc/self/fd: Python calls plain
+    # link(2), which does not follow the magic link, unless a dir fd is given.
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        while True:
+            name = os.path.join(directory, f".{base}.{os.urandom(6).hex()}.tmp")
+            try:
+                os.link(str(fd), name, src_dir_fd=proc, follow_symlinks=True)
+                return name
+            except FileExistsError:
+                continue
+    finally:
+        os.close(proc)
 
 
 # --- temporary directories that outlive a killed run ----------------------------
