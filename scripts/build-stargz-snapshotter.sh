@@ -6,6 +6,7 @@
 #   scripts/build-stargz-snapshotter.sh v0.18    # -> ~/.cache/estargz-dev/bin/containerd-stargz-grpc-v018
 #   scripts/build-stargz-snapshotter.sh debian   # -> ~/.cache/estargz-dev/bin/containerd-stargz-grpc-debian
 #   ESTARGZ_CACHE=/tmp/c scripts/build-stargz-snapshotter.sh v0.18
+#   scripts/build-stargz-snapshotter.sh goref-v018  # zstd:chunked checker, tests/interop/goref-v018
 #
 # v0.18   github.com/containerd/stargz-snapshotter v0.18.x (the newest v0.18
 #         release when tests/lazypull/snapshotter-v018/go.mod was last
@@ -30,7 +31,7 @@ die() {
     exit 1
 }
 
-[ $# -eq 1 ] || die "usage: $0 v0.18|debian"
+[ $# -eq 1 ] || die "usage: $0 v0.18|debian|goref-v018"
 version=$1
 
 script=$(readlink -f -- "$0" 2>/dev/null) || script=$0
@@ -53,6 +54,14 @@ case "$version" in
         GO=${GO_MODULES:-go}
         sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
         ;;
+    goref-v018)
+        # Not a snapshotter: the v0.18 estargz/zstdchunked packages as a
+        # checker and converter for zstd:chunked (tests/interop/goref-v018).
+        src_dir="$script_dir/../tests/interop/goref-v018"
+        name=goref-v018
+        GO=${GO_MODULES:-go}
+        sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
+        ;;
     debian)
         src_dir="$lazypull_dir/snapshotter-debian"
         name=containerd-stargz-grpc-debian
@@ -66,7 +75,7 @@ case "$version" in
         sources="$src_dir/main.go"
         ;;
     *)
-        die "unknown version '$version' (expected v0.18 or debian)"
+        die "unknown version '$version' (expected v0.18, debian or goref-v018)"
         ;;
 esac
 for f in $sources; do
@@ -135,7 +144,7 @@ if needs_build; then
     gocache="${GOCACHE:-$cache_dir/go-build}"
     # CGO is not needed (go-fuse mounts through /dev/fuse directly) and
     # disabling it avoids requiring a C toolchain.
-    if [ "$version" = v0.18 ]; then
+    if [ "$version" != debian ]; then
         # The module is built where it is; -mod=readonly: go fetches exactly
         # what the committed go.mod/go.sum pin and never edits them.
         # GOTOOLCHAIN=local: never download another Go.

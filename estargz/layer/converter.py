@@ -84,6 +84,10 @@ class ConvertOptions:
     allow_missing: bool = False
     #: Deflate implementation: ``"zlib-ng"`` (default), ``"zlib"`` or ``"isal"``.
     backend: str = DEFAULT_BACKEND
+    #: Output format: ``"estargz"`` or ``"zstd:chunked"`` (see ``zstdchunked.py``).
+    format: str = "estargz"
+    #: zstd level (1-22) for ``zstd:chunked``; ``compression_level`` is gzip's.
+    zstd_level: int = 3
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -92,6 +96,10 @@ class ConvertOptions:
             raise InvalidInput(f"compression level must be 0-9, not {self.compression_level}")
         if self.workers < 0:
             raise InvalidInput(f"workers must be 0 (all cores) or more, not {self.workers}")
+        if self.format not in FORMATS:
+            raise InvalidInput(f"unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
+        if not 1 <= self.zstd_level <= 22:
+            raise InvalidInput(f"zstd compression level must be 1-22, not {self.zstd_level}")
 
 
 @dataclass(frozen=True)
@@ -113,11 +121,27 @@ class LayerResult:
     #: Compressed bytes of the TOC member and the footer, which a lazy
     #: puller reads before anything else.
     toc_size: int = 0
+    #: Layer descriptor annotations the format needs besides the TOC digest
+    #: (zstd:chunked's ``io.github.containers.zstd-chunked.*``).
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["missing"] = list(self.missing)
+        if not self.annotations:
+            del d["annotations"]
         return d
+
+
+#: Output formats: name -> writer(fd, planned, out, options) returning the
+#: result fields. eStargz is built in; ``zstdchunked.py`` registers itself
+#: (it builds on this module, so this module cannot import it).
+FORMATS: dict[str, Any] = {"estargz": None}
+
+
+def register_format(name: str, writer: Any) -> None:
+    """Make ``ConvertOptions(format=name)`` write with ``writer``."""
+    FORMATS[name] = writer
 
 
 def available_cores() -> int:
@@ -144,7 +168,11 @@ def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions()
         if missing and not options.allow_missing:
             raise MissingPrioritizedFiles(missing)
         with atomic_output(dst) as out:
-            result = write_estargz(tar.fileno(), planned, out, options, backend)
+            writer = FORMATS[options.format]
+            if writer is None:
+                result = write_estargz(tar.fileno(), planned, out, options, backend)
+            else:
+                result = writer(tar.fileno(), planned, out, options)
     prioritized = planned.index(next(p for p in planned if isinstance(p, Landmark)))
     return LayerResult(**{**result, "entries": len(members), "prioritized": prioritized,
                           "missing": tuple(missing),
@@ -401,9 +429,17 @@ class _Writer:
         self.blob.update(data)
         self.offset += len(data)
 
+    def payload_piece(self, piece: bytes) -> None:
+        """Called with each payload piece in order (for a format's own sums)."""
+
+    def file_done(self, entry: TOCEntry) -> None:
+        """Called once the last chunk of ``entry``'s payload is written."""
+
     def unit(self, u: _Unit, c: _Compressed) -> None:
+        reg: TOCEntry | None = None  # the file whose payload this unit holds
         if u.member is not None:
             e = u.entries[0]
+            reg = e if u.start == 0 else self._file_entry
             e.offset = self.offset
             if e.name == PREFETCH_LANDMARK:
                 self.landmark_offset = self.offset
@@ -416,6 +452,7 @@ class _Writer:
                 self._file_hash, self._file_entry = hashlib.sha256(), e
             for piece in read_payload(self.fd, u.member, u.start, u.length):
                 self.diff.update(piece)
+                self.payload_piece(piece)
                 if self._file_hash is not None:
                     self._file_hash.update(piece)
             self.usize += u.length
@@ -428,6 +465,8 @@ class _Writer:
         self.usize += len(u.tail)
         for data in c.chunks():
             self.write(data)
+        if reg is not None and u.start + u.length == reg.size:
+            self.file_done(reg)
         self._held.extend(u.entries)
         if self._file_hash is None:  # every held entry is complete now
             try:
