@@ -22,8 +22,8 @@ from .. import (
     convert_image,
     read_records,
 )
-from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
-from .base import _creds, _read_text_lines, _run, _tls, main
+from ..layer.converter import DEFAULT_CHUNK_SIZE
+from .base import FORMAT_OPTIONS, _creds, _read_text_lines, _run, _tls, main, resolve_format
 
 _IMAGE_OPTIONS = [
     # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
@@ -40,8 +40,7 @@ _IMAGE_OPTIONS = [
                  help="Keep layers that already are eStargz with a verifying TOC digest."),
     click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
                  show_default=True, help="Largest payload chunk, in bytes."),
-    click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
-                 show_default=True, help="gzip level."),
+    *FORMAT_OPTIONS,
     click.option("--workers", type=click.IntRange(min=0), default=0,
                  help="Compression threads per layer (default: cores shared among layers)."),
     click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
@@ -77,11 +76,14 @@ def _image_convert_options(kw: dict[str, Any],
                            ) -> ImageConvertOptions:
     """Build ``ImageConvertOptions`` from the shared options (popped from ``kw``)."""
     cert_dir, authfile = kw.pop("cert_dir"), kw.pop("authfile")
+    fmt, oci = resolve_format(kw), kw.pop("oci")
+    if fmt["format"] == "zstd:chunked" and not oci:
+        raise click.UsageError("zstd:chunked layers need OCI media types "
+                               "(Docker's have no zstd); drop --docker-media-types")
     return ImageConvertOptions(
-        layer=ConvertOptions(chunk_size=kw.pop("chunk_size"),
-                             compression_level=kw.pop("compression_level"),
+        layer=ConvertOptions(chunk_size=kw.pop("chunk_size"), **fmt,
                              workers=kw.pop("workers"), backend=kw.pop("backend")),
-        oci=kw.pop("oci"), platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
+        oci=oci, platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
         src=TransportOptions(tls_verify=_tls(kw.pop("src_tls_verify")), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("src_creds"), "--src-creds"),
