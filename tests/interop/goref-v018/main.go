@@ -12,7 +12,8 @@
 //	    Prints one JSON line: {"tocDigest", "files", "chunks", "diffID"}.
 //	goref-v018 convert IN.tar OUT LEVEL [PRIORITIZED...]
 //	    The reference converter (estargz.Build with zstdchunked.Compressor
-//	    at zstd.EncoderLevelFromZstd(LEVEL), as ctr-remote --zstdchunked).
+//	    at zstd.EncoderLevelFromZstd(LEVEL), as ctr-remote --zstdchunked;
+//	    $CHUNK_SIZE sets its chunk size).
 //	    Prints {"seconds", "size", "tocDigest", "annotations"}.
 package main
 
@@ -223,6 +224,13 @@ func cmdConvert(args []string) error {
 	})}
 	if len(args) > 3 {
 		opts = append(opts, estargz.WithPrioritizedFiles(args[3:]))
+	}
+	if cs := os.Getenv("CHUNK_SIZE"); cs != "" {
+		n, err := strconv.Atoi(cs)
+		if err != nil {
+			return fmt.Errorf("bad CHUNK_SIZE %q", cs)
+		}
+		opts = append(opts, estargz.WithChunkSize(n))
 	}
 	blob, err := estargz.Build(sr, opts...)
 	if err != nil {
