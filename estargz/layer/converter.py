@@ -429,6 +429,9 @@ class _Writer:
         self.blob.update(data)
         self.offset += len(data)
 
+    #: How a TOC entry is written (a format may add fields).
+    encode_entry = staticmethod(encode_entry)
+
     def payload_piece(self, piece: bytes) -> None:
         """Called with each payload piece in order (for a format's own sums)."""
 
@@ -470,7 +473,8 @@ class _Writer:
         self._held.extend(u.entries)
         if self._file_hash is None:  # every held entry is complete now
             try:
-                self.toc_parts.extend(encode_entry(e).encode("utf-8") for e in self._held)
+                self.toc_parts.extend(self.encode_entry(e).encode("utf-8")
+                                      for e in self._held)
             except UnicodeEncodeError:
                 raise TOCError("TOC contains a name that is not valid UTF-8") from None
             self._held.clear()

@@ -51,7 +51,7 @@ from .converter import (
 )
 from .order import Planned
 from .source import RangeSource
-from .toc import MAX_TOC_JSON_SIZE, TOC_DIGEST_ANNOTATION, encode_toc
+from .toc import MAX_TOC_JSON_SIZE, TOC_DIGEST_ANNOTATION, TOCEntry, encode_entry, encode_toc
 
 FORMAT_NAME = "zstd:chunked"
 #: As the reference (``ctr-remote``/``nerdctl --zstdchunked-compression-level``).
@@ -186,6 +186,26 @@ class _ZstdWriter(_Writer):
         self.crcs: deque[int] = deque()
         self._crc = 0
         self._crc64 = _crc64_function()
+
+    @staticmethod
+    def encode_entry(e: TOCEntry) -> str:
+        """The eStargz entry, plus ``UID``, ``GID`` and ``ModTime`` spelled as
+        Debian's containers/storage 1.43 (podman 4.3) reads them: its TOC
+        parser matches those keys only (fixed upstream in later releases), so
+        without them a partial pull makes every file root's with the pull's
+        time. Go's decoder matches keys without case, so the reference reads
+        the same values twice; current containers/storage skips them."""
+        text = encode_entry(e)
+        extra = []
+        if e.uid:
+            extra.append(f'\t\t\t"UID": {e.uid}')
+        if e.gid:
+            extra.append(f'\t\t\t"GID": {e.gid}')
+        if e.modtime:
+            extra.append(f'\t\t\t"ModTime": "{e.modtime}"')
+        if not extra:
+            return text
+        return text[:-len("\n\t\t}")] + ",\n" + ",\n".join(extra) + "\n\t\t}"
 
     def payload_piece(self, piece: bytes) -> None:
         self._crc = self._crc64(piece, self._crc)
