@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import run
 from run import CACHE, REPO, TESTDATA, Run, cores, last_line, log, measure, wait_for_idle, warm
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     goref = goref_v018()
     cmds = tools(args.level, goref)
-    results: dict = {"level": args.level, "repeat": args.repeat, "cores": cores(),
+    results: dict[str, Any] = {"level": args.level, "repeat": args.repeat, "cores": cores(),
                      "layers": {}}
     ok = True
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r.rss_kib / 1024:.0f} MiB RSS, others {r.foreign:.1f} CPU s")
                     runs[tool].append(r)
                     out.unlink()
-        rep = {t: {"wall": statistics.median(r.wall for r in rs),
+        rep: dict[str, Any] = {t: {"wall": statistics.median(r.wall for r in rs),
                    "cpu": statistics.median(r.cpu for r in rs),
                    "size": rs[0].size, "rss_mib": max(r.rss_kib for r in rs) / 1024,
                    "walls": [round(r.wall, 2) for r in rs]} for t, rs in runs.items()}

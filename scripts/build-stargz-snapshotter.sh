@@ -7,6 +7,7 @@
 #   scripts/build-stargz-snapshotter.sh debian   # -> ~/.cache/estargz-dev/bin/containerd-stargz-grpc-debian
 #   ESTARGZ_CACHE=/tmp/c scripts/build-stargz-snapshotter.sh v0.18
 #   scripts/build-stargz-snapshotter.sh goref-v018  # zstd:chunked checker, tests/interop/goref-v018
+#   scripts/build-stargz-snapshotter.sh storage-chunked  # containers/storage's partial-pull applier
 #
 # v0.18   github.com/containerd/stargz-snapshotter v0.18.x (the newest v0.18
 #         release when tests/lazypull/snapshotter-v018/go.mod was last
@@ -31,7 +32,7 @@ die() {
     exit 1
 }
 
-[ $# -eq 1 ] || die "usage: $0 v0.18|debian|goref-v018"
+[ $# -eq 1 ] || die "usage: $0 v0.18|debian|goref-v018|storage-chunked"
 version=$1
 
 script=$(readlink -f -- "$0" 2>/dev/null) || script=$0
@@ -44,6 +45,7 @@ bin_dir="$cache_dir/bin"
 mkdir -p "$bin_dir" || die "cannot create cache dir $bin_dir (set ESTARGZ_CACHE to a writable dir)"
 
 gocode=/usr/share/gocode
+build_tags=""
 stargz_pkg="$gocode/src/github.com/containerd/stargz-snapshotter"
 debian_pkgs="golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-containerd-containerd-dev golang-github-burntsushi-toml-dev golang-google-grpc-dev golang-github-hashicorp-go-retryablehttp-dev"
 
@@ -62,6 +64,16 @@ case "$version" in
         GO=${GO_MODULES:-go}
         sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
         ;;
+    storage-chunked)
+        # Current containers/storage (go.podman.io/storage) applying a
+        # zstd:chunked blob as a partial pull does (tests/interop/storage-chunked).
+        src_dir="$script_dir/../tests/interop/storage-chunked"
+        name=storage-chunked
+        GO=${GO_MODULES:-go}
+        sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
+        # No cgo: leave out the graph drivers that need it.
+        build_tags="exclude_graphdriver_btrfs exclude_graphdriver_devicemapper"
+        ;;
     debian)
         src_dir="$lazypull_dir/snapshotter-debian"
         name=containerd-stargz-grpc-debian
@@ -75,7 +87,7 @@ case "$version" in
         sources="$src_dir/main.go"
         ;;
     *)
-        die "unknown version '$version' (expected v0.18, debian or goref-v018)"
+        die "unknown version '$version' (expected v0.18, debian, goref-v018 or storage-chunked)"
         ;;
 esac
 for f in $sources; do
@@ -155,7 +167,7 @@ if needs_build; then
             GOMODCACHE="$gomodcache" GOCACHE="$gocache" \
                 GOFLAGS="-mod=readonly -modcacherw -buildvcs=false" GO111MODULE=on \
                 GOTOOLCHAIN=local GOPROXY="$goproxy" CGO_ENABLED=0 \
-                "$GO" build -trimpath -o "$tmp_bin" .
+                "$GO" build -trimpath -tags "$build_tags" -o "$tmp_bin" .
         ) >&2 || die "go build failed"
     else
         # Private GOPATH whose src/ holds only our program; the dependencies

@@ -23,6 +23,7 @@ which we write as well. See docs/format.md.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import struct
@@ -47,11 +48,19 @@ from .converter import (
     _Writer,
     available_cores,
     entry_header,
+    format_modtime,
     register_format,
 )
-from .order import Planned
+from .order import Landmark, Planned
 from .source import RangeSource
-from .toc import MAX_TOC_JSON_SIZE, TOC_DIGEST_ANNOTATION, TOCEntry, encode_entry, encode_toc
+from .toc import (
+    MAX_TOC_JSON_SIZE,
+    TOC_DIGEST_ANNOTATION,
+    TOCEntry,
+    clean_name,
+    encode_entry,
+    encode_toc,
+)
 
 FORMAT_NAME = "zstd:chunked"
 #: As the reference (``ctr-remote``/``nerdctl --zstdchunked-compression-level``).
@@ -185,16 +194,19 @@ class _ZstdWriter(_Writer):
         super().__init__(out, fd)
         self.crcs: deque[int] = deque()
         self._crc = 0
+        #: Exact ``modtime`` of entries whose mtime has a fraction (by clean name).
+        self.modtimes: dict[str, str] = {}
         self._crc64 = _crc64_function()
 
-    @staticmethod
-    def encode_entry(e: TOCEntry) -> str:
+    def encode_entry(self, e: TOCEntry) -> str:
         """The eStargz entry, plus ``UID``, ``GID`` and ``ModTime`` spelled as
         Debian's containers/storage 1.43 (podman 4.3) reads them: its TOC
         parser matches those keys only (fixed upstream in later releases), so
         without them a partial pull makes every file root's with the pull's
         time. Go's decoder matches keys without case, so the reference reads
         the same values twice; current containers/storage skips them."""
+        if e.modtime and e.type != "chunk":
+            e.modtime = self.modtimes.get(clean_name(e.name), e.modtime)
         text = encode_entry(e)
         extra = []
         if e.uid:
@@ -224,6 +236,7 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
     backend = ZstdBackend(level)
     workers = options.workers or available_cores()
     writer = _ZstdWriter(out, fd)
+    planned = _storage_exact(planned, writer.modtimes)
     pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:
@@ -273,6 +286,43 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
         "toc_size": writer.offset - payload_end,
         "annotations": annotations,
     }
+
+
+def exact_modtime(mtime: float) -> str | None:
+    """RFC 3339 with the fraction of seconds a PAX ``mtime`` record of
+    ``mtime`` carries (tarfile writes ``str(mtime)``, which Go parses to the
+    nanosecond); ``None`` for whole seconds."""
+    if not isinstance(mtime, float) or mtime.is_integer() or mtime < 1:
+        return None
+    text = str(mtime)
+    if "e" in text or "E" in text or "." not in text:
+        return None
+    whole, frac = text.split(".")
+    frac = frac[:9].rstrip("0")
+    if not frac:
+        return None
+    base: str = format_modtime(int(whole))
+    return base[:-1] + "." + frac + "Z"
+
+
+def _storage_exact(planned: Sequence[Planned], modtimes: dict[str, str]) -> list[Planned]:
+    """Current containers/storage checks every TOC entry against its tar
+    header (mode, owners, times, xattrs) and refuses the layer on any
+    difference. So the TOC gets the exact ``modtime`` where the header has a
+    fraction (eStargz's whole seconds would differ), and the headers lose
+    PAX ``atime``/``ctime``, which the TOC does not carry."""
+    out: list[Planned] = []
+    for m in planned:
+        if not isinstance(m, Landmark):
+            if "atime" in m.pax_headers or "ctime" in m.pax_headers:
+                m = copy.copy(m)
+                m.pax_headers = {k: v for k, v in m.pax_headers.items()
+                                 if k not in ("atime", "ctime")}
+            exact = exact_modtime(m.mtime)
+            if exact is not None:
+                modtimes[clean_name(m.name)] = exact
+        out.append(m)
+    return out
 
 
 def _tar_split(planned: Sequence[Planned], crcs: deque[int],
