@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, cast
@@ -253,10 +253,12 @@ class _Unit:
         self.entries: list[TOCEntry] = []
 
 
-def _plan_units(planned: Sequence[Planned], chunk_size: int) -> Iterator[_Unit]:
+def _plan_units(planned: Sequence[Planned], chunk_size: int,
+                make_header: Callable[[Planned], tuple[bytes, TOCEntry, int]] = entry_header,
+                ) -> Iterator[_Unit]:
     unit = _Unit()
     for m in planned:
-        header, entry, size = entry_header(m)
+        header, entry, size = make_header(m)
         unit.tail += header
         if not size:
             if entry.type == "reg":

@@ -151,7 +151,9 @@ class _TarSplit:
     (Go's ``json.Encoder`` of ``storage.Entry``), zstd-compressed as they come."""
 
     def __init__(self, backend: ZstdBackend) -> None:
-        self._z = backend.compressobj()
+        # A compressor of its own: this stream stays open while the thread's
+        # shared one makes other frames (a compressobj shares its context).
+        self._z = _zstandard().ZstdCompressor(level=backend.level).compressobj()
         self._parts: list[bytes] = []
         self.size = 0
         self._pos = 0
@@ -167,7 +169,7 @@ class _TarSplit:
         self.size += len(line)
         self._parts.append(self._z.compress(line))
 
-    def segment(self, raw: bytes) -> None:
+    def segment(self, raw: bytes | memoryview) -> None:
         if raw:
             self._line({"type": 2, "payload": base64.b64encode(raw).decode()})
 
@@ -187,16 +189,48 @@ class _TarSplit:
 
 
 class _ZstdWriter(_Writer):
-    """The converter's writer, also recording each file's CRC-64 for the
-    tar-split data and its end offset for the TOC's ``endOffset``."""
+    """The converter's writer, also writing the tar-split data as the units
+    pass (each file's CRC-64 is known once its last chunk is written) and
+    each file's end offset for the TOC's ``endOffset``."""
 
-    def __init__(self, out: BinaryIO, fd: int) -> None:
+    def __init__(self, out: BinaryIO, fd: int, backend: ZstdBackend) -> None:
         super().__init__(out, fd)
-        self.crcs: deque[int] = deque()
+        self.tarsplit = _TarSplit(backend)
+        # (header length, name, payload size) of each planned entry, in order,
+        # recorded by record_header as the units are planned.
+        self.headers: deque[tuple[int, str, int]] = deque()
         self._crc = 0
+        self._crc64 = _crc64_function()
+        self._done: tuple[str, int, int] | None = None
         #: Exact ``modtime`` of entries whose mtime has a fraction (by clean name).
         self.modtimes: dict[str, str] = {}
-        self._crc64 = _crc64_function()
+
+    def record_header(self, m: Planned) -> tuple[bytes, TOCEntry, int]:
+        header, entry, size = entry_header(m)
+        self.headers.append((len(header), entry.name, size))
+        return header, entry, size
+
+    def unit(self, u: _Unit, c: _Compressed) -> None:
+        super().unit(u, c)
+        ts = self.tarsplit
+        start = pos = 0
+        if self._done is not None:  # this unit ends a file's payload
+            name, size, crc = self._done
+            self._done = None
+            ts.file(name, size, crc)
+            pos = -size % tarfile.BLOCKSIZE  # its padding leads the tail
+        tail = memoryview(u.tail)
+        while pos < len(tail):
+            length, name, size = self.headers.popleft()
+            pos += length
+            ts.segment(tail[start:pos])
+            start = pos
+            if not size:
+                ts.file(name, 0, None)
+            # else: the payload follows in the next units; its line comes
+            # when its last chunk is written (file_done).
+        if start < len(tail):
+            ts.segment(tail[start:])
 
     def encode_entry(self, e: TOCEntry) -> str:
         """The eStargz entry, plus ``UID``, ``GID`` and ``ModTime`` spelled as
@@ -222,9 +256,9 @@ class _ZstdWriter(_Writer):
     def payload_piece(self, piece: bytes) -> None:
         self._crc = self._crc64(piece, self._crc)
 
-    def file_done(self, entry: Any) -> None:
+    def file_done(self, entry: TOCEntry) -> None:
         entry.end_offset = self.offset
-        self.crcs.append(self._crc)
+        self._done = (entry.name, entry.size, self._crc)
         self._crc = 0
 
 
@@ -235,12 +269,13 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
     level = options.zstd_level
     backend = ZstdBackend(level)
     workers = options.workers or available_cores()
-    writer = _ZstdWriter(out, fd)
+    writer = _ZstdWriter(out, fd, backend)
     planned = _storage_exact(planned, writer.modtimes)
     pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:
-        for batch in _batches(_plan_units(planned, options.chunk_size)):
+        for batch in _batches(_plan_units(planned, options.chunk_size,
+                                          writer.record_header)):
             check_cancelled()
             while len(pending) >= 3 * workers:
                 _drain_one(pending, writer)
@@ -258,7 +293,8 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
     writer.diff.update(_END_OF_ARCHIVE)
     writer.usize += len(_END_OF_ARCHIVE)
 
-    tarsplit = _tar_split(planned, writer.crcs, backend)
+    writer.tarsplit.segment(_END_OF_ARCHIVE)
+    tarsplit = writer.tarsplit.finish(), writer.tarsplit.size
     tarsplit_digest = "sha256:" + hashlib.sha256(tarsplit[0]).hexdigest()
     toc_json = encode_toc(writer.toc_parts, extra={"tarSplitDigest": tarsplit_digest})
     writer.toc_parts = []
@@ -323,24 +359,6 @@ def _storage_exact(planned: Sequence[Planned], modtimes: dict[str, str]) -> list
                 modtimes[clean_name(m.name)] = exact
         out.append(m)
     return out
-
-
-def _tar_split(planned: Sequence[Planned], crcs: deque[int],
-               backend: ZstdBackend) -> tuple[bytes, int]:
-    """The compressed tar-split data of the output tar and its uncompressed size.
-
-    The headers are rebuilt from the plan (they are a pure function of each
-    entry), each preceded by the padding of the payload before it."""
-    ts = _TarSplit(backend)
-    pad = 0
-    for m in planned:
-        check_cancelled()
-        header, entry, size = entry_header(m)
-        ts.segment(bytes(pad) + header)
-        ts.file(entry.name, size, crcs.popleft() if size else None)
-        pad = -size % tarfile.BLOCKSIZE
-    ts.segment(bytes(pad) + _END_OF_ARCHIVE)
-    return ts.finish(), ts.size
 
 
 # --- reading ----------------------------------------------------------------
