@@ -25,6 +25,7 @@ import zstandard
 
 import estargz
 from conftest import CHUNK, REPO, Spec, build_tar, every_kind_specs, pattern, run_cli, write
+from daemons import build_images
 from estargz import BytesSource, EstargzError, FileSource
 from estargz.layer import zstdchunked as zc
 from estargz.layer.zstdreader import open_layer, verify_layer
@@ -339,3 +340,30 @@ def _recrc(lines: list[bytes]) -> bytes:
             obj["payload"] = "AAAAAAAAAAA="
         out.append(json.dumps(obj, separators=(",", ":")).encode())
     return b"\n".join(out) + b"\n"
+
+
+def test_image_convert_writes_oci_zstd_layers_skopeo_copies(tmp_path):
+    """`convert --zstdchunked`: tar+zstd layers carrying only zstd:chunked
+    annotations, config diff_ids that are the layers' uncompressed digests,
+    and an image skopeo copies as it is (annotations kept)."""
+    lazy = build_images("lazy-kinds")["lazy-kinds"] / "oci"
+    out, copy = tmp_path / "zc", tmp_path / "copy"
+    run_cli("convert", f"oci:{lazy}:latest", f"oci:{out}:zc", "--zstdchunked", "-q",
+            check=True)
+    p = subprocess.run(["skopeo", "copy", f"oci:{out}:zc", f"oci:{copy}:zc"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    raw = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{copy}:zc"], capture_output=True,
+                         text=True, check=True).stdout
+    config = json.loads(subprocess.run(["skopeo", "inspect", "--config", f"oci:{copy}:zc"],
+                                       capture_output=True, text=True, check=True).stdout)
+    layers = json.loads(raw)["layers"]
+    for layer, diff_id in zip(layers, config["rootfs"]["diff_ids"], strict=True):
+        assert layer["mediaType"] == zc.MEDIA_TYPE
+        assert set(layer["annotations"]) == set(zc.ANNOTATION_KEYS)
+        blob = copy / "blobs" / "sha256" / layer["digest"].split(":")[1]
+        plain = subprocess.run(["zstd", "-dc", blob], capture_output=True, check=True).stdout
+        assert "sha256:" + hashlib.sha256(plain).hexdigest() == diff_id
+        r = run_cli("layer", "verify", blob, "--toc-digest",
+                    layer["annotations"][zc.MANIFEST_CHECKSUM])
+        assert r.code == 0, r.err
