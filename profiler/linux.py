@@ -104,15 +104,18 @@ def _unescape(field: str) -> str:
 
 
 def mounts_under(path: str) -> list[str]:
-    """Mount points at or below ``path`` in this mount namespace, deepest first."""
+    """Mount points at or below ``path`` in this mount namespace, deepest
+    first, and at one depth the last mounted first (an overlay before the
+    tmpfs holding its upper layer): the order to unmount them in."""
     root = os.path.realpath(path)
     found = []
     with open("/proc/self/mountinfo") as f:
-        for line in f:
+        for line in f:  # in the order they were mounted
             mp = _unescape(line.split()[4])
             if mp == root or mp.startswith(root + "/"):
                 found.append(mp)
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
+    newest_first = list(dict.fromkeys(reversed(found)))
+    return sorted(newest_first, key=lambda p: p.count("/"), reverse=True)
 
 
 def unmount_all(path: str) -> list[str]:
@@ -133,6 +136,49 @@ def unmount_all(path: str) -> list[str]:
                         umount(mp, MNT_DETACH)
         time.sleep(0.02 * attempt)  # stacked mounts need a further round
     return mounts_under(path)
+
+
+def filesystem_full(path: str) -> bool:
+    """Whether the filesystem holding ``path`` has (all but) no room left, in
+    blocks or in inodes: a writer there got ENOSPC.  "All but": less than
+    1 MiB free, and less than a hundredth of it (plus a page) on a small one."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if st.f_files and st.f_favail == 0:
+        return True
+    return free < min(1 << 20, st.f_blocks * st.f_frsize // 100 + PAGE_SIZE)
+
+
+# --- cgroups ------------------------------------------------------------------------------
+
+def own_cgroups(pid: int | str = "self") -> list[tuple[str, list[str], str]]:
+    """``(hierarchy id, controllers, path)`` for each line of
+    /proc/PID/cgroup: ``("0", [], "/user.slice/...")`` is cgroup v2, the
+    others v1 hierarchies (``("4", ["memory"], "/x")``); [] if unreadable."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        out.append((hid, [c for c in controllers.split(",") if c], path))
+    return out
+
+
+def cgroup_mounts() -> list[tuple[str, str, list[str]]]:
+    """``(mount point, "cgroup" or "cgroup2", super options)`` of every cgroup
+    filesystem mounted in this mount namespace (a v1 hierarchy names its
+    controllers in its super options: ``rw,memory``)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1:]
+            if rest[0] in ("cgroup", "cgroup2"):
+                out.append((_unescape(fields[4]), rest[0], rest[2].split(",")))
+    return out
 
 
 # --- user namespaces ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ import estargz
 from conftest import CHUNK, REPO, Spec, build_tar, every_kind_specs, pattern, run_cli, write
 from daemons import build_images
 from estargz import BytesSource, EstargzError, FileSource
+from estargz.cli.base import MIN_CHUNK_SIZE
 from estargz.layer import zstdchunked as zc
 from estargz.layer.zstdreader import open_layer, verify_layer
 from test_interop import CASES, expected_entries
@@ -45,6 +46,10 @@ def goref_v018() -> Path:
 def convert(tmp_path: Path, tar: bytes | Path, *args: str) -> tuple[Path, Path, dict]:
     src = tar if isinstance(tar, Path) else write(tmp_path / "in.tar", tar)
     out = tmp_path / "out.zst"
+    if args[:1] == ("--chunk-size",) and int(args[1]) < MIN_CHUNK_SIZE:
+        # Below the CLI's floor: the library still takes it.
+        return src, out, estargz.convert_layer(str(src), str(out), estargz.ConvertOptions(
+            chunk_size=int(args[1]), format="zstd:chunked")).to_dict()
     r = run_cli("layer", "convert", src, out, "--zstdchunked", "--json", *args)
     assert r.code == 0, r.err
     return src, out, r.json()

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +24,60 @@ from .. import (
     convert_image,
     read_records,
 )
-from ..layer.converter import DEFAULT_CHUNK_SIZE
-from .base import FORMAT_OPTIONS, _creds, _read_text_lines, _run, _tls, main, resolve_format
+from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
+from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
+from .base import (
+    BOOL,
+    FORMAT_OPTIONS,
+    MIN_CHUNK_SIZE,
+    _creds,
+    _read_text_lines,
+    _run,
+    main,
+    resolve_format,
+)
+
+
+class _Seconds(click.ParamType):
+    """A finite number of seconds above 0 (or at least ``minimum``), at most
+    ``maximum`` (``MAX_TIMEOUT`` unless given). Not click.FloatRange, which
+    takes nan and inf."""
+
+    name = "seconds"
+
+    def __init__(self, minimum: float = 0.0, maximum: float = MAX_TIMEOUT) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not (math.isfinite(seconds) and seconds <= self.maximum
+                and (seconds >= self.minimum if self.minimum else seconds > 0)):
+            low = f"at least {self.minimum:g}" if self.minimum else "above 0"
+            self.fail(f"{value} is not a number of seconds {low} and at most "
+                      f"{self.maximum:.0f}", param, ctx)
+        return seconds
+
+
+class _Rate(click.ParamType):
+    """Bytes per second, at least 1, with an optional k, M or G (binary)."""
+
+    name = "rate"
+    _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            value = str(value)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*", str(value), re.I)
+        rate = float(m.group(1)) * self._UNITS[m.group(2).lower()] if m else math.nan
+        if not (math.isfinite(rate) and rate >= 1):
+            self.fail(f"{value!r} is not a rate of at least 1 byte per second "
+                      f"(e.g. 512, 64k, 1M)", param, ctx)
+        return rate
 
 _IMAGE_OPTIONS = [
     # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
@@ -38,10 +92,11 @@ _IMAGE_OPTIONS = [
     click.option("--all-platforms", is_flag=True, help="Convert every platform of an index."),
     click.option("--reuse", is_flag=True,
                  help="Keep layers that already are eStargz with a verifying TOC digest."),
-    click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
-                 show_default=True, help="Largest payload chunk, in bytes."),
+    click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE),
+                 default=DEFAULT_CHUNK_SIZE, show_default=True,
+                 help="Largest payload chunk, in bytes."),
     *FORMAT_OPTIONS,
-    click.option("--workers", type=click.IntRange(min=0), default=0,
+    click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
                  help="Compression threads per layer (default: cores shared among layers)."),
     click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
                  show_default=True, help="Deflate implementation."),
@@ -49,9 +104,9 @@ _IMAGE_OPTIONS = [
                  help="Source registry credentials."),
     click.option("--dest-creds", default=None, metavar="USER:PASS",
                  help="Destination registry credentials."),
-    click.option("--src-tls-verify", default="true", metavar="BOOL",
+    click.option("--src-tls-verify", type=BOOL, default=True, metavar="BOOL",
                  help="Verify the source registry's TLS certificate (false also allows HTTP)."),
-    click.option("--dest-tls-verify", default="true", metavar="BOOL",
+    click.option("--dest-tls-verify", type=BOOL, default=True, metavar="BOOL",
                  help="Verify the destination registry's TLS certificate (false also "
                       "allows HTTP)."),
     click.option("--src-cert-dir", "--cert-dir", "cert_dir", default=None, metavar="DIR",
@@ -59,6 +114,21 @@ _IMAGE_OPTIONS = [
     click.option("--authfile", default=None, metavar="FILE",
                  help="Credentials file (containers auth.json format); default "
                       "REGISTRY_AUTH_FILE."),
+    # Named as wget names them: --timeout is the whole request (ctr's
+    # --timeout is whole too), --read-timeout each wait for bytes.
+    click.option("--timeout", type=_Seconds(), default=DEFAULT_TIMEOUT, show_default=True,
+                 metavar="SECONDS",
+                 help="Deadline of each registry request (manifest, token, HEAD), its "
+                      "retries included; a blob transfer gets this plus its size at "
+                      "--min-transfer-rate."),
+    click.option("--read-timeout", type=_Seconds(), default=DEFAULT_READ_TIMEOUT,
+                 show_default=True, metavar="SECONDS",
+                 help="Longest wait to connect or for the next bytes from a registry; "
+                      "an attempt that waits longer is retried within the deadline."),
+    click.option("--min-transfer-rate", type=_Rate(), default=f"{DEFAULT_MIN_RATE >> 10}k",
+                 show_default=True, metavar="BYTES/S",
+                 help="Slowest average rate a blob transfer may have before its "
+                      "deadline cuts it (k, M, G suffixes)."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
     click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
 ]
@@ -80,17 +150,19 @@ def _image_convert_options(kw: dict[str, Any],
     if fmt["format"] == "zstd:chunked" and not oci:
         raise click.UsageError("zstd:chunked layers need OCI media types "
                                "(Docker's have no zstd); drop --docker-media-types")
+    limits = {"timeout": kw.pop("timeout"), "read_timeout": kw.pop("read_timeout"),
+              "min_transfer_rate": kw.pop("min_transfer_rate")}
     return ImageConvertOptions(
         layer=ConvertOptions(chunk_size=kw.pop("chunk_size"), **fmt,
                              workers=kw.pop("workers"), backend=kw.pop("backend")),
         oci=oci, platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
-        src=TransportOptions(tls_verify=_tls(kw.pop("src_tls_verify")), cert_dir=cert_dir,
+        src=TransportOptions(tls_verify=kw.pop("src_tls_verify"), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("src_creds"), "--src-creds"),
-                             auth_file=authfile),
-        dst=TransportOptions(tls_verify=_tls(kw.pop("dest_tls_verify")), cert_dir=cert_dir,
+                             auth_file=authfile, **limits),
+        dst=TransportOptions(tls_verify=kw.pop("dest_tls_verify"), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("dest_creds"), "--dest-creds"),
-                             auth_file=authfile))
+                             auth_file=authfile, **limits))
 
 
 def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None:

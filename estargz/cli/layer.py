@@ -20,22 +20,30 @@ from .. import (
     ConvertOptions,
     FileSource,
     RangeSource,
-    StorageError,
     atomic_output,
     convert_layer,
 )
 from ..image.reference import parse_docker_name
-from ..layer.converter import DEFAULT_CHUNK_SIZE
+from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
 from ..layer.order import read_prioritized_list
 from ..layer.zstdreader import open_layer, verify_layer
 from ..registry.client import open_registry_blob
-from .base import _creds, _run, _tls, format_options, main, resolve_format
+from .base import (
+    BOOL,
+    MIN_CHUNK_SIZE,
+    _creds,
+    _read_text_lines,
+    _run,
+    format_options,
+    main,
+    resolve_format,
+)
 
 
 def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options for reading a blob from a registry (``docker://HOST/REPO@DIGEST``)."""
     for opt in reversed([
-        click.option("--tls-verify", default="true", metavar="BOOL",
+        click.option("--tls-verify", type=BOOL, default=True, metavar="BOOL",
                      help="For docker:// blobs: verify TLS (false also allows HTTP)."),
         click.option("--creds", default=None, metavar="USER:PASS",
                      help="For docker:// blobs: registry credentials."),
@@ -49,7 +57,7 @@ def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _open_blob(blob: str, tls_verify: str, creds: str | None, cert_dir: str | None,
+def _open_blob(blob: str, tls_verify: bool, creds: str | None, cert_dir: str | None,
                authfile: str | None) -> Iterator[RangeSource]:
     """A range source for a local file or a registry blob.
 
@@ -65,7 +73,7 @@ def _open_blob(blob: str, tls_verify: str, creds: str | None, cert_dir: str | No
     if not name.digest:
         raise click.BadParameter(f"{blob}: a registry blob is named by digest "
                                  "(docker://HOST/REPO@sha256:…)")
-    with open_registry_blob(name, tls_verify=_tls(tls_verify), cert_dir=cert_dir,
+    with open_registry_blob(name, tls_verify=tls_verify, cert_dir=cert_dir,
                             credentials=_creds(creds, "--creds"), auth_file=authfile) as src:
         yield src
 
@@ -87,10 +95,10 @@ def _emit(result: dict[str, Any], as_json: bool, labels: dict[str, str]) -> None
 @layer.command("convert")
 @click.argument("src", metavar="IN")
 @click.argument("dst", metavar="OUT")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
+@click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE), default=DEFAULT_CHUNK_SIZE,
               show_default=True, help="Largest payload chunk, in bytes.")
 @format_options
-@click.option("--workers", type=click.IntRange(min=0), default=0,
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
               help="Compression threads (default: all cores).")
 @click.option("--prioritized-files", type=click.Path(dir_okay=False), default=None,
               help="File listing paths to put first, one a line, in order.")
@@ -111,11 +119,7 @@ def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
     def body() -> None:
         prioritized = None
         if prioritized_files is not None:
-            try:
-                with open(prioritized_files, encoding="utf-8") as f:
-                    prioritized = read_prioritized_list(f)
-            except OSError as e:
-                raise StorageError(f"cannot read {prioritized_files}: {e.strerror}") from None
+            prioritized = read_prioritized_list(_read_text_lines(prioritized_files))
         options = ConvertOptions(chunk_size=chunk_size, workers=workers,
                                  prioritized_files=prioritized,
                                  allow_missing=allow_missing, backend=backend, **fmt)

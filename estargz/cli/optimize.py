@@ -13,17 +13,22 @@ import click
 from profiler.capabilities import probe
 from profiler.optimize import OptimizeOptions, optimize_image
 from profiler.report import render_text
+from profiler.rootfs import SCRATCH_BYTES
 from profiler.sandbox import BindMount
 
 from ..layer.order import read_prioritized_list
 from .base import _json_list, _read_text_lines, _run, main
-from .image import _image_convert_options, _image_options, _print_image_result
+from .image import _image_convert_options, _image_options, _print_image_result, _Seconds
+
+#: The longest ``--period``: a day is longer than any start-up worth
+#: profiling, and keeps the deadline arithmetic far from float limits.
+MAX_PERIOD = 86400.0
 
 
 @main.command("optimize")
 @click.argument("src")
 @click.argument("dst", required=False)
-@click.option("--period", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+@click.option("--period", type=_Seconds(0.1, MAX_PERIOD), default=10.0, show_default=True,
               help="Seconds to profile; the run also ends when the workload exits.")
 @click.option("--wait-on-line", default=None, metavar="TEXT",
               help="End the profile when a line of the workload's output contains TEXT.")
@@ -42,6 +47,10 @@ from .image import _image_convert_options, _image_options, _print_image_result
               help="Bind mount into the sandbox (repeatable).")
 @click.option("--net-host", is_flag=True, help="Use the host's network (default: loopback only).")
 @click.option("--runtime", default="runc", show_default=True, help="OCI runtime: runc or crun.")
+@click.option("--scratch-size", type=click.IntRange(min=1, max=1 << 20),
+              default=SCRATCH_BYTES >> 20, show_default=True, metavar="MIB",
+              help="MiB the workload may write (a tmpfs under the image); past it writes fail"
+                   " with ENOSPC and the report says so.")
 @click.option("--record-out", default=None, type=click.Path(dir_okay=False),
               help="Write the access record (ctr-remote's JSON-lines format).")
 @click.option("--prefetch-list", default=None, type=click.Path(dir_okay=False),
@@ -70,7 +79,8 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
             cwd=kw["cwd"], mounts=tuple(BindMount.parse(m) for m in kw["mounts"]),
             net_host=kw["net_host"], record_out=kw["record_out"], prefetch_list=prefetch,
             no_optimize=kw["no_optimize"], report_html=kw["report_html"], quiet=quiet or as_json,
-            output=(lambda line: click.echo(line, err=True)))
+            output=(lambda line: click.echo(line, err=True)),
+            scratch_bytes=kw["scratch_size"] << 20)
         result = optimize_image(src, dst, options)
         if as_json:
             out = {"manifest": result.manifest_digest, "seconds": result.seconds,

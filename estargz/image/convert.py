@@ -23,13 +23,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .._exceptions import EstargzError, InvalidInput, NotFound
-from .._fsutil import unlink_quietly
+from .._cancel import cancel_requested, request_cancel
+from .._exceptions import Cancelled, EstargzError, InvalidInput, NotFound
+from .._fsutil import owned_tempdir, unlink_quietly
 from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
+from ..layer.jsondoc import load_json_object
 from ..layer.reader import LayerReader
 from ..layer.source import FileSource
 from ..layer.toc import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
@@ -55,6 +57,9 @@ from .store import ImageDestination, ImageSource, TransportOptions
 from .transport import open_destination, open_source, parse_reference
 
 _MAX_JSON = 16 << 20  # manifests and configs are small; a bigger one is hostile
+#: Seconds a cancelled run waits for a layer job blocked in I/O before it
+#: cleans up anyway (the CLI then exits without waiting for it).
+_CANCEL_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -186,16 +191,6 @@ def host_platform_default() -> Platform:
     return Platform("linux", arch, "v7" if machine == "armv7l" else "")
 
 
-def _load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError as e:
-        raise InvalidInput(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{what} is not a JSON object")
-    return obj
-
-
 def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -219,6 +214,19 @@ class _Run:
         self.pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="estargz-layer")
         self._lock = threading.Lock()
         self._converted: dict[tuple[str, tuple[str, ...]], Future[_LayerJob]] = {}
+
+    def stop(self, cancelled: bool) -> None:
+        """Stop the layer jobs after an error. Cancelled (Ctrl-C), each job
+        stops at its next check (:mod:`estargz._cancel`), and one blocked in
+        a socket read is given at most ``_CANCEL_GRACE`` seconds; otherwise
+        the running jobs are awaited, so that nothing writes after the
+        destination is cleaned up."""
+        if cancelled:
+            request_cancel()
+        with self._lock:
+            running = list(self._converted.values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        wait(running, timeout=_CANCEL_GRACE if cancelled else None)
 
     # --- layers -----------------------------------------------------------
 
@@ -318,7 +326,7 @@ class _Run:
     # --- manifests --------------------------------------------------------
 
     def manifest(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
-        m = _load_json(data, f"manifest {desc.digest}")
+        m = load_json_object(data, f"manifest {desc.digest}")
         media_type = desc.media_type or m.get("mediaType") or OCI_MANIFEST
         if media_type not in MANIFEST_TYPES:
             raise InvalidInput(f"manifest {desc.digest} has unsupported media type {media_type!r}")
@@ -382,12 +390,13 @@ class _Run:
             raise InvalidInput(f"config {config_desc.digest} is implausibly large")
         config_path = self._blob_file(config_desc)
         with open(config_path, "rb") as f:
-            config = _load_json(f.read(), f"config {config_desc.digest}")
+            config = load_json_object(f.read(), f"config {config_desc.digest}")
         if config_path.startswith(self.work):
             os.unlink(config_path)
         rootfs = config.get("rootfs")
-        if not isinstance(rootfs, dict) or len(rootfs.get("diff_ids") or []) != len(layers):
-            found = len((rootfs or {}).get("diff_ids") or [])
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        found = len(diff_ids) if isinstance(diff_ids, list) else 0
+        if found != len(layers):  # (a rootfs or diff_ids of another type counts none)
             raise InvalidInput(f"config {config_desc.digest} has {found} "
                                f"diff_ids for {len(layers)} layers")
         return config_desc, config, layers
@@ -418,7 +427,7 @@ class _Run:
                 "image needs allow_no_verification in the snapshotter")
 
     def index(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
-        idx = _load_json(data, f"index {desc.digest}")
+        idx = load_json_object(data, f"index {desc.digest}")
         entries = [Descriptor.from_json(d) for d in idx.get("manifests") or []]
         wanted = self.options.platforms or (host_platform_default(),)
         selected = []
@@ -479,12 +488,14 @@ def convert_source(source: ImageSource, dst: str,
     started = time.monotonic()
     dref = parse_reference(dst)
     result = ImageResult(source_name or source.name, str(dref))
-    with tempfile.TemporaryDirectory(prefix="estargz-") as work:
+    # In TMPDIR, named so that the next run removes it if this one is killed.
+    with owned_tempdir("convert") as owned:
+        work = owned.path
         dest = open_destination(dref, options.dst)
         run = _Run(source, dest, options, work, progress, result)
         try:
             data, media_type = source.root()
-            obj = _load_json(data, f"{source.name} manifest")
+            obj = load_json_object(data, f"{source.name} manifest")
             media_type = media_type or obj.get("mediaType") or (
                 OCI_INDEX if "manifests" in obj else OCI_MANIFEST)
             root = Descriptor(media_type, sha256_digest(data), len(data))
@@ -493,12 +504,12 @@ def convert_source(source: ImageSource, dst: str,
             else:
                 new_root, raw = run.manifest(root, data)
             dest.commit(new_root, raw)
-        except BaseException:
-            run.pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException as e:
+            run.stop(cancelled=isinstance(e, (KeyboardInterrupt, Cancelled)))
             dest.abort()
             raise
         finally:
-            run.pool.shutdown(wait=True)
+            run.pool.shutdown(wait=not cancel_requested())
             dest.close()
     result.digest = new_root.digest
     result.media_type = new_root.media_type

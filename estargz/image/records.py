@@ -4,10 +4,10 @@ and layer index."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
 from .._exceptions import InvalidInput
+from ..layer.jsondoc import load_json
 
 
 def read_records(lines: Iterable[str]) -> dict[tuple[str, int], list[str]]:
@@ -18,10 +18,7 @@ def read_records(lines: Iterable[str]) -> dict[tuple[str, int], list[str]]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise InvalidInput(f"record line {n} is not JSON") from None
+        rec = load_json(line, f"record line {n}")
         if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) \
                 or type(rec.get("layerIndex")) is not int \
                 or not isinstance(rec.get("manifestDigest"), str):

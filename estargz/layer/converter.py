@@ -43,10 +43,21 @@ from .footer import footer_bytes
 from .layerinput import open_tar
 from .order import Landmark, Planned, dedupe, plan_order
 from .tarstream import index_tar, printable
-from .toc import PREFETCH_LANDMARK, TOC_TAR_NAME, TOCEntry, encode_entry, encode_toc
+from .toc import (
+    MAX_TOC_JSON_SIZE,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+    TOCEntry,
+    encode_entry,
+    encode_toc,
+)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9
+#: The most compression threads: each may have three batches of about
+#: 1 MiB in flight, so this bounds that memory (768 MiB) and the threads
+#: started; more threads than cores gains nothing.
+MAX_WORKERS = 256
 #: The TOC member is compressed at most at this level. zlib-ng's level 9
 #: compresses TOC JSON worse than its level 8 (Debian minbase's 2.05 MB TOC:
 #: 349 KB at 9, 313 KB at 8; stdlib zlib: 330 184 at 9, 330 224 at 8), and
@@ -94,8 +105,9 @@ class ConvertOptions:
             raise InvalidInput(f"chunk size must be positive, not {self.chunk_size}")
         if not 0 <= self.compression_level <= 9:
             raise InvalidInput(f"compression level must be 0-9, not {self.compression_level}")
-        if self.workers < 0:
-            raise InvalidInput(f"workers must be 0 (all cores) or more, not {self.workers}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise InvalidInput(f"workers must be 0 (all cores) to {MAX_WORKERS}, "
+                               f"not {self.workers}")
         if self.format not in FORMATS:
             raise InvalidInput(f"unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
         if not 1 <= self.zstd_level <= 22:
@@ -167,6 +179,7 @@ def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions()
         planned, missing = plan_order(members, options.prioritized_files)
         if missing and not options.allow_missing:
             raise MissingPrioritizedFiles(missing)
+        check_toc_fits(planned, options.chunk_size)
         with atomic_output(dst) as out:
             writer = FORMATS[options.format]
             if writer is None:
@@ -177,6 +190,29 @@ def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions()
     return LayerResult(**{**result, "entries": len(members), "prioritized": prioritized,
                           "missing": tuple(missing),
                           "seconds": round(time.monotonic() - started, 3)})
+
+
+# Lower bounds of a TOC entry's JSON: any entry has a name, a type and
+# punctuation; a data chunk also a 78-character sha256 chunk digest.
+_MIN_ENTRY_JSON = 40
+_MIN_CHUNK_JSON = 100
+
+
+def check_toc_fits(planned: Sequence[Planned], chunk_size: int) -> None:
+    """Refuse, before anything is written, a layer whose TOC would exceed
+    ``MAX_TOC_JSON_SIZE`` -- a blob every reader (ours, the snapshotter)
+    refuses -- judged by a lower bound of its size: a very small chunk size
+    on a large layer, or millions of entries."""
+    least = 0
+    for m in planned:
+        if isinstance(m, tarfile.TarInfo) and m.isreg() and m.size:
+            least += -(-m.size // chunk_size) * _MIN_CHUNK_JSON
+        else:
+            least += _MIN_ENTRY_JSON
+    if least > MAX_TOC_JSON_SIZE:
+        raise InvalidInput(f"the TOC would be over {least} bytes at a chunk size of "
+                           f"{chunk_size}, more than the {MAX_TOC_JSON_SIZE} bytes readers "
+                           "accept; use a larger chunk size")
 
 
 # --- building headers and TOC entries ------------------------------------
@@ -503,6 +539,10 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
 
     toc_json = encode_toc(writer.toc_parts)
     writer.toc_parts = []
+    if len(toc_json) > MAX_TOC_JSON_SIZE:  # over check_toc_fits's lower bound
+        raise InvalidInput(f"the TOC is {len(toc_json)} bytes, more than the "
+                           f"{MAX_TOC_JSON_SIZE} bytes readers accept; use a larger "
+                           "chunk size")
     toc_offset = writer.offset
     toc_header = tarfile.TarInfo(TOC_TAR_NAME)
     toc_header.size = len(toc_json)

@@ -45,9 +45,6 @@ class LayerReader:
         if head.name != TOC_TAR_NAME or not head.isreg():
             raise TOCError(f"tar entry at the TOC offset is {head.name!r}, "
                            f"not {TOC_TAR_NAME!r}", offset=self.toc_offset)
-        if head.size < 0:  # a PAX "size" record or a base-256 field can say so
-            raise TOCError(f"TOC tar entry has a negative size {head.size}",
-                           offset=self.toc_offset)
         if head.size > max_toc_size:
             raise TOCError(f"TOC JSON of {head.size} bytes exceeds the "
                            f"{max_toc_size}-byte limit", offset=self.toc_offset)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import TOCError
+from .jsondoc import load_json
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -198,10 +199,6 @@ class TOC:
     digest: str = ""
 
 
-def _not_json(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")  # json.loads would take NaN, Infinity
-
-
 def decode_toc(data: bytes) -> TOC:
     """Parse TOC JSON bytes into a :class:`TOC` (structure only; see :func:`check_toc`).
 
@@ -209,15 +206,9 @@ def decode_toc(data: bytes) -> TOC:
     ``version`` and a list of ``entries`` -- including bytes after that object,
     which would make the reference compute a different TOC digest.
     """
-    if len(data) > MAX_TOC_JSON_SIZE:
-        raise TOCError(f"TOC JSON of {len(data)} bytes exceeds the "
-                       f"{MAX_TOC_JSON_SIZE}-byte limit")
-    try:
-        # Decoded as UTF-8 here: json.loads on bytes would also take UTF-16
-        # or UTF-32, or skip a byte order mark, which the reference refuses.
-        obj = json.loads(data.decode("utf-8"), parse_constant=_not_json)
-    except (ValueError, RecursionError) as e:
-        raise TOCError(f"TOC is not valid JSON: {e}") from None
+    # UTF-8 only (no UTF-16, no byte order mark: the reference refuses
+    # them), no NaN, bounded in size and depth.
+    obj = load_json(data, "TOC", max_size=MAX_TOC_JSON_SIZE, error=TOCError)
     if data.rstrip(b" \t\r\n") != data:
         raise TOCError("TOC JSON is followed by trailing bytes")
     if not isinstance(obj, dict):

@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, cast
 
 from .._cancel import check_cancelled
-from .._exceptions import FooterError, TOCError
+from .._exceptions import FooterError, InvalidInput, TOCError
 from .compression import Backend
 from .converter import (
     ConvertOptions,
@@ -298,6 +298,10 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
     tarsplit_digest = "sha256:" + hashlib.sha256(tarsplit[0]).hexdigest()
     toc_json = encode_toc(writer.toc_parts, extra={"tarSplitDigest": tarsplit_digest})
     writer.toc_parts = []
+    if len(toc_json) > MAX_TOC_JSON_SIZE:  # as write_estargz: readers refuse it
+        raise InvalidInput(f"the TOC is {len(toc_json)} bytes, more than the "
+                           f"{MAX_TOC_JSON_SIZE} bytes readers accept; use a larger "
+                           "chunk size")
     payload_end = writer.offset
     manifest = backend.compress(toc_json)
     manifest_offset = payload_end + _SKIP_HEADER

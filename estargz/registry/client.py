@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -62,6 +61,7 @@ from .._exceptions import (
 )
 from ..image.descriptor import check_digest, sha256_digest
 from ..image.reference import DockerName
+from ..layer.jsondoc import load_json_object
 from ..layer.source import check_range
 from .credentials import Credentials
 from .deadline import Deadline
@@ -175,8 +175,8 @@ class RegistryClient(RegistryHTTP):
         media_type = content_type.split(";", 1)[0].strip()
         if media_type in ("", "application/json", "text/plain", "application/octet-stream"):
             try:  # some registries and proxies send a generic type
-                declared = json.loads(data).get("mediaType")
-            except (ValueError, AttributeError, UnicodeDecodeError):
+                declared = load_json_object(data, "manifest").get("mediaType")
+            except InvalidInput:
                 declared = None
             if isinstance(declared, str) and declared:
                 media_type = declared

@@ -9,7 +9,7 @@ and record, with fanotify, the files it reads.
   (:class:`ProfileRun`).
 """
 
-from .container import Container, find_runtime
+from .container import Container, find_runtime, remove_stale_containers
 from .profile import (
                       ProfileRun,
                       StopReason,
@@ -34,5 +34,6 @@ __all__ = [
     "DEFAULT_MEMORY_BYTES", "DEFAULT_PATH", "DEFAULT_PIDS_LIMIT", "DOCKER_DEFAULT_CAPABILITIES",
     "STANDARD_MOUNTS", "BindMount", "Container", "ProcessSpec", "ProfileRun", "ResolvedUser",
     "SandboxOptions", "StopReason", "accesses_from_events", "build_spec", "check_mapped",
-    "find_runtime", "interrupt_on_sigterm", "path_in_root", "resolve_user", "run_profiled",
+    "find_runtime", "interrupt_on_sigterm", "path_in_root", "remove_stale_containers",
+    "resolve_user", "run_profiled",
 ]
