@@ -93,6 +93,8 @@ ANNOTATION_KEYS = (MANIFEST_CHECKSUM, MANIFEST_POSITION, TARSPLIT_POSITION,
                    LEGACY_MANIFEST_CHECKSUM, LEGACY_MANIFEST_POSITION)
 
 _END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
+# tar-split lines are compressed in batches of about this many bytes.
+_TARSPLIT_BATCH = 64 << 10
 
 
 def _zstandard() -> Any:
@@ -155,33 +157,42 @@ class _TarSplit:
         # shared one makes other frames (a compressobj shares its context).
         self._z = _zstandard().ZstdCompressor(level=backend.level).compressobj()
         self._parts: list[bytes] = []
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self.size = 0
         self._pos = 0
 
-    def _line(self, obj: dict[str, Any]) -> None:
-        obj["position"] = self._pos
+    def _line(self, line: str) -> None:
+        data = line.encode("utf-8")
         self._pos += 1
-        # Go escapes <, > and & in strings; json.dumps does not, and readers
-        # decode both the same, so only the bytes (and the digest) differ.
-        line = (json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-                .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-                + "\n").encode("utf-8")
-        self.size += len(line)
-        self._parts.append(self._z.compress(line))
+        self.size += len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= _TARSPLIT_BATCH:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        self._parts.append(self._z.compress(b"".join(self._pending)))
+        self._pending, self._pending_size = [], 0
 
     def segment(self, raw: bytes | memoryview) -> None:
         if raw:
-            self._line({"type": 2, "payload": base64.b64encode(raw).decode()})
+            payload = base64.b64encode(raw).decode()
+            self._line(f'{{"type":2,"payload":"{payload}","position":{self._pos}}}\n')
 
     def file(self, name: str, size: int, crc: int | None) -> None:
-        obj: dict[str, Any] = {"type": 1, "name": name}
-        if size:
-            obj["size"] = size
-        obj["payload"] = None if crc is None else base64.b64encode(
-            struct.pack(">Q", crc)).decode()
-        self._line(obj)
+        # Go escapes <, > and & in strings; json.dumps does not, and readers
+        # decode both the same, so only the bytes (and the digest) would differ.
+        text = (json.dumps(name, ensure_ascii=False).replace("<", "\\u003c")
+                .replace(">", "\\u003e").replace("&", "\\u0026"))
+        sized = f',"size":{size}' if size else ""
+        payload = "null" if crc is None else \
+            '"' + base64.b64encode(struct.pack(">Q", crc)).decode() + '"'
+        self._line(f'{{"type":1,"name":{text}{sized},"payload":{payload},'
+                   f'"position":{self._pos}}}\n')
 
     def finish(self) -> bytes:
+        self._flush_pending()
         self._parts.append(self._z.flush())
         data = b"".join(self._parts)
         self._parts = []
