@@ -31,6 +31,7 @@ MNT_DETACH = 2
 CLONE_NEWNS = 0x0002_0000
 CLONE_NEWUSER = 0x1000_0000
 CLONE_NEWPID = 0x2000_0000
+CLONE_NEWNET = 0x4000_0000
 # prctl(2) options.
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -52,6 +53,7 @@ def libc() -> ctypes.CDLL:
                               ctypes.c_ulong, ctypes.c_char_p]
         lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.unshare.argtypes = [ctypes.c_int]
+        lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
         _libc = lib
     return _libc
 
@@ -79,6 +81,13 @@ def umount(target: str, flags: int = 0) -> None:
 def unshare(flags: int) -> None:
     """unshare(2); raises :class:`OSError`."""
     if libc().unshare(flags) != 0:
+        raise _os_error()
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2) for the calling thread (``os.setns`` is Python 3.12+); raises
+    :class:`OSError`."""
+    if libc().setns(fd, nstype) != 0:
         raise _os_error()
 
 

@@ -71,6 +71,10 @@ class OptimizeOptions:
     period: float = 10.0
     wait_on_line: str | None = None
     wait_on_signal: bool = False
+    #: End the profile when the workload accepts connections on this port,
+    #: or answers this http:// URL with 2xx (in the sandbox's network).
+    wait_on_port: int | None = None
+    wait_on_http: str | None = None
     entrypoint: list[str] | None = None
     args: list[str] | None = None
     env: tuple[str, ...] = ()
@@ -102,6 +106,12 @@ class OptimizeResult:
     image: ImageResult | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: Why the profile ended (exited, period, line, ready, signal); None
+    #: without a run (--prefetch-list).
+    stopped_by: str | None = None
+    #: The source's root manifest or index, as resolved (and pinned): what a
+    #: record pushed to a registry refers to.
+    source: Descriptor | None = None
 
 
 def _read_json(source: ImageSource, desc: Descriptor, what: str) -> dict[str, Any]:
@@ -219,6 +229,11 @@ def optimize_image(src: str, dst: str | None,
             open_source(sref, options.convert.src) as inner, \
             StagedSource(inner, os.path.join(work, "staged")) as source:
         desc, manifest, config, from_index = host_manifest(source)
+        root_data, root_type = source.root()
+        source_root = Descriptor(
+            root_type or str(load_json_object(root_data, "the image's root manifest")
+                             .get("mediaType", "")),
+            sha256_digest(root_data), len(root_data))
         layers = [Descriptor.from_json(d) for d in manifest.get("layers") or []]
         if options.prefetch_list is not None:
             accesses = _list_only(source, layers, options.prefetch_list, work)
@@ -229,6 +244,7 @@ def optimize_image(src: str, dst: str | None,
             sandbox = SandboxOptions(
                 runtime=options.runtime, period=options.period,
                 wait_on_line=options.wait_on_line, wait_on_signal=options.wait_on_signal,
+                wait_on_port=options.wait_on_port, wait_on_http=options.wait_on_http,
                 net_host=options.net_host, mounts=list(options.mounts), quiet=options.quiet,
                 output=options.output, workdir=work)
             if os.geteuid() == 0:
@@ -238,6 +254,8 @@ def optimize_image(src: str, dst: str | None,
                 accesses, run, more = profile_rootless(source, layers, process, sandbox, work,
                                                        scratch_bytes=options.scratch_bytes)
             notes.extend(more)
+            if run.not_ready:
+                notes.append(run.not_ready)
             if run.overflowed:
                 notes.append("the fanotify queue overflowed: the record may be incomplete")
         records = per_layer(accesses, desc.digest)
@@ -263,4 +281,5 @@ def optimize_image(src: str, dst: str | None,
     if options.report_html:
         write_html(report, options.report_html)
     return OptimizeResult(desc.digest, accesses, report, image, notes,
-                          round(time.monotonic() - started, 3))
+                          round(time.monotonic() - started, 3),
+                          run.stopped_by.value if run else None, source_root)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -24,8 +25,12 @@ from .. import (
     convert_image,
     read_records,
 )
+from ..image.descriptor import INDEX_TYPES, MANIFEST_TYPES
+from ..image.reference import parse_docker_name
 from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
+from ..registry.client import client_for
 from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
+from ..registry.records import fetch_record, find_record
 from .base import (
     BOOL,
     FORMAT_OPTIONS,
@@ -78,6 +83,8 @@ class _Rate(click.ParamType):
             self.fail(f"{value!r} is not a rate of at least 1 byte per second "
                       f"(e.g. 512, 64k, 1M)", param, ctx)
         return rate
+
+ROOT_TYPES = (*INDEX_TYPES, *MANIFEST_TYPES)
 
 _IMAGE_OPTIONS = [
     # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
@@ -165,6 +172,30 @@ def _image_convert_options(kw: dict[str, Any],
                              auth_file=authfile, **limits))
 
 
+def _record_text(src: str, record_in: str | None, from_referrers: bool,
+                 options: TransportOptions) -> tuple[str | None, list[str]]:
+    """The record ``--record-in`` or ``--record-from-referrers`` names, as
+    text, with notes on how it was chosen."""
+    if record_in and record_in.startswith("docker://"):
+        name = parse_docker_name(record_in.removeprefix("docker://"))
+        with client_for(name.registry, options) as client:
+            return fetch_record(client, name.repository, name.reference).decode(
+                "utf-8", "replace"), []
+    if record_in:
+        return "".join(_read_text_lines(record_in)), []
+    if not from_referrers:
+        return None, []
+    if not src.startswith("docker://"):
+        raise click.UsageError("--record-from-referrers needs a docker:// SRC; give "
+                               "--record-in docker://HOST/REPO@DIGEST for another source")
+    name = parse_docker_name(src.removeprefix("docker://"))
+    with client_for(name.registry, options) as client:
+        _, _, digest = client.get_manifest(name.repository, name.reference, ROOT_TYPES)
+        data, artifact, notes = find_record(client, name.repository, digest)
+    notes.append(f"record {artifact} (refers to {digest})")
+    return data.decode("utf-8", "replace"), notes
+
+
 def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None:
     if not quiet:
         for w in result.warnings:
@@ -180,11 +211,16 @@ def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None
 @main.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--record-in", type=click.Path(dir_okay=False), default=None,
+@click.option("--record-in", default=None, metavar="FILE|docker://HOST/REPO@DIGEST",
               help="Prioritized files per layer, as written by ctr-remote optimize "
-                   "--record-out (JSON lines).")
+                   "--record-out (JSON lines); or the record artifact in a registry "
+                   "(estargz optimize --record-out docker://…).")
+@click.option("--record-from-referrers", is_flag=True,
+              help="Use the record that refers to SRC in SRC's repository (OCI referrers "
+                   "API, or its sha256-HEX tag fallback).")
 @_image_options
-def image_convert_cmd(src: str, dst: str, record_in: str | None, **kw: Any) -> None:
+def image_convert_cmd(src: str, dst: str, record_in: str | None, record_from_referrers: bool,
+                      **kw: Any) -> None:
     """Convert image SRC to eStargz at DST.
 
     References as in skopeo: oci:PATH[:TAG] (or a bare PATH), oci-archive:PATH[:TAG],
@@ -193,8 +229,15 @@ def image_convert_cmd(src: str, dst: str, record_in: str | None, **kw: Any) -> N
     """
     def body() -> None:
         as_json, quiet = kw.pop("as_json"), kw.pop("quiet")
-        records = read_records(_read_text_lines(record_in)) if record_in else {}
-        options = _image_convert_options(kw, records)
+        if record_in and record_from_referrers:
+            raise click.UsageError("give --record-in or --record-from-referrers, not both")
+        options = _image_convert_options(kw)
+        text, notes = _record_text(src, record_in, record_from_referrers, options.src)
+        records = read_records(text.splitlines()) if text is not None else {}
+        options = dataclasses.replace(options, records=records)
+        if not quiet:
+            for note in notes:
+                click.echo(f"estargz: note: {note}", err=True)
         show = not quiet and not as_json and sys.stderr.isatty()
 
         def progress(event: str, report: LayerReport) -> None:
