@@ -24,6 +24,8 @@ APT_PACKAGES=(
   docker-registry skopeo umoci containerd runc crun docker.io busybox-static
   # Docker's default seccomp profile, which container/seccomp.json extends
   golang-github-docker-docker-dev
+  # podman pulls our zstd:chunked images partially (tests/test_podman_zstdchunked.py)
+  podman
   # the profiling report is checked in a real browser
   chromium
 )

@@ -150,3 +150,48 @@ def _json_list(text: str | None, option: str) -> list[str] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise click.BadParameter(f"{option} takes a JSON array of strings")
     return value
+
+
+# --- the output format, shared by `layer convert`, `convert` and `optimize` ---
+
+FORMAT_CHOICES = ("estargz", "zstd:chunked")
+_DEFAULT_LEVELS = {"estargz": 9, "zstd:chunked": 3}
+_LEVEL_RANGES = {"estargz": (0, 9), "zstd:chunked": (1, 22)}
+
+FORMAT_OPTIONS = [
+    click.option("--format", "layer_format", type=click.Choice(FORMAT_CHOICES),
+                 default=None,
+                 help="Layer format: estargz (default; gzip) or zstd:chunked (what podman "
+                      "and CRI-O pull partially)."),
+    click.option("--zstdchunked", is_flag=True,
+                 help="Same as --format zstd:chunked (as ctr-remote and nerdctl say it)."),
+    click.option("--compression-level", type=int, default=None,
+                 help="gzip level 0-9 (default 9) for estargz; zstd level 1-22 "
+                      "(default 3, as the reference) for zstd:chunked."),
+]
+
+
+def format_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--format``, ``--zstdchunked`` and ``--compression-level``."""
+    for opt in reversed(FORMAT_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def resolve_format(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop the format options from ``kw``; return ``ConvertOptions`` fields.
+
+    Bad combinations are usage errors (exit 2) with one line."""
+    fmt, alias, level = kw.pop("layer_format"), kw.pop("zstdchunked"), kw.pop("compression_level")
+    if alias and fmt not in (None, "zstd:chunked"):
+        raise click.UsageError(f"--zstdchunked contradicts --format {fmt}")
+    fmt = "zstd:chunked" if alias else (fmt or "estargz")
+    lo, hi = _LEVEL_RANGES[fmt]
+    if level is None:
+        level = _DEFAULT_LEVELS[fmt]
+    elif not lo <= level <= hi:
+        raise click.BadParameter(f"{level} is not in {lo}-{hi} for {fmt}",
+                                 param_hint="'--compression-level'")
+    if fmt == "zstd:chunked":
+        return {"format": fmt, "zstd_level": level}
+    return {"format": fmt, "compression_level": level}

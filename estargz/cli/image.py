@@ -27,11 +27,20 @@ from .. import (
 )
 from ..image.descriptor import INDEX_TYPES, MANIFEST_TYPES
 from ..image.reference import parse_docker_name
-from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_WORKERS
+from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
 from ..registry.client import client_for
 from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
 from ..registry.records import fetch_record, find_record
-from .base import BOOL, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
+from .base import (
+    BOOL,
+    FORMAT_OPTIONS,
+    MIN_CHUNK_SIZE,
+    _creds,
+    _read_text_lines,
+    _run,
+    main,
+    resolve_format,
+)
 
 
 class _Seconds(click.ParamType):
@@ -93,8 +102,7 @@ _IMAGE_OPTIONS = [
     click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE),
                  default=DEFAULT_CHUNK_SIZE, show_default=True,
                  help="Largest payload chunk, in bytes."),
-    click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
-                 show_default=True, help="gzip level."),
+    *FORMAT_OPTIONS,
     click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
                  help="Compression threads per layer (default: cores shared among layers)."),
     click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
@@ -145,13 +153,16 @@ def _image_convert_options(kw: dict[str, Any],
                            ) -> ImageConvertOptions:
     """Build ``ImageConvertOptions`` from the shared options (popped from ``kw``)."""
     cert_dir, authfile = kw.pop("cert_dir"), kw.pop("authfile")
+    fmt, oci = resolve_format(kw), kw.pop("oci")
+    if fmt["format"] == "zstd:chunked" and not oci:
+        raise click.UsageError("zstd:chunked layers need OCI media types "
+                               "(Docker's have no zstd); drop --docker-media-types")
     limits = {"timeout": kw.pop("timeout"), "read_timeout": kw.pop("read_timeout"),
               "min_transfer_rate": kw.pop("min_transfer_rate")}
     return ImageConvertOptions(
-        layer=ConvertOptions(chunk_size=kw.pop("chunk_size"),
-                             compression_level=kw.pop("compression_level"),
+        layer=ConvertOptions(chunk_size=kw.pop("chunk_size"), **fmt,
                              workers=kw.pop("workers"), backend=kw.pop("backend")),
-        oci=kw.pop("oci"), platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
+        oci=oci, platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
         src=TransportOptions(tls_verify=kw.pop("src_tls_verify"), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("src_creds"), "--src-creds"),

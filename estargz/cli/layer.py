@@ -19,17 +19,25 @@ from .. import (
     DEFAULT_BACKEND,
     ConvertOptions,
     FileSource,
-    LayerReader,
     RangeSource,
     atomic_output,
     convert_layer,
-    verify_blob,
 )
 from ..image.reference import parse_docker_name
-from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_WORKERS
+from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
 from ..layer.order import read_prioritized_list
+from ..layer.zstdreader import open_layer, verify_layer
 from ..registry.client import open_registry_blob
-from .base import BOOL, MIN_CHUNK_SIZE, _creds, _read_text_lines, _run, main
+from .base import (
+    BOOL,
+    MIN_CHUNK_SIZE,
+    _creds,
+    _read_text_lines,
+    _run,
+    format_options,
+    main,
+    resolve_format,
+)
 
 
 def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,8 +97,7 @@ def _emit(result: dict[str, Any], as_json: bool, labels: dict[str, str]) -> None
 @click.argument("dst", metavar="OUT")
 @click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE), default=DEFAULT_CHUNK_SIZE,
               show_default=True, help="Largest payload chunk, in bytes.")
-@click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
-              show_default=True, help="gzip level.")
+@format_options
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
               help="Compression threads (default: all cores).")
 @click.option("--prioritized-files", type=click.Path(dir_okay=False), default=None,
@@ -102,17 +109,20 @@ def _emit(result: dict[str, Any], as_json: bool, labels: dict[str, str]) -> None
               help="Deflate implementation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, workers: int,
+def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
                 prioritized_files: str | None, allow_missing: bool, backend: str,
-                as_json: bool, quiet: bool) -> None:
-    """Convert layer IN (tar, tar+gzip or tar+zstd; - for stdin) to eStargz OUT."""
+                as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Convert layer IN (tar, tar+gzip or tar+zstd; - for stdin) to eStargz
+    (or zstd:chunked) OUT."""
+    fmt = resolve_format(kw)
+
     def body() -> None:
         prioritized = None
         if prioritized_files is not None:
             prioritized = read_prioritized_list(_read_text_lines(prioritized_files))
-        options = ConvertOptions(chunk_size=chunk_size, compression_level=compression_level,
-                                 workers=workers, prioritized_files=prioritized,
-                                 allow_missing=allow_missing, backend=backend)
+        options = ConvertOptions(chunk_size=chunk_size, workers=workers,
+                                 prioritized_files=prioritized,
+                                 allow_missing=allow_missing, backend=backend, **fmt)
         result = convert_layer(src, dst, options)
         if result.missing and not quiet:
             click.echo("estargz: warning: prioritized files not in the layer: "
@@ -124,6 +134,9 @@ def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, wor
             "toc_digest": "TOC digest", "uncompressed_size": "uncompressed size",
             "entries": "entries", "prioritized": "prioritized entries",
         })
+        if result.annotations and not as_json:
+            for key, value in result.annotations.items():
+                click.echo(f"annotation: {key}={value}")
     _run(body)
 
 
@@ -140,7 +153,7 @@ def verify_cmd(blob: str, toc_digest: str | None, as_json: bool, quiet: bool,
     def body() -> None:
         started = time.monotonic()
         with _open_blob(blob, **remote) as src:
-            report = verify_blob(src, toc_digest)
+            report = verify_layer(src, toc_digest)
         if quiet:
             return
         result = {"ok": True, "toc_digest": report.toc_digest, "entries": report.entries,
@@ -164,7 +177,7 @@ def toc_cmd(blob: str, digest: bool, **remote: Any) -> None:
     """Print the TOC JSON of eStargz BLOB, byte for byte."""
     def body() -> None:
         with _open_blob(blob, **remote) as src:
-            reader = LayerReader(src)
+            reader = open_layer(src)
         if digest:
             click.echo(reader.toc_digest)
         else:
@@ -186,7 +199,7 @@ def ls_cmd(blob: str, as_json: bool, **remote: Any) -> None:
     """List the entries of eStargz BLOB (from its TOC)."""
     def body() -> None:
         with _open_blob(blob, **remote) as src:
-            reader = LayerReader(src)
+            reader = open_layer(src)
         for e in reader.entries:
             if e.type == "chunk":
                 continue
@@ -213,7 +226,7 @@ def extract_cmd(blob: str, path: str, output: str | None, **remote: Any) -> None
     """Write file PATH of eStargz BLOB, verified, reading only its chunks."""
     def body() -> None:
         with _open_blob(blob, **remote) as src:
-            reader = LayerReader(src)
+            reader = open_layer(src)
             if output is None:
                 # Verify before printing anything: a file is at most one
                 # layer's worth, spooled through a temporary file.

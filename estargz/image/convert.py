@@ -35,6 +35,7 @@ from ..layer.jsondoc import load_json_object
 from ..layer.reader import LayerReader
 from ..layer.source import FileSource
 from ..layer.toc import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+from ..layer.zstdchunked import ANNOTATION_KEYS as ZSTD_CHUNKED_ANNOTATIONS
 from .descriptor import (
     CONVERTIBLE_LAYERS,
     DOCKER_CONFIG,
@@ -46,6 +47,7 @@ from .descriptor import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
     OCI_MANIFEST,
     Descriptor,
     Platform,
@@ -175,6 +177,9 @@ class ImageResult:
 ProgressFn = Callable[[str, LayerReport], None]
 #: A layer job's outcome: the new descriptor, the conversion (``None`` when
 #: reused), what was done and how long it took.
+_FORMAT_ANNOTATIONS = frozenset(
+    (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, *ZSTD_CHUNKED_ANNOTATIONS))
+
 _LayerJob = tuple[Descriptor, LayerResult | None, str, float]
 
 
@@ -258,9 +263,15 @@ class _Run:
             self.result.warnings.append(
                 f"layer {layer.digest}: recorded paths not in the layer: "
                 + ", ".join(res.missing[:5]) + (" …" if len(res.missing) > 5 else ""))
-        desc = Descriptor(OCI_LAYER_GZIP, res.blob_digest, res.blob_size, {
-            TOC_DIGEST_ANNOTATION: res.toc_digest,
-            UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
+        if res.annotations:
+            # zstd:chunked: its own annotations and never the eStargz TOC
+            # digest beside them (containers/storage refuses both).
+            desc = Descriptor(OCI_LAYER_ZSTD, res.blob_digest, res.blob_size,
+                              dict(res.annotations))
+        else:
+            desc = Descriptor(OCI_LAYER_GZIP, res.blob_digest, res.blob_size, {
+                TOC_DIGEST_ANNOTATION: res.toc_digest,
+                UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
         self.dest.put_blob_file(desc, out)
         if src_path.startswith(self.work):
             os.unlink(src_path)
@@ -277,7 +288,8 @@ class _Run:
 
     def _reusable(self, layer: Descriptor) -> bool:
         want = layer.annotations.get(TOC_DIGEST_ANNOTATION)
-        if not want or layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP):
+        if not want or layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP) \
+                or self.layer_options.format != "estargz":
             return False
         # Only the footer and the TOC are read: by range, from a registry.
         remote = self.source.range_source(layer)
@@ -335,9 +347,13 @@ class _Run:
             if docker:
                 new = Descriptor(DOCKER_LAYER_GZIP, converted.digest, converted.size)
             else:
+                # The source's own format annotations go: a stale zstd:chunked
+                # one beside an eStargz TOC digest makes containers/storage
+                # refuse the layer, and the other way round.
                 kept = {k: v for k, v in old.annotations.items()
-                        if k not in (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION)}
-                new = Descriptor(OCI_LAYER_GZIP, converted.digest, converted.size,
+                        if k not in _FORMAT_ANNOTATIONS}
+                media_type = converted.media_type if res is not None else OCI_LAYER_GZIP
+                new = Descriptor(media_type, converted.digest, converted.size,
                                  {**kept, **converted.annotations})
             new_layers.append(new)
             report = LayerReport(desc.digest, i, old, new,

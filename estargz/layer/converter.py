@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, cast
@@ -95,6 +95,10 @@ class ConvertOptions:
     allow_missing: bool = False
     #: Deflate implementation: ``"zlib-ng"`` (default), ``"zlib"`` or ``"isal"``.
     backend: str = DEFAULT_BACKEND
+    #: Output format: ``"estargz"`` or ``"zstd:chunked"`` (see ``zstdchunked.py``).
+    format: str = "estargz"
+    #: zstd level (1-22) for ``zstd:chunked``; ``compression_level`` is gzip's.
+    zstd_level: int = 3
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -104,6 +108,10 @@ class ConvertOptions:
         if not 0 <= self.workers <= MAX_WORKERS:
             raise InvalidInput(f"workers must be 0 (all cores) to {MAX_WORKERS}, "
                                f"not {self.workers}")
+        if self.format not in FORMATS:
+            raise InvalidInput(f"unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
+        if not 1 <= self.zstd_level <= 22:
+            raise InvalidInput(f"zstd compression level must be 1-22, not {self.zstd_level}")
 
 
 @dataclass(frozen=True)
@@ -125,11 +133,27 @@ class LayerResult:
     #: Compressed bytes of the TOC member and the footer, which a lazy
     #: puller reads before anything else.
     toc_size: int = 0
+    #: Layer descriptor annotations the format needs besides the TOC digest
+    #: (zstd:chunked's ``io.github.containers.zstd-chunked.*``).
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["missing"] = list(self.missing)
+        if not self.annotations:
+            del d["annotations"]
         return d
+
+
+#: Output formats: name -> writer(fd, planned, out, options) returning the
+#: result fields. eStargz is built in; ``zstdchunked.py`` registers itself
+#: (it builds on this module, so this module cannot import it).
+FORMATS: dict[str, Any] = {"estargz": None}
+
+
+def register_format(name: str, writer: Any) -> None:
+    """Make ``ConvertOptions(format=name)`` write with ``writer``."""
+    FORMATS[name] = writer
 
 
 def available_cores() -> int:
@@ -157,7 +181,11 @@ def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions()
             raise MissingPrioritizedFiles(missing)
         check_toc_fits(planned, options.chunk_size)
         with atomic_output(dst) as out:
-            result = write_estargz(tar.fileno(), planned, out, options, backend)
+            writer = FORMATS[options.format]
+            if writer is None:
+                result = write_estargz(tar.fileno(), planned, out, options, backend)
+            else:
+                result = writer(tar.fileno(), planned, out, options)
     prioritized = planned.index(next(p for p in planned if isinstance(p, Landmark)))
     return LayerResult(**{**result, "entries": len(members), "prioritized": prioritized,
                           "missing": tuple(missing),
@@ -261,10 +289,12 @@ class _Unit:
         self.entries: list[TOCEntry] = []
 
 
-def _plan_units(planned: Sequence[Planned], chunk_size: int) -> Iterator[_Unit]:
+def _plan_units(planned: Sequence[Planned], chunk_size: int,
+                make_header: Callable[[Planned], tuple[bytes, TOCEntry, int]] = entry_header,
+                ) -> Iterator[_Unit]:
     unit = _Unit()
     for m in planned:
-        header, entry, size = entry_header(m)
+        header, entry, size = make_header(m)
         unit.tail += header
         if not size:
             if entry.type == "reg":
@@ -437,9 +467,20 @@ class _Writer:
         self.blob.update(data)
         self.offset += len(data)
 
+    #: How a TOC entry is written (a format may add fields).
+    encode_entry = staticmethod(encode_entry)
+
+    def payload_piece(self, piece: bytes) -> None:
+        """Called with each payload piece in order (for a format's own sums)."""
+
+    def file_done(self, entry: TOCEntry) -> None:
+        """Called once the last chunk of ``entry``'s payload is written."""
+
     def unit(self, u: _Unit, c: _Compressed) -> None:
+        reg: TOCEntry | None = None  # the file whose payload this unit holds
         if u.member is not None:
             e = u.entries[0]
+            reg = e if u.start == 0 else self._file_entry
             e.offset = self.offset
             if e.name == PREFETCH_LANDMARK:
                 self.landmark_offset = self.offset
@@ -452,6 +493,7 @@ class _Writer:
                 self._file_hash, self._file_entry = hashlib.sha256(), e
             for piece in read_payload(self.fd, u.member, u.start, u.length):
                 self.diff.update(piece)
+                self.payload_piece(piece)
                 if self._file_hash is not None:
                     self._file_hash.update(piece)
             self.usize += u.length
@@ -464,10 +506,13 @@ class _Writer:
         self.usize += len(u.tail)
         for data in c.chunks():
             self.write(data)
+        if reg is not None and u.start + u.length == reg.size:
+            self.file_done(reg)
         self._held.extend(u.entries)
         if self._file_hash is None:  # every held entry is complete now
             try:
-                self.toc_parts.extend(encode_entry(e).encode("utf-8") for e in self._held)
+                self.toc_parts.extend(self.encode_entry(e).encode("utf-8")
+                                      for e in self._held)
             except UnicodeEncodeError:
                 raise TOCError("TOC contains a name that is not valid UTF-8") from None
             self._held.clear()

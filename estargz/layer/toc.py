@@ -35,7 +35,7 @@ ENTRY_TYPES = frozenset(
     {"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _INT_FIELDS = ("size", "mode", "uid", "gid", "offset", "devMajor", "devMinor",
-               "chunkOffset", "chunkSize")
+               "chunkOffset", "chunkSize", "endOffset")
 # Narrower ranges: the reference keeps a mode as a 32-bit os.FileMode.
 _INT_LIMITS = {"mode": 1 << 32}
 _STR_FIELDS = ("name", "type", "modtime", "linkName", "userName", "groupName",
@@ -73,6 +73,9 @@ class TOCEntry:
     chunk_offset: int = 0
     chunk_size: int = 0
     chunk_digest: str = ""
+    #: zstd:chunked only: the blob offset just past the file's last frame
+    #: (containers/storage's ``endOffset``); never set in eStargz.
+    end_offset: int = 0
 
     def is_data(self) -> bool:
         """True for entries that own compressed bytes (non-empty files, chunks)."""
@@ -84,7 +87,7 @@ _FIELDS = (
     ("name", "name"), ("type", "type"), ("size", "size"),
     ("modtime", "modtime"), ("link_name", "linkName"), ("mode", "mode"),
     ("uid", "uid"), ("gid", "gid"), ("user_name", "userName"),
-    ("group_name", "groupName"), ("offset", "offset"),
+    ("group_name", "groupName"), ("offset", "offset"), ("end_offset", "endOffset"),
     ("dev_major", "devMajor"), ("dev_minor", "devMinor"), ("xattrs", "xattrs"),
     ("digest", "digest"), ("chunk_offset", "chunkOffset"),
     ("chunk_size", "chunkSize"), ("chunk_digest", "chunkDigest"),
@@ -115,10 +118,12 @@ def encode_entry(e: TOCEntry) -> str:
     return "\t\t{\n" + ",\n".join(lines) + "\n\t\t}"
 
 
-def encode_toc(encoded_entries: Iterable[str | bytes], version: int = 1) -> bytes:
+def encode_toc(encoded_entries: Iterable[str | bytes], version: int = 1,
+               extra: dict[str, str] | None = None) -> bytes:
     """Assemble entries encoded with :func:`encode_entry` (as text, or as
     UTF-8 bytes) into the TOC JSON, copying them once: for a large layer the
-    TOC is the converter's biggest allocation."""
+    TOC is the converter's biggest allocation. ``extra`` string fields follow
+    the entries (zstd:chunked's ``tarSplitDigest``)."""
     parts = [b'{\n\t"version": %d,\n\t"entries": [' % version]
     sep = b"\n"
     try:
@@ -130,7 +135,10 @@ def encode_toc(encoded_entries: Iterable[str | bytes], version: int = 1) -> byte
         # Names with undecodable bytes reach here only if a caller skipped
         # the converter's checks; say so instead of writing broken JSON.
         raise TOCError("TOC contains a name that is not valid UTF-8") from None
-    parts.append(b"\n\t]\n}" if len(parts) > 1 else b"]\n}")
+    parts.append(b"\n\t]" if len(parts) > 1 else b"]")
+    for key, value in (extra or {}).items():
+        parts.append(f',\n\t{_s(key)}: {_s(value)}'.encode())
+    parts.append(b"\n}")
     return b"".join(parts)
 
 
