@@ -87,8 +87,9 @@ func run(args []string) error {
 }
 
 // extraCommands holds subcommands that only a newer reference offers; the
-// v0.18 build (tests/interop/goref-v018, scripts/build-goref-v018.sh) adds
-// its file to this program and registers them from an init function.
+// v0.18 build (tests/interop/goref-estargz-v018, built by
+// scripts/build-goref-estargz-v018.sh) adds its file to this program and
+// registers them from an init function.
 var extraCommands = map[string]func([]string) error{}
 
 // verifyTOCFallback, when set (by the v0.18 build), is asked for a verifier

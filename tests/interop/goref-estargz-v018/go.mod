@@ -1,4 +1,4 @@
-module estargz-tests/goref-v018
+module estargz-tests/goref-estargz-v018
 
 go 1.24.0
 
