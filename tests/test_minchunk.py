@@ -78,8 +78,8 @@ def read_toc(out: Path, toc: Path | None) -> list[dict]:
 
 
 def v018_reads(goref: Path, blob: Path, toc_digest: str, toc: Path | None) -> dict[str, dict]:
-    argv = ([goref, "verify", blob, toc_digest] if toc is None
-            else [goref, "verify-external", blob, toc_digest, toc])
+    argv: list[str | Path] = ([goref, "verify", blob, toc_digest] if toc is None
+                              else [goref, "verify-external", blob, toc_digest, toc])
     p = subprocess.run(argv, capture_output=True, text=True)
     assert p.returncode == 0, f"reference v0.18 rejected our blob: {p.stderr}"
     lines = [json.loads(item) for item in p.stdout.splitlines()]

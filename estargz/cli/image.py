@@ -23,7 +23,8 @@ from .. import (
     read_records,
 )
 from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
-from .base import _creds, _read_text_lines, _run, _tls, main
+from .base import EXIT_USAGE, _creds, _fail, _read_text_lines, _run, _tls, main
+from .layer import check_layout_options
 
 _IMAGE_OPTIONS = [
     # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
@@ -46,6 +47,14 @@ _IMAGE_OPTIONS = [
                  help="Compression threads per layer (default: cores shared among layers)."),
     click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
                  show_default=True, help="Deflate implementation."),
+    click.option("--min-chunk-size", type=click.IntRange(min=0), default=0, metavar="BYTES",
+                 help="Chunks share a gzip member until it holds this many bytes "
+                      "(smaller layers; 0: one member a chunk)."),
+    click.option("--external-toc", is_flag=True,
+                 help="Keep each layer's TOC out of it, in a TOC image beside DST "
+                      "(tag TAG-esgztoc), as the reference does."),
+    click.option("--keep-diff-id", is_flag=True,
+                 help="Keep each layer's uncompressed bytes (diff_id); needs --external-toc."),
     click.option("--src-creds", default=None, metavar="USER:PASS",
                  help="Source registry credentials."),
     click.option("--dest-creds", default=None, metavar="USER:PASS",
@@ -77,10 +86,18 @@ def _image_convert_options(kw: dict[str, Any],
                            ) -> ImageConvertOptions:
     """Build ``ImageConvertOptions`` from the shared options (popped from ``kw``)."""
     cert_dir, authfile = kw.pop("cert_dir"), kw.pop("authfile")
+    keep_diff_id, external_toc = kw.pop("keep_diff_id"), kw.pop("external_toc")
+    check_layout_options(keep_diff_id=keep_diff_id, external_toc=external_toc,
+                         prioritized=bool(records), what="--record-in's files")
+    if external_toc and kw["reuse"]:
+        _fail("--reuse cannot go with --external-toc: a reused layer has no TOC blob "
+              "for the TOC image", EXIT_USAGE)
     return ImageConvertOptions(
         layer=ConvertOptions(chunk_size=kw.pop("chunk_size"),
                              compression_level=kw.pop("compression_level"),
-                             workers=kw.pop("workers"), backend=kw.pop("backend")),
+                             workers=kw.pop("workers"), backend=kw.pop("backend"),
+                             min_chunk_size=kw.pop("min_chunk_size"),
+                             external_toc=external_toc, keep_diff_id=keep_diff_id),
         oci=kw.pop("oci"), platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
         src=TransportOptions(tls_verify=_tls(kw.pop("src_tls_verify")), cert_dir=cert_dir,
@@ -101,6 +118,8 @@ def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None
         dropped = f", dropped {len(result.dropped)} index entries" if result.dropped else ""
         click.echo(f"{result.destination}: {result.digest} "
                    f"({len(result.layers)} layers{dropped}, {result.seconds:.1f}s)")
+        if result.toc_image:
+            click.echo(f"{result.toc_image}: {result.toc_image_digest} (TOC image)")
 
 
 @main.command("convert")
