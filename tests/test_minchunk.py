@@ -29,8 +29,11 @@ from conftest import (
     run_cli,
     write,
 )
+from daemons import build_images
 from test_interop import expected_entries
 from test_plain_consumers import gnu_extract, plain_specs, tree
+from test_treecompare import diff_ids, umoci_unpack
+from treecompare import ESTARGZ_FILES, assert_same_tree, snapshot_tree
 
 SMALL_FILES = [Spec(f"s/{i:03d}", data=pattern(i * 37 % 3000, i)) for i in range(120)]
 # What the options cost or save shows only with many small files.
@@ -241,3 +244,28 @@ def test_external_toc_blob_is_required_and_only_for_such_blobs(tmp_path):
     _, other_toc, _ = convert(tmp_path, other, "min-chunk+external-toc")
     r = run_cli("layer", "verify", out, "--toc", other_toc)
     assert r.code == 1
+
+
+@pytest.mark.parametrize("variant", ["min-chunk", "external-toc", "keep-diff-id"])
+def test_umoci_and_skopeo_read_converted_images(tmp_path, variant):
+    """Plain consumers of whole images: umoci unpacks the converted
+    lazy-kinds to the original tree, and skopeo copies it (checking every
+    digest); --keep-diff-id leaves every diff_id as it was."""
+    lazy = build_images("lazy-kinds")["lazy-kinds"] / "oci"
+    args = {"min-chunk": ["--min-chunk-size", "65536"],
+            "external-toc": ["--min-chunk-size", "65536", "--external-toc"],
+            "keep-diff-id": ["--min-chunk-size", "65536", "--external-toc",
+                             "--keep-diff-id"]}[variant]
+    out = tmp_path / "out"
+    run_cli("convert", f"oci:{lazy}:latest", f"oci:{out}:v1", *args, check=True)
+    if variant == "keep-diff-id":
+        assert diff_ids(out, "v1") == diff_ids(lazy)
+    else:
+        assert not set(diff_ids(out, "v1")) & set(diff_ids(lazy))
+    want = snapshot_tree(umoci_unpack(lazy, "latest", tmp_path / "orig"))
+    got = snapshot_tree(umoci_unpack(out, "v1", tmp_path / "converted"), skip=ESTARGZ_FILES)
+    assert_same_tree(got, want)
+    tags = ["v1", "v1-esgztoc"] if "--external-toc" in args else ["v1"]
+    for tag in tags:
+        subprocess.run(["skopeo", "copy", "--quiet", f"oci:{out}:{tag}",
+                        f"oci:{tmp_path / 'copy'}:{tag}"], check=True, capture_output=True)
