@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import blobcraft
+import estargz
 from conftest import (
     CHUNK,
     REPO,
@@ -269,3 +271,27 @@ def test_umoci_and_skopeo_read_converted_images(tmp_path, variant):
     for tag in tags:
         subprocess.run(["skopeo", "copy", "--quiet", f"oci:{out}:{tag}",
                         f"oci:{tmp_path / 'copy'}:{tag}"], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("change, verify_error, extract_error", [
+    (512, "innerOffset do not point at the chunk", "does not match its chunkDigest"),
+    (10**12, "innerOffset do not point at the chunk", "before the chunk's innerOffset"),
+])
+def test_a_wrong_inner_offset_is_caught(tmp_path, change, verify_error, extract_error):
+    """A TOC whose innerOffset points elsewhere in the member: verify names
+    it, extract refuses the bytes it finds there (never prints them)."""
+    blob = blobcraft.convert(CASES["many-small"], chunk_size=CHUNK, min_chunk_size=16384)
+    toc_offset, _ = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:])
+    toc = json.loads(estargz.LayerReader(estargz.BytesSource(blob)).toc_json)
+    # The last file of a shared member, so the TOC's own order still holds.
+    data = [e for e in toc["entries"] if e.get("offset")]
+    e = next(e for e, after in zip(data, data[1:], strict=False)
+             if e.get("innerOffset") and e["type"] == "reg" and e["size"] < CHUNK
+             and after["offset"] != e["offset"])
+    e["innerOffset"] += change
+    bad = write(tmp_path / "bad.esgz", blob[:toc_offset] + blobcraft.gzip_member(
+        blobcraft.toc_tar(blobcraft.dump_toc(toc))) + estargz.footer_bytes(toc_offset))
+    r = run_cli("layer", "verify", bad)
+    assert r.code == 1 and verify_error in r.err, r.err
+    r = run_cli("layer", "extract", bad, e["name"])
+    assert r.code == 1 and extract_error in r.err and not r.out, r.err
