@@ -295,3 +295,22 @@ def test_a_wrong_inner_offset_is_caught(tmp_path, change, verify_error, extract_
     assert r.code == 1 and verify_error in r.err, r.err
     r = run_cli("layer", "extract", bad, e["name"])
     assert r.code == 1 and extract_error in r.err and not r.out, r.err
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["convert", "{src}", "oci:{out}:v1", "--keep-diff-id"], 2,
+     "--keep-diff-id needs --external-toc"),
+    (["convert", "{src}", "oci:{out}:v1", "--external-toc", "--reuse"], 2,
+     "--reuse cannot go with --external-toc"),
+    (["optimize", "{src}", "oci:{out}:v1", "--external-toc", "--keep-diff-id"], 2,
+     "--keep-diff-id keeps each layer's order"),
+    (["convert", "{src}", "oci:{out}", "--external-toc"], 1,
+     "an external TOC needs a tagged"),
+])
+def test_image_commands_refuse_bad_combinations(tmp_path, args, code, message):
+    """One line, before any work: nothing appears at the destination."""
+    src = f"oci:{build_images('busybox')['busybox'] / 'oci'}:latest"
+    r = run_cli(*[a.format(src=src, out=tmp_path / "out") for a in args])
+    assert (r.code, r.err.count("\n")) == (code, 1), r.err
+    assert message in r.err
+    assert not (tmp_path / "out").exists()

@@ -523,6 +523,8 @@ def convert_source(source: ImageSource, dst: str,
     """
     started = time.monotonic()
     dref = parse_reference(dst)
+    # Named before any work: a destination without a tag cannot have one.
+    toc_ref = toc_image_reference(dref) if options.layer.external_toc else None
     result = ImageResult(source_name or source.name, str(dref))
     with tempfile.TemporaryDirectory(prefix="estargz-") as work:
         dest = open_destination(dref, options.dst)
@@ -538,8 +540,7 @@ def convert_source(source: ImageSource, dst: str,
             else:
                 new_root, raw = run.manifest(root, data)
             dest.commit(new_root, raw)
-            if options.layer.external_toc:
-                toc_ref = toc_image_reference(dref)
+            if toc_ref is not None:
                 result.toc_image = str(toc_ref)
                 result.toc_image_digest = run.write_toc_image(toc_ref).digest
         except BaseException:
