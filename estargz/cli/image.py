@@ -88,7 +88,8 @@ def _image_convert_options(kw: dict[str, Any],
     cert_dir, authfile = kw.pop("cert_dir"), kw.pop("authfile")
     keep_diff_id, external_toc = kw.pop("keep_diff_id"), kw.pop("external_toc")
     check_layout_options(keep_diff_id=keep_diff_id, external_toc=external_toc,
-                         prioritized=bool(records), what="--record-in's files")
+                         prioritized=bool(records), what="--record-in's files",
+                         min_chunk_size=kw["min_chunk_size"])
     if external_toc and kw["reuse"]:
         _fail("--reuse cannot go with --external-toc: a reused layer has no TOC blob "
               "for the TOC image", EXIT_USAGE)

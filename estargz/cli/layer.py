@@ -116,7 +116,8 @@ def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, wor
                 as_json: bool, quiet: bool) -> None:
     """Convert layer IN (tar, tar+gzip or tar+zstd; - for stdin) to eStargz OUT."""
     check_layout_options(keep_diff_id=keep_diff_id, external_toc=toc_dst is not None,
-                         prioritized=prioritized_files is not None)
+                         prioritized=prioritized_files is not None,
+                         min_chunk_size=min_chunk_size)
 
     def body() -> None:
         prioritized = None
@@ -148,8 +149,19 @@ def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, wor
 
 
 def check_layout_options(*, keep_diff_id: bool, external_toc: bool, prioritized: bool,
-                         what: str = "--prioritized-files") -> None:
-    """Refuse option combinations the layout cannot honour: one line, exit 2."""
+                         what: str = "--prioritized-files", min_chunk_size: int = 0,
+                         fmt: str = "estargz") -> None:
+    """Refuse option combinations the layout cannot honour: one line, exit 2.
+
+    ``fmt`` is the output format; the options are eStargz's (gzip members to
+    share, a gzip TOC blob), so any other format refuses them.
+    """
+    used = [name for name, on in (("--min-chunk-size", min_chunk_size),
+                                  ("--external-toc", external_toc),
+                                  ("--keep-diff-id", keep_diff_id)) if on]
+    if fmt != "estargz" and used:
+        _fail(f"{used[0]} is for eStargz's gzip members; {fmt} has no streams to share "
+              "or TOC to move", EXIT_USAGE)
     if keep_diff_id and not external_toc:
         _fail("--keep-diff-id needs --external-toc: a TOC inside the layer would "
               "change its uncompressed bytes", EXIT_USAGE)
