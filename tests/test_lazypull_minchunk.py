@@ -7,8 +7,8 @@ TOC image ``TAG-esgztoc`` beside it) of lazy-kinds (every entry kind, a
 images rpull``: every layer is a FUSE mount verified against our TOC digest,
 the container runs, and the root filesystem read through the lazy mounts
 equals the original unpacked by containerd's overlayfs snapshotter. Debian's
-0.12 snapshotter reads neither layout (tests/test_minchunk.py pins why), so
-only v0.18 runs here.
+0.12 snapshotter reads neither layout; the last test pins what it does
+instead (tests/test_minchunk.py pins its Go package's errors).
 """
 
 from __future__ import annotations
@@ -88,3 +88,28 @@ def test_v018_lazily_pulls_runs_and_reads_the_original_tree(
             & original.keys() & lazy_tree.keys():
         original[path] = dataclasses.replace(original[path], mtime_ns=lazy_tree[path].mtime_ns)
     assert_same_tree(lazy_tree, original, mtime_tolerance_ns=MTIME_TOLERANCE_NS)
+
+
+@pytest.mark.parametrize("snapshotter_version", ["debian"], indirect=True)
+def test_what_the_debian_snapshotter_does_with_these_layouts(
+        make_lazy_puller, registry: RegistryDaemon, pushed):
+    """Debian's 0.12 snapshotter, pinned (not endorsed): it mounts a
+    min-chunk-size layer lazily, ignores innerOffset, and so reads the wrong
+    bytes of a file in a shared member, which its chunk digest check turns
+    into EIO: the container cannot start. An external-TOC layer's footer is
+    not a footer to it: no lazy mount, containerd pulls the layers whole,
+    and the container runs."""
+    puller = make_lazy_puller(SnapshotterConfig(extra=MEMORY_CACHES))
+    ref = f"{registry.host}/{pushed['min-chunk']['ref']}"
+    puller.rpull(ref)
+    assert len(puller.snapshotter.fuse_mounts()) == len(pushed["min-chunk"]["layers"])
+    run = puller.run(ref, check=False)
+    assert run.returncode != 0 and "input/output error" in run.stderr, run.stderr
+
+    puller = make_lazy_puller(SnapshotterConfig(extra=MEMORY_CACHES))
+    ref = f"{registry.host}/{pushed['external-toc']['ref']}"
+    puller.rpull(ref)
+    assert puller.snapshotter.fuse_mounts() == []
+    assert "invalid magic number" in puller.snapshotter.log_tail()
+    run = puller.run(ref)
+    assert pushed["original"]["expect"] in run.stdout
