@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, cast
@@ -300,14 +300,14 @@ class _Unit:
     them, in order. Without a minimum chunk size it holds at most one
     chunk, first; the first unit of a layer holds none."""
 
-    __slots__ = ("pieces", "entries", "size", "tail")
+    __slots__ = ("pieces", "entries", "size", "tail_size")
 
     def __init__(self) -> None:
         self.pieces: list[_Data | bytearray] = []
         # TOC entries in TOC order.
         self.entries: list[TOCEntry] = []
         self.size = 0  # uncompressed bytes
-        self.tail = 0  # uncompressed bytes since the last chunk
+        self.tail_size = 0  # uncompressed bytes since the last chunk
 
     def add_bytes(self, data: bytes) -> None:
         last = self.pieces[-1] if self.pieces else None
@@ -316,31 +316,41 @@ class _Unit:
         else:
             self.pieces.append(bytearray(data))
         self.size += len(data)
-        self.tail += len(data)
+        self.tail_size += len(data)
 
     def add_data(self, m: Planned, start: int, length: int, entry: TOCEntry) -> None:
         self.pieces.append(_Data(m, start, length, entry, self.size))
         self.entries.append(entry)
         self.size += length
-        self.tail = 0
+        self.tail_size = 0
+
+    @property
+    def tail(self) -> bytes | bytearray:
+        """The header bytes after the unit's last chunk (all of them, for a
+        unit without one)."""
+        last = self.pieces[-1] if self.pieces else None
+        return last if isinstance(last, bytearray) else b""
 
     @property
     def has_data(self) -> bool:
         return any(isinstance(p, _Data) for p in self.pieces)
 
 
-def _plan_units(planned: Sequence[Planned], chunk_size: int, min_chunk_size: int = 0,
-                *, fresh: int = -1, fd: int = -1, trailer: bytes = b"") -> Iterator[_Unit]:
-    """Cut ``planned`` into units. A chunk starts a new unit unless the
-    current one holds a chunk and fewer than ``min_chunk_size`` bytes; the
-    chunks of ``planned[:fresh + 1]`` (prioritized files and the landmark)
-    always start one, so the prefetched range ends exactly at the landmark.
-    With ``fd``, headers and padding are the input's own bytes (read from
-    ``fd``: lossless); ``trailer`` ends the last unit."""
+def _plan_units(planned: Sequence[Planned], chunk_size: int,
+                header_of: Callable[[Planned], tuple[bytes, TOCEntry, int]] = entry_header,
+                min_chunk_size: int = 0, *, fresh: int = -1, fd: int = -1,
+                trailer: bytes = b"") -> Iterator[_Unit]:
+    """Cut ``planned`` into units, each entry's header and TOC entry made by
+    ``header_of``. A chunk starts a new unit unless the current one holds a
+    chunk and fewer than ``min_chunk_size`` bytes; the chunks of
+    ``planned[:fresh + 1]`` (prioritized files and the landmark) always
+    start one, so the prefetched range ends exactly at the landmark. With
+    ``fd``, headers and padding are the input's own bytes (read from ``fd``:
+    lossless); ``trailer`` ends the last unit."""
     unit = _Unit()
     pos = 0  # lossless: input bytes consumed
     for i, m in enumerate(planned):
-        header, entry, size = entry_header(m)
+        header, entry, size = header_of(m)
         if fd >= 0:
             assert isinstance(m, tarfile.TarInfo)
             header = _pread_all(fd, pos, m.offset_data - pos, m)
@@ -367,7 +377,7 @@ def _plan_units(planned: Sequence[Planned], chunk_size: int, min_chunk_size: int
                 padding = _pread_all(fd, pos, len(padding), m)
                 pos += len(padding)
             unit.add_bytes(padding)
-        if unit.tail > _MAX_TAIL:
+        if unit.tail_size > _MAX_TAIL:
             yield unit
             unit = _Unit()
     if fd >= 0:
@@ -528,6 +538,15 @@ class _Writer:
         self._file_entry: TOCEntry | None = None
         self.landmark_offset = 0
 
+    #: How a TOC entry is written (a format may add fields).
+    encode_entry = staticmethod(encode_entry)
+
+    def payload_piece(self, piece: bytes) -> None:
+        """Called with each payload piece in order (for a format's own sums)."""
+
+    def file_done(self, entry: TOCEntry) -> None:
+        """Called once the last chunk of ``entry``'s payload is written."""
+
     def write(self, data: bytes) -> None:
         try:
             self.out.write(data)
@@ -538,26 +557,34 @@ class _Writer:
 
     def unit(self, u: _Unit, c: _Compressed) -> None:
         digests = iter(c.chunk_digests)
+        done: list[TOCEntry] = []  # files whose last chunk is in this unit
         for p in u.pieces:
             if isinstance(p, _Data):
-                self._chunk(p, next(digests))
+                file = self._chunk(p, next(digests))
+                if file is not None:
+                    done.append(file)
             else:
                 self.diff.update(p)
                 self.usize += len(p)
         for data in c.chunks():
             self.write(data)
+        for file in done:
+            self.file_done(file)
         self._held.extend(u.entries)
         if self._file_hash is None:  # every held entry is complete now
             try:
-                self.toc_parts.extend(encode_entry(e).encode("utf-8") for e in self._held)
+                self.toc_parts.extend(self.encode_entry(e).encode("utf-8")
+                                      for e in self._held)
             except UnicodeEncodeError:
                 raise TOCError("TOC contains a name that is not valid UTF-8") from None
             self._held.clear()
 
-    def _chunk(self, d: _Data, chunk_digest: str) -> None:
+    def _chunk(self, d: _Data, chunk_digest: str) -> TOCEntry | None:
         """Fill in the TOC entry of chunk ``d`` of the unit starting here,
-        and hash its payload into the diff_id (and its file's digest)."""
+        and hash its payload into the diff_id (and its file's digest).
+        Returns the file's entry if this was its last chunk."""
         e = d.entry
+        file = e if d.start == 0 else self._file_entry
         e.offset = self.offset
         e.inner_offset = d.inner
         if e.name == PREFETCH_LANDMARK:
@@ -570,6 +597,7 @@ class _Writer:
             self._file_hash, self._file_entry = hashlib.sha256(), e
         for piece in read_payload(self.fd, d.member, d.start, d.length):
             self.diff.update(piece)
+            self.payload_piece(piece)
             if self._file_hash is not None:
                 self._file_hash.update(piece)
         self.usize += d.length
@@ -578,6 +606,7 @@ class _Writer:
                 and d.start + d.length == entry.size:
             entry.digest = "sha256:" + self._file_hash.hexdigest()
             self._file_hash = self._file_entry = None
+        return file if file is not None and d.start + d.length == file.size else None
 
 
 def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
@@ -593,7 +622,7 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     # An external TOC leaves the layer's tar without its last entry: end it
     # with the two zero blocks every tar reader expects (lossless: the
     # input's own end, read with the headers).
-    units = _plan_units(planned, options.chunk_size, options.min_chunk_size,
+    units = _plan_units(planned, options.chunk_size, entry_header, options.min_chunk_size,
                         fresh=landmarks[0] if landmarks else -1,
                         fd=fd if options.keep_diff_id else -1,
                         trailer=bytes(2 * tarfile.BLOCKSIZE) if options.external_toc else b"")
