@@ -83,6 +83,7 @@ from .image.transport import (
 from .layer.compression import BACKENDS, DEFAULT_BACKEND, get_backend
 from .layer.converter import ConvertOptions, LayerResult, convert_layer
 from .layer.footer import FOOTER_SIZE, footer_bytes, parse_footer
+from .layer.jsondoc import MAX_JSON_SIZE, load_json, load_json_object
 from .layer.layerinput import open_tar
 from .layer.reader import LayerReader
 from .layer.source import BytesSource, CountingSource, FileSource, RangeSource
@@ -120,6 +121,8 @@ __all__ = [
     "BytesSource", "CountingSource", "FileSource", "RangeSource",
     # tar input: the one checked tar walk
     "PeekableStream", "check_member", "iter_headers", "open_tar", "printable",
+    # JSON from outside: bounded in depth and size
+    "MAX_JSON_SIZE", "load_json", "load_json_object",
     # files
     "atomic_output",
     # images

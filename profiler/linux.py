@@ -31,6 +31,7 @@ MNT_DETACH = 2
 CLONE_NEWNS = 0x0002_0000
 CLONE_NEWUSER = 0x1000_0000
 CLONE_NEWPID = 0x2000_0000
+CLONE_NEWNET = 0x4000_0000
 # prctl(2) options.
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -52,6 +53,7 @@ def libc() -> ctypes.CDLL:
                               ctypes.c_ulong, ctypes.c_char_p]
         lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.unshare.argtypes = [ctypes.c_int]
+        lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
         _libc = lib
     return _libc
 
@@ -82,6 +84,13 @@ def unshare(flags: int) -> None:
         raise _os_error()
 
 
+def setns(fd: int, nstype: int) -> None:
+    """setns(2) for the calling thread (``os.setns`` is Python 3.12+); raises
+    :class:`OSError`."""
+    if libc().setns(fd, nstype) != 0:
+        raise _os_error()
+
+
 def prctl(option: int, arg: int = 0) -> None:
     """prctl(2) with one argument; raises :class:`OSError`."""
     if libc().prctl(option, arg, 0, 0, 0) != 0:
@@ -104,15 +113,18 @@ def _unescape(field: str) -> str:
 
 
 def mounts_under(path: str) -> list[str]:
-    """Mount points at or below ``path`` in this mount namespace, deepest first."""
+    """Mount points at or below ``path`` in this mount namespace, deepest
+    first, and at one depth the last mounted first (an overlay before the
+    tmpfs holding its upper layer): the order to unmount them in."""
     root = os.path.realpath(path)
     found = []
     with open("/proc/self/mountinfo") as f:
-        for line in f:
+        for line in f:  # in the order they were mounted
             mp = _unescape(line.split()[4])
             if mp == root or mp.startswith(root + "/"):
                 found.append(mp)
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
+    newest_first = list(dict.fromkeys(reversed(found)))
+    return sorted(newest_first, key=lambda p: p.count("/"), reverse=True)
 
 
 def unmount_all(path: str) -> list[str]:
@@ -133,6 +145,49 @@ def unmount_all(path: str) -> list[str]:
                         umount(mp, MNT_DETACH)
         time.sleep(0.02 * attempt)  # stacked mounts need a further round
     return mounts_under(path)
+
+
+def filesystem_full(path: str) -> bool:
+    """Whether the filesystem holding ``path`` has (all but) no room left, in
+    blocks or in inodes: a writer there got ENOSPC.  "All but": less than
+    1 MiB free, and less than a hundredth of it (plus a page) on a small one."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if st.f_files and st.f_favail == 0:
+        return True
+    return free < min(1 << 20, st.f_blocks * st.f_frsize // 100 + PAGE_SIZE)
+
+
+# --- cgroups ------------------------------------------------------------------------------
+
+def own_cgroups(pid: int | str = "self") -> list[tuple[str, list[str], str]]:
+    """``(hierarchy id, controllers, path)`` for each line of
+    /proc/PID/cgroup: ``("0", [], "/user.slice/...")`` is cgroup v2, the
+    others v1 hierarchies (``("4", ["memory"], "/x")``); [] if unreadable."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        out.append((hid, [c for c in controllers.split(",") if c], path))
+    return out
+
+
+def cgroup_mounts() -> list[tuple[str, str, list[str]]]:
+    """``(mount point, "cgroup" or "cgroup2", super options)`` of every cgroup
+    filesystem mounted in this mount namespace (a v1 hierarchy names its
+    controllers in its super options: ``rw,memory``)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1:]
+            if rest[0] in ("cgroup", "cgroup2"):
+                out.append((_unescape(fields[4]), rest[0], rest[2].split(",")))
+    return out
 
 
 # --- user namespaces ----------------------------------------------------------------------

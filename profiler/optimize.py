@@ -4,10 +4,12 @@
    :class:`~estargz.StagedSource`: the manifest resolved once and pinned,
    each layer fetched and decompressed once, for steps 2 and 5 alike.
 2. Assemble the root filesystem from the layers (``profiler.rootfs``:
-   extracted safely, stacked read-only under a throwaway upper layer).
-   Without root, ``profiler.rootless`` flattens them onto a tmpfs in a user
-   namespace instead,
-   and runs steps 3 and 4 there.
+   extracted safely, stacked read-only under a throwaway upper layer, a
+   tmpfs of ``scratch_bytes``), in mount and PID namespaces that die with
+   us (``profiler.rootful``), and run steps 3 and 4 there.  Without root,
+   ``profiler.rootless`` flattens them onto a tmpfs in a user namespace
+   instead.  The work directory is swept by the next run if we are killed
+   (``profiler.workdir``).
 3. Run Entrypoint + Cmd in the sandbox (``profiler.sandbox``) while fanotify records
    every file it opens, reads or executes, in first-access order.
 4. Map each path, symlinks followed, to the layer that provides it
@@ -22,9 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
-import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,6 +32,7 @@ from typing import Any
 
 from estargz import (
     INDEX_TYPES,
+    MAX_JSON_SIZE,
     Descriptor,
     ImageConvertOptions,
     ImageResult,
@@ -45,17 +46,20 @@ from estargz import (
     convert_source,
     host_platform_default,
     iter_headers,
+    load_json_object,
     open_source,
     open_tar,
     parse_reference,
     sha256_digest,
 )
 
-from .record import Access, by_path, map_accesses, per_layer, write_record
+from .record import Access, by_path, per_layer, write_record
 from .report import Report, write_html
-from .rootfs import LayerListing, assemble_image_rootfs, layer_blob, layer_for
+from .rootfs import SCRATCH_BYTES, LayerListing, layer_blob, layer_for
+from .rootful import profile_as_root
 from .rootless import profile_rootless
-from .sandbox import BindMount, ProcessSpec, SandboxOptions, run_profiled
+from .sandbox import BindMount, ProcessSpec, SandboxOptions
+from .workdir import sweep_stale, work_directory
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ class OptimizeOptions:
     period: float = 10.0
     wait_on_line: str | None = None
     wait_on_signal: bool = False
+    #: End the profile when the workload accepts connections on this port,
+    #: or answers this http:// URL with 2xx (in the sandbox's network).
+    wait_on_port: int | None = None
+    wait_on_http: str | None = None
     entrypoint: list[str] | None = None
     args: list[str] | None = None
     env: tuple[str, ...] = ()
@@ -82,6 +90,10 @@ class OptimizeOptions:
     report_html: str | None = None
     quiet: bool = False
     output: Callable[[str], None] | None = None
+    #: What the workload may write, in bytes (a tmpfs under the overlay as
+    #: root; room on the tmpfs rootless).  Writes past it fail with ENOSPC
+    #: and the report says so.
+    scratch_bytes: int = SCRATCH_BYTES
 
 
 @dataclass
@@ -94,30 +106,27 @@ class OptimizeResult:
     image: ImageResult | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-_MAX_JSON = 16 << 20
+    #: Why the profile ended (exited, period, line, ready, signal); None
+    #: without a run (--prefetch-list).
+    stopped_by: str | None = None
+    #: The source's root manifest or index, as resolved (and pinned): what a
+    #: record pushed to a registry refers to.
+    source: Descriptor | None = None
 
 
 def _read_json(source: ImageSource, desc: Descriptor, what: str) -> dict[str, Any]:
-    if desc.size > _MAX_JSON:
+    if desc.size > MAX_JSON_SIZE:
         raise InvalidInput(f"{what} {desc.digest} is implausibly large")
     buf = io.BytesIO()
     source.fetch_blob(desc, buf)
-    try:
-        obj = json.loads(buf.getvalue())
-    except ValueError as e:
-        raise InvalidInput(f"{what} {desc.digest} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{what} {desc.digest} is not a JSON object")
-    return obj
+    return load_json_object(buf.getvalue(), f"{what} {desc.digest}")
 
 
 def host_manifest(source: ImageSource) -> tuple[Descriptor, dict[str, Any], dict[str, Any], bool]:
     """The manifest this machine can run: ``(descriptor, manifest, config,
     from_index)``."""
     data, media_type = source.root()
-    root = json.loads(data)
+    root = load_json_object(data, "the image's root manifest")
     media_type = media_type or root.get("mediaType", "")
     if media_type in INDEX_TYPES or "manifests" in root:
         host = host_platform_default()
@@ -128,7 +137,7 @@ def host_manifest(source: ImageSource) -> tuple[Descriptor, dict[str, Any], dict
             raise InvalidInput(f"the image has no manifest for this machine ({host}); only "
                                f"the host's platform can be profiled (platforms: {have})")
         desc = chosen[0]
-        manifest = json.loads(source.get_manifest(desc))
+        manifest = load_json_object(source.get_manifest(desc), f"manifest {desc.digest}")
         from_index = True
     else:
         desc = Descriptor(media_type, sha256_digest(data), len(data))
@@ -205,17 +214,26 @@ def optimize_image(src: str, dst: str | None,
                    options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
     """Profile image ``src`` and write the optimized eStargz image to ``dst``."""
     started = time.monotonic()
-    notes: list[str] = []
+    if options.scratch_bytes < 1 << 20:  # a tmpfs of size 0 would have no limit at all
+        raise InvalidInput(f"the scratch size must be at least 1 MiB, not "
+                           f"{options.scratch_bytes} bytes")
+    # What killed runs left: their directories, containers, cgroups.
+    notes = [f"left by an earlier run: {p}" for p in sweep_stale()]
     sref = parse_reference(src)
     run = None
     image = None
     # One pass over the source: the manifest is resolved once and pinned,
     # each layer fetched and decompressed once into work/staged; the root
     # filesystem and the converter both read those copies.
-    with tempfile.TemporaryDirectory(prefix="estargz-optimize-") as work, \
+    with work_directory() as work, \
             open_source(sref, options.convert.src) as inner, \
             StagedSource(inner, os.path.join(work, "staged")) as source:
         desc, manifest, config, from_index = host_manifest(source)
+        root_data, root_type = source.root()
+        source_root = Descriptor(
+            root_type or str(load_json_object(root_data, "the image's root manifest")
+                             .get("mediaType", "")),
+            sha256_digest(root_data), len(root_data))
         layers = [Descriptor.from_json(d) for d in manifest.get("layers") or []]
         if options.prefetch_list is not None:
             accesses = _list_only(source, layers, options.prefetch_list, work)
@@ -226,15 +244,18 @@ def optimize_image(src: str, dst: str | None,
             sandbox = SandboxOptions(
                 runtime=options.runtime, period=options.period,
                 wait_on_line=options.wait_on_line, wait_on_signal=options.wait_on_signal,
+                wait_on_port=options.wait_on_port, wait_on_http=options.wait_on_http,
                 net_host=options.net_host, mounts=list(options.mounts), quiet=options.quiet,
                 output=options.output, workdir=work)
             if os.geteuid() == 0:
-                with assemble_image_rootfs(source, layers, os.path.join(work, "root")) \
-                        as (root, listings):
-                    run = run_profiled(root, process, sandbox)
-                    accesses = map_accesses(run.accesses, listings, root)
+                accesses, run, more = profile_as_root(source, layers, process, sandbox, work,
+                                                      options.scratch_bytes)
             else:
-                accesses, run = profile_rootless(source, layers, process, sandbox, work)
+                accesses, run, more = profile_rootless(source, layers, process, sandbox, work,
+                                                       scratch_bytes=options.scratch_bytes)
+            notes.extend(more)
+            if run.not_ready:
+                notes.append(run.not_ready)
             if run.overflowed:
                 notes.append("the fanotify queue overflowed: the record may be incomplete")
         records = per_layer(accesses, desc.digest)
@@ -260,4 +281,5 @@ def optimize_image(src: str, dst: str | None,
     if options.report_html:
         write_html(report, options.report_html)
     return OptimizeResult(desc.digest, accesses, report, image, notes,
-                          round(time.monotonic() - started, 3))
+                          round(time.monotonic() - started, 3),
+                          run.stopped_by.value if run else None, source_root)

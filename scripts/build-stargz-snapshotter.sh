@@ -6,6 +6,8 @@
 #   scripts/build-stargz-snapshotter.sh v0.18    # -> ~/.cache/estargz-dev/bin/containerd-stargz-grpc-v018
 #   scripts/build-stargz-snapshotter.sh debian   # -> ~/.cache/estargz-dev/bin/containerd-stargz-grpc-debian
 #   ESTARGZ_CACHE=/tmp/c scripts/build-stargz-snapshotter.sh v0.18
+#   scripts/build-stargz-snapshotter.sh goref-v018  # zstd:chunked checker, tests/interop/goref-v018
+#   scripts/build-stargz-snapshotter.sh storage-chunked  # containers/storage's partial-pull applier
 #
 # v0.18   github.com/containerd/stargz-snapshotter v0.18.x (the newest v0.18
 #         release when tests/lazypull/snapshotter-v018/go.mod was last
@@ -30,7 +32,7 @@ die() {
     exit 1
 }
 
-[ $# -eq 1 ] || die "usage: $0 v0.18|debian"
+[ $# -eq 1 ] || die "usage: $0 v0.18|debian|goref-v018|storage-chunked"
 version=$1
 
 script=$(readlink -f -- "$0" 2>/dev/null) || script=$0
@@ -43,6 +45,7 @@ bin_dir="$cache_dir/bin"
 mkdir -p "$bin_dir" || die "cannot create cache dir $bin_dir (set ESTARGZ_CACHE to a writable dir)"
 
 gocode=/usr/share/gocode
+build_tags=""
 stargz_pkg="$gocode/src/github.com/containerd/stargz-snapshotter"
 debian_pkgs="golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-containerd-containerd-dev golang-github-burntsushi-toml-dev golang-google-grpc-dev golang-github-hashicorp-go-retryablehttp-dev"
 
@@ -52,6 +55,24 @@ case "$version" in
         name=containerd-stargz-grpc-v018
         GO=${GO_MODULES:-go}
         sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
+        ;;
+    goref-v018)
+        # Not a snapshotter: the v0.18 estargz/zstdchunked packages as a
+        # checker and converter for zstd:chunked (tests/interop/goref-v018).
+        src_dir="$script_dir/../tests/interop/goref-v018"
+        name=goref-v018
+        GO=${GO_MODULES:-go}
+        sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
+        ;;
+    storage-chunked)
+        # Current containers/storage (go.podman.io/storage) applying a
+        # zstd:chunked blob as a partial pull does (tests/interop/storage-chunked).
+        src_dir="$script_dir/../tests/interop/storage-chunked"
+        name=storage-chunked
+        GO=${GO_MODULES:-go}
+        sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
+        # No cgo: leave out the graph drivers that need it.
+        build_tags="exclude_graphdriver_btrfs exclude_graphdriver_devicemapper"
         ;;
     debian)
         src_dir="$lazypull_dir/snapshotter-debian"
@@ -66,7 +87,7 @@ case "$version" in
         sources="$src_dir/main.go"
         ;;
     *)
-        die "unknown version '$version' (expected v0.18 or debian)"
+        die "unknown version '$version' (expected v0.18, debian, goref-v018 or storage-chunked)"
         ;;
 esac
 for f in $sources; do
@@ -135,7 +156,7 @@ if needs_build; then
     gocache="${GOCACHE:-$cache_dir/go-build}"
     # CGO is not needed (go-fuse mounts through /dev/fuse directly) and
     # disabling it avoids requiring a C toolchain.
-    if [ "$version" = v0.18 ]; then
+    if [ "$version" != debian ]; then
         # The module is built where it is; -mod=readonly: go fetches exactly
         # what the committed go.mod/go.sum pin and never edits them.
         # GOTOOLCHAIN=local: never download another Go.
@@ -146,7 +167,7 @@ if needs_build; then
             GOMODCACHE="$gomodcache" GOCACHE="$gocache" \
                 GOFLAGS="-mod=readonly -modcacherw -buildvcs=false" GO111MODULE=on \
                 GOTOOLCHAIN=local GOPROXY="$goproxy" CGO_ENABLED=0 \
-                "$GO" build -trimpath -o "$tmp_bin" .
+                "$GO" build -trimpath -tags "$build_tags" -o "$tmp_bin" .
         ) >&2 || die "go build failed"
     else
         # Private GOPATH whose src/ holds only our program; the dependencies

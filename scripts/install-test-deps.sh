@@ -22,6 +22,10 @@ APT_PACKAGES=(
   tar gzip zstd pigz debootstrap python3-venv util-linux passwd procps
   # real image tooling and daemons the image tests start on private sockets
   docker-registry skopeo umoci containerd runc crun docker.io busybox-static
+  # Docker's default seccomp profile, which container/seccomp.json extends
+  golang-github-docker-docker-dev
+  # podman pulls our zstd:chunked images partially (tests/test_podman_zstdchunked.py)
+  podman
   # the profiling report is checked in a real browser
   chromium
 )

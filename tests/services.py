@@ -440,6 +440,11 @@ class Fault:
     stall: float = 0.0
     #: Forward, but cut the connection after this many body bytes.
     drop_after: int | None = None
+    #: Forward, but send the answer one byte every ``trickle_interval``
+    #: seconds (for at most a minute): ``"headers"`` from its status line on,
+    #: ``"body"`` after whole headers. A deadline, not a read timeout, ends it.
+    trickle: str | None = None
+    trickle_interval: float = 0.5
     times: int = 1
 
 
@@ -526,7 +531,8 @@ class FaultProxy(LoopbackProxy):
 
     * ``corrupt``: digests whose GET responses (blob or manifest) get one byte flipped;
     * ``ignore_range``: drop the Range header, so the registry sends whole blobs;
-    * :meth:`add_fault`: answer a status, stall, or cut a body short;
+    * :meth:`add_fault`: answer a status, stall, cut a body short, or trickle
+      the headers or the body a byte at a time;
     * ``log``: every request, with its status and the body bytes sent.
 
     The registry builds upload URLs from the Host header, which the proxy
@@ -642,6 +648,8 @@ class _ProxyHandler(ProxyHandler):
             # it has the headers of its answer.
             proxy._record(Exchange(method, self.path, up.status,
                                    self.headers.get("Range"), sent, fault))
+            if fault is not None and fault.trickle:
+                return self._trickle(fault, up, bytes(data))
             self.send_response(up.status, up.reason)
             for name, value in up.getheaders():
                 if name.lower() not in _HOP_BY_HOP:
@@ -661,6 +669,25 @@ class _ProxyHandler(ProxyHandler):
                 self.wfile.write(bytes(data))
         finally:
             conn.close()
+
+    def _trickle(self, fault: Fault, up: http.client.HTTPResponse, body: bytes) -> None:
+        """Answer like the upstream did, a byte every ``fault.trickle_interval``
+        seconds: the whole answer, or its body only."""
+        head = [f"HTTP/1.1 {up.status} {up.reason}\r\n"]
+        head += [f"{n}: {v}\r\n" for n, v in up.getheaders() if n.lower() not in _HOP_BY_HOP]
+        head += [f"Content-Length: {len(body)}\r\n", "Connection: close\r\n", "\r\n"]
+        raw = "".join(head).encode("latin-1")
+        if fault.trickle == "body":
+            self.wfile.write(raw)
+            raw = b""
+        slow = raw + (body if self.command != "HEAD" else b"")
+        self.close_connection = True
+        end = time.monotonic() + 60  # a client that never gives up cannot hold a thread
+        for i in range(len(slow)):
+            if time.monotonic() > end:
+                break
+            self.wfile.write(slow[i:i + 1])  # OSError when the client hangs up: done
+            time.sleep(fault.trickle_interval)
 
     def _answer(self, status: int, headers: dict, body: bytes) -> None:
         self.send_response(status)

@@ -13,6 +13,7 @@ bound only if the phase really checks for cancellation.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any, BinaryIO
 
 import estargz.layer.converter as converter
 import estargz.layer.layerinput as layerinput
+import estargz.registry.client as registry_client
 from estargz.cli import main
 
 #: Seconds slept per piece of data in the slowed phase.
@@ -38,7 +40,7 @@ class _Slow:
         return self._src.read(min(n, 64 << 10) if n >= 0 else 64 << 10)
 
     def peek(self, n: int = 0) -> bytes:
-        return self._src.peek(n)  # type: ignore[attr-defined, no-any-return]
+        return self._src.peek(n)  # type: ignore[attr-defined]
 
 
 def _announce(marker: Path) -> None:
@@ -62,12 +64,47 @@ def slow_compress(marker: Path) -> None:
         for piece in real(*args):
             time.sleep(CRAWL)
             yield piece
-    converter.read_payload = slowed
+    converter.read_payload = slowed  # type: ignore[assignment]
+
+
+class _SlowFile:
+    """A file opened for reading whose reads crawl (a request body)."""
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115  (closed by its reader, as the real one)
+        self._size = os.fstat(self._f.fileno()).st_size
+
+    def __len__(self) -> int:
+        return self._size - self._f.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        time.sleep(CRAWL)
+        return self._f.read(min(n, 64 << 10) if n >= 0 else 64 << 10)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def slow_upload(marker: Path) -> None:
+    def slowed(path: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "rb":  # a blob body
+            _announce(marker)
+            return _SlowFile(path)
+        return open(path, mode, *args, **kwargs)
+    # The client's module only opens files to send them.
+    registry_client.open = slowed  # type: ignore[attr-defined]
 
 
 PHASES: dict[str, Callable[[Path], None]] = {
     "decompress": slow_decompress,
     "compress": slow_compress,
+    "upload": slow_upload,
 }
 
 

@@ -290,3 +290,17 @@ def test_an_explicit_auth_file_must_exist(env: Env, monkeypatch: pytest.MonkeyPa
 def test_an_empty_file_holds_no_credentials(env: Env) -> None:
     write_json(env.docker_config, "")
     assert resolve_credentials(HOST) is None
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "directory", "fifo"])
+def test_an_auth_file_that_is_not_a_file_is_refused_at_once(env: Env, tmp_path: Path,
+                                                            special: str) -> None:
+    """``--authfile /dev/zero`` used to be read without end; a FIFO without
+    a writer would block."""
+    path = {"/dev/zero": "/dev/zero", "directory": str(tmp_path)}.get(special)
+    if path is None:
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    refused = "auth file .* (not a regular file|no process writes to)"
+    with pytest.raises(InvalidInput, match=refused):
+        resolve_credentials(HOST, auth_file=path)

@@ -221,3 +221,80 @@ def test_signal_stops_a_profile_and_its_container(tmp_path, test_images, signum)
     with open("/proc/self/mountinfo") as f:
         assert str(tmp) not in f.read()
     assert leftovers(tmp_path) == []
+
+
+# --- the network: fetch and upload ----------------------------------------------------
+
+def push(image: Path, registry_host: str, repo: str) -> str:
+    ref = f"{registry_host}/{repo}:v1"
+    p = subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                        f"oci:{image}:latest", f"docker://{ref}"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return ref
+
+
+def test_signal_stops_a_fetch_from_a_trickling_registry(tmp_path, test_images, registry,
+                                                        tampering_proxy):
+    push(test_images.busybox, registry.host, "cancel/fetch")
+    # Every blob answer dribbles a byte at a time: the fetch never ends by itself.
+    tampering_proxy.add_fault("GET", r"/blobs/sha256:", trickle="body", times=50)
+    out = tmp_path / "out"
+    (tmp_path / "tmp").mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "estargz", "convert", "-q",
+                          "--src-tls-verify", "false", "--timeout", "600",
+                          f"docker://{tampering_proxy.host}/cancel/fetch:v1", f"oci:{out}:v1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    deadline = time.monotonic() + 60
+    while not tampering_proxy.requests("GET", "/blobs/sha256:"):
+        assert p.poll() is None, p.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no blob was fetched"
+        time.sleep(0.02)
+    time.sleep(0.5)
+    seconds, err = interrupt(p, signal.SIGINT)
+    assert_interrupted(p, seconds, err)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_signal_stops_an_upload(tmp_path, test_images, registry):
+    repo = f"cancel/upload{os.getpid()}"
+    p, marker = start("upload", tmp_path, "convert", "-q", "--dest-tls-verify", "false",
+                      f"oci:{test_images.busybox}:latest", f"docker://{registry.host}/{repo}:v1")
+    wait_for(marker, p)
+    seconds, err = interrupt(p, signal.SIGINT)
+    assert_interrupted(p, seconds, err)
+    assert leftovers(tmp_path) == []
+    # Nothing was tagged: the manifest goes last, after every blob.
+    r = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                        f"docker://{registry.host}/{repo}:v1"], capture_output=True, text=True)
+    assert r.returncode != 0
+
+
+def extracting(top: Path) -> bool:
+    """Whether a root filesystem is being extracted under ``top`` (its
+    ``usr/lib`` has appeared)."""
+    return any(d.endswith("/usr") and "lib" in subdirs for d, subdirs, _ in os.walk(top))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="profiling as root")
+def test_signal_stops_the_extraction_of_the_root_filesystem(tmp_path, test_images):
+    """Extraction runs in the sandbox's helper process (profiler.rootful):
+    the signal must end it too, not just the CLI."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "estargz", "optimize", "-q", "--period", "5",
+                          f"oci:{test_images.debian_python3}:latest", f"oci:{tmp_path / 'out'}:v1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    deadline = time.monotonic() + 120
+    while not extracting(tmp):
+        assert p.poll() is None, p.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no extraction seen"
+        time.sleep(0.01)
+    seconds, err = interrupt(p, signal.SIGINT)
+    assert_interrupted(p, seconds, err)
+    assert not (tmp_path / "out").exists()
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path) not in f.read()
+    assert leftovers(tmp_path) == []

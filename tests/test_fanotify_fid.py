@@ -162,3 +162,10 @@ def test_rootless_watch_resolves_paths_in_order():
     assert out["overflowed"] is False
     if "overlay" in out:  # mounting overlay in a user namespace needs Linux 5.11
         assert "Operation not supported" in out["overlay"] and "overlayfs" in out["overlay"]
+
+
+def test_a_root_without_file_handles_is_an_error_not_an_empty_table():
+    """procfs has no file handles, as every file is under a seccomp profile
+    that refuses name_to_handle_at: the profile would record nothing."""
+    with pytest.raises(ProfilingError, match="cannot get file handles"):
+        HandleTable("/proc/sys/kernel")

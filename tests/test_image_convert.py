@@ -341,9 +341,11 @@ def test_ctrl_c_leaves_no_output_and_no_temporaries(tmp_path, test_images):
                          cwd=Path(__file__).resolve().parent.parent)
 
     def writing() -> bool:
-        # Converted layers are written beside the layout's blobs (renamed in
-        # when done); anything else goes to TMPDIR.
-        return any(out.rglob(".estargz-*.esgz.tmp")) or any(tmp.rglob("*.esgz"))
+        # Converted layers are written in the new layout being assembled
+        # beside ``out`` (renamed into place when done); anything else goes
+        # to TMPDIR.
+        return any(tmp_path.glob(".estargz-*.tmp/blobs/sha256/.estargz-*.esgz.tmp")) \
+            or any(tmp.rglob("*.esgz"))
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not writing():
@@ -354,4 +356,5 @@ def test_ctrl_c_leaves_no_output_and_no_temporaries(tmp_path, test_images):
     assert p.returncode == 130
     assert err.strip() == "estargz: error: interrupted"
     assert not out.exists()
+    assert not list(tmp_path.glob(".estargz-*"))
     assert list(tmp.iterdir()) == []

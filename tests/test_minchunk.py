@@ -224,13 +224,32 @@ def test_debian_reference_cannot_read_these_layouts(tmp_path, goref):
     (["--keep-diff-id", "--external-toc", "t", "--prioritized-files", "p"],
      "--keep-diff-id keeps the layer's order"),
     (["--min-chunk-size", "-1"], "--min-chunk-size"),
+    # zstd:chunked has a frame per chunk and its TOC in the blob: nothing to
+    # share, nothing to move.
+    (["--min-chunk-size", "16384", "--format", "zstd:chunked"],
+     "--min-chunk-size is for eStargz's gzip members; zstd:chunked has no streams"),
+    (["--zstdchunked", "--external-toc", "t"],
+     "--external-toc is for eStargz's gzip members; zstd:chunked"),
+    (["--keep-diff-id", "--external-toc", "t", "--format", "zstd:chunked"],
+     "--external-toc is for eStargz's gzip members; zstd:chunked"),
 ])
 def test_bad_combinations_are_usage_errors(tmp_path, args, message):
     src = write(tmp_path / "in.tar", build_tar(CASES["every-kind"]))
     r = run_cli("layer", "convert", src, tmp_path / "out", *args)
-    assert r.code == 2
+    assert (r.code, r.err.count("\n")) == (2, 1), r.err
     assert message in r.err
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("option", [{"min_chunk_size": 16384}, {"external_toc": True},
+                                    {"external_toc": True, "keep_diff_id": True}])
+def test_library_refuses_these_options_with_zstdchunked(tmp_path, option):
+    """ConvertOptions refuses what the zstd:chunked writer would silently
+    ignore; the same options are fine for eStargz."""
+    with pytest.raises(estargz.InvalidInput, match="are for eStargz; zstd:chunked has no"):
+        estargz.ConvertOptions(format="zstd:chunked", **option)
+    estargz.ConvertOptions(**option)
 
 
 def test_external_toc_blob_is_required_and_only_for_such_blobs(tmp_path):
@@ -246,6 +265,15 @@ def test_external_toc_blob_is_required_and_only_for_such_blobs(tmp_path):
     _, other_toc, _ = convert(tmp_path, other, "min-chunk+external-toc")
     r = run_cli("layer", "verify", out, "--toc", other_toc)
     assert r.code == 1
+    # A zstd:chunked blob's TOC is in the blob too: a TOC blob is refused,
+    # by every reading command, with one line.
+    zstd = tmp_path / "layer.zst"
+    run_cli("layer", "convert", src, zstd, "--zstdchunked", check=True)
+    for cmd in (["verify"], ["toc"], ["ls"], ["extract"]):
+        args = [zstd, "--toc", toc] + (["etc/passwd"] if cmd == ["extract"] else [])
+        r = run_cli("layer", *cmd, *args)
+        assert (r.code, r.err.count("\n")) == (1, 1), r.err
+        assert "zstd:chunked blob holds its own TOC" in r.err
 
 
 @pytest.mark.parametrize("variant", ["min-chunk", "external-toc", "keep-diff-id"])
@@ -306,6 +334,14 @@ def test_a_wrong_inner_offset_is_caught(tmp_path, change, verify_error, extract_
      "--keep-diff-id keeps each layer's order"),
     (["convert", "{src}", "oci:{out}", "--external-toc"], 1,
      "an external TOC needs a tagged"),
+    (["convert", "{src}", "oci:{out}:v1", "--zstdchunked", "--min-chunk-size", "65536"], 2,
+     "--min-chunk-size is for eStargz's gzip members; zstd:chunked"),
+    (["convert", "{src}", "oci:{out}:v1", "--format", "zstd:chunked", "--external-toc",
+      "--keep-diff-id"], 2, "--external-toc is for eStargz's gzip members; zstd:chunked"),
+    (["optimize", "{src}", "oci:{out}:v1", "--zstdchunked", "--external-toc",
+      "--no-optimize"], 2, "--external-toc is for eStargz's gzip members; zstd:chunked"),
+    (["convert", "{src}", "oci:{out}:v1", "--keep-diff-id", "--external-toc",
+      "--record-from-referrers"], 2, "--keep-diff-id keeps the layer's order"),
 ])
 def test_image_commands_refuse_bad_combinations(tmp_path, args, code, message):
     """One line, before any work: nothing appears at the destination."""

@@ -8,7 +8,7 @@ Exit codes: 0 success; 1 invalid input or a blob that fails verification;
 from __future__ import annotations
 
 import contextlib
-import json
+import io
 import os
 import sys
 import threading
@@ -18,8 +18,10 @@ from typing import Any
 import click
 
 from .._cancel import interrupt_on_signals
-from .._exceptions import Cancelled, EstargzError, StorageError
+from .._exceptions import Cancelled, EstargzError, InvalidInput, StorageError
 from .._version import __version__
+from ..layer.inputfile import open_input
+from ..layer.jsondoc import load_json
 from ..registry.credentials import parse_creds
 
 EXIT_USAGE = 2
@@ -68,7 +70,55 @@ def _interrupted() -> None:
     sys.exit(EXIT_INTERRUPTED)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: The smallest ``--chunk-size``. Below one tar block a chunk's TOC entry
+#: (about 200 bytes of JSON) and gzip member (18 bytes of framing or more)
+#: cost nearly half the chunk itself, and a layer of a few hundred MiB would
+#: need a TOC over the 128 MiB readers accept. The reference takes any
+#: positive size; the library still does (the format tests use 1 byte).
+MIN_CHUNK_SIZE = 512
+
+
+class _Bool(click.ParamType):
+    """A boolean option value, strictly: what Go's strconv.ParseBool takes
+    (as skopeo's ``--tls-verify`` does) plus yes/no and on/off. click.BOOL
+    also takes the empty string, as false: for ``--tls-verify`` that would
+    silently allow plain HTTP."""
+
+    name = "boolean"
+    _VALUES = {**dict.fromkeys(("1", "t", "true", "y", "yes", "on"), True),
+               **dict.fromkeys(("0", "f", "false", "n", "no", "off"), False)}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        found = self._VALUES.get(str(value).strip().lower())
+        if found is None:
+            self.fail(f"{value!r} is not a boolean (true or false)", param, ctx)
+        return found
+
+
+BOOL = _Bool()
+
+
+class _Group(click.Group):
+    """The ``estargz`` group: usage errors are one line too
+    (``estargz: error: ...``, exit 2), like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # (click types main() by overloads on a literal standalone_mode)
+        if not kwargs.pop("standalone_mode", True):
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.Abort:  # Ctrl-C while the command line is parsed
+            _fail("interrupted", EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="estargz")
 def main() -> None:
     """Convert container image layers to eStargz, for lazy pulling."""
@@ -78,25 +128,70 @@ def _creds(text: str | None, option: str) -> tuple[str, str] | None:
     return None if text is None else parse_creds(text, option)
 
 
-def _tls(value: str) -> bool:
-    return value.lower() not in ("false", "0", "no")
-
-
 def _read_text_lines(path: str) -> list[str]:
+    """The lines of a list or record file named by an option; a device, a
+    directory or a FIFO without a writer is refused, not read for ever."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(open_input(path, "input file"), encoding="utf-8") as f:
             return f.readlines()
     except OSError as e:
         raise StorageError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path} is not UTF-8 text") from None
 
 
 def _json_list(text: str | None, option: str) -> list[str] | None:
     if text is None:
         return None
     try:
-        value = json.loads(text)
-    except ValueError:
-        raise click.BadParameter(f"{option} takes a JSON array of strings") from None
+        value = load_json(text, option)
+    except InvalidInput as e:
+        raise click.BadParameter(f"{option} takes a JSON array of strings ({e})") from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise click.BadParameter(f"{option} takes a JSON array of strings")
     return value
+
+
+# --- the output format, shared by `layer convert`, `convert` and `optimize` ---
+
+FORMAT_CHOICES = ("estargz", "zstd:chunked")
+_DEFAULT_LEVELS = {"estargz": 9, "zstd:chunked": 3}
+_LEVEL_RANGES = {"estargz": (0, 9), "zstd:chunked": (1, 22)}
+
+FORMAT_OPTIONS = [
+    click.option("--format", "layer_format", type=click.Choice(FORMAT_CHOICES),
+                 default=None,
+                 help="Layer format: estargz (default; gzip) or zstd:chunked (what podman "
+                      "and CRI-O pull partially)."),
+    click.option("--zstdchunked", is_flag=True,
+                 help="Same as --format zstd:chunked (as ctr-remote and nerdctl say it)."),
+    click.option("--compression-level", type=int, default=None,
+                 help="gzip level 0-9 (default 9) for estargz; zstd level 1-22 "
+                      "(default 3, as the reference) for zstd:chunked."),
+]
+
+
+def format_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--format``, ``--zstdchunked`` and ``--compression-level``."""
+    for opt in reversed(FORMAT_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def resolve_format(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop the format options from ``kw``; return ``ConvertOptions`` fields.
+
+    Bad combinations are usage errors (exit 2) with one line."""
+    fmt, alias, level = kw.pop("layer_format"), kw.pop("zstdchunked"), kw.pop("compression_level")
+    if alias and fmt not in (None, "zstd:chunked"):
+        raise click.UsageError(f"--zstdchunked contradicts --format {fmt}")
+    fmt = "zstd:chunked" if alias else (fmt or "estargz")
+    lo, hi = _LEVEL_RANGES[fmt]
+    if level is None:
+        level = _DEFAULT_LEVELS[fmt]
+    elif not lo <= level <= hi:
+        raise click.BadParameter(f"{level} is not in {lo}-{hi} for {fmt}",
+                                 param_hint="'--compression-level'")
+    if fmt == "zstd:chunked":
+        return {"format": fmt, "zstd_level": level}
+    return {"format": fmt, "compression_level": level}

@@ -19,24 +19,33 @@ from .. import (
     DEFAULT_BACKEND,
     ConvertOptions,
     FileSource,
-    LayerReader,
     RangeSource,
-    StorageError,
     atomic_output,
     convert_layer,
-    verify_blob,
 )
 from ..image.reference import parse_docker_name
-from ..layer.converter import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
 from ..layer.order import read_prioritized_list
+from ..layer.zstdreader import open_layer, verify_layer
 from ..registry.client import open_registry_blob
-from .base import EXIT_USAGE, _creds, _fail, _run, _tls, main
+from .base import (
+    BOOL,
+    EXIT_USAGE,
+    MIN_CHUNK_SIZE,
+    _creds,
+    _fail,
+    _read_text_lines,
+    _run,
+    format_options,
+    main,
+    resolve_format,
+)
 
 
 def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options for reading a blob from a registry (``docker://HOST/REPO@DIGEST``)."""
     for opt in reversed([
-        click.option("--tls-verify", default="true", metavar="BOOL",
+        click.option("--tls-verify", type=BOOL, default=True, metavar="BOOL",
                      help="For docker:// blobs: verify TLS (false also allows HTTP)."),
         click.option("--creds", default=None, metavar="USER:PASS",
                      help="For docker:// blobs: registry credentials."),
@@ -50,7 +59,7 @@ def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _open_blob(blob: str, tls_verify: str, creds: str | None, cert_dir: str | None,
+def _open_blob(blob: str, tls_verify: bool, creds: str | None, cert_dir: str | None,
                authfile: str | None) -> Iterator[RangeSource]:
     """A range source for a local file or a registry blob.
 
@@ -66,7 +75,7 @@ def _open_blob(blob: str, tls_verify: str, creds: str | None, cert_dir: str | No
     if not name.digest:
         raise click.BadParameter(f"{blob}: a registry blob is named by digest "
                                  "(docker://HOST/REPO@sha256:…)")
-    with open_registry_blob(name, tls_verify=_tls(tls_verify), cert_dir=cert_dir,
+    with open_registry_blob(name, tls_verify=tls_verify, cert_dir=cert_dir,
                             credentials=_creds(creds, "--creds"), auth_file=authfile) as src:
         yield src
 
@@ -88,11 +97,10 @@ def _emit(result: dict[str, Any], as_json: bool, labels: dict[str, str]) -> None
 @layer.command("convert")
 @click.argument("src", metavar="IN")
 @click.argument("dst", metavar="OUT")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
+@click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE), default=DEFAULT_CHUNK_SIZE,
               show_default=True, help="Largest payload chunk, in bytes.")
-@click.option("--compression-level", type=click.IntRange(0, 9), default=DEFAULT_LEVEL,
-              show_default=True, help="gzip level.")
-@click.option("--workers", type=click.IntRange(min=0), default=0,
+@format_options
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
               help="Compression threads (default: all cores).")
 @click.option("--prioritized-files", type=click.Path(dir_okay=False), default=None,
               help="File listing paths to put first, one a line, in order.")
@@ -110,28 +118,27 @@ def _emit(result: dict[str, Any], as_json: bool, labels: dict[str, str]) -> None
               help="Keep the input tar byte for byte (same diff_id); needs --external-toc.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, workers: int,
+def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
                 prioritized_files: str | None, allow_missing: bool, backend: str,
                 min_chunk_size: int, toc_dst: str | None, keep_diff_id: bool,
-                as_json: bool, quiet: bool) -> None:
-    """Convert layer IN (tar, tar+gzip or tar+zstd; - for stdin) to eStargz OUT."""
+                as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Convert layer IN (tar, tar+gzip or tar+zstd; - for stdin) to eStargz
+    (or zstd:chunked) OUT."""
+    fmt = resolve_format(kw)
     check_layout_options(keep_diff_id=keep_diff_id, external_toc=toc_dst is not None,
                          prioritized=prioritized_files is not None,
-                         min_chunk_size=min_chunk_size)
+                         min_chunk_size=min_chunk_size, fmt=fmt["format"])
 
     def body() -> None:
         prioritized = None
         if prioritized_files is not None:
-            try:
-                with open(prioritized_files, encoding="utf-8") as f:
-                    prioritized = read_prioritized_list(f)
-            except OSError as e:
-                raise StorageError(f"cannot read {prioritized_files}: {e.strerror}") from None
-        options = ConvertOptions(chunk_size=chunk_size, compression_level=compression_level,
-                                 workers=workers, prioritized_files=prioritized,
+            prioritized = read_prioritized_list(_read_text_lines(prioritized_files))
+        options = ConvertOptions(chunk_size=chunk_size, workers=workers,
+                                 prioritized_files=prioritized,
                                  allow_missing=allow_missing, backend=backend,
                                  min_chunk_size=min_chunk_size,
-                                 external_toc=toc_dst is not None, keep_diff_id=keep_diff_id)
+                                 external_toc=toc_dst is not None, keep_diff_id=keep_diff_id,
+                                 **fmt)
         result = convert_layer(src, dst, options, toc_dst=toc_dst)
         if result.missing and not quiet:
             click.echo("estargz: warning: prioritized files not in the layer: "
@@ -145,6 +152,9 @@ def convert_cmd(src: str, dst: str, chunk_size: int, compression_level: int, wor
             **({"toc_blob_digest": "TOC blob digest", "toc_blob_size": "TOC blob size"}
                if toc_dst else {}),
         })
+        if result.annotations and not as_json:
+            for key, value in result.annotations.items():
+                click.echo(f"annotation: {key}={value}")
     _run(body)
 
 
@@ -201,7 +211,7 @@ def verify_cmd(blob: str, toc_digest: str | None, toc_blob: str | None, as_json:
     def body() -> None:
         started = time.monotonic()
         with _open_layer(blob, toc_blob, remote) as (src, toc):
-            report = verify_blob(src, toc_digest, toc_source=toc)
+            report = verify_layer(src, toc_digest, toc_source=toc)
         if quiet:
             return
         result = {"ok": True, "toc_digest": report.toc_digest, "entries": report.entries,
@@ -226,7 +236,7 @@ def toc_cmd(blob: str, digest: bool, toc_blob: str | None, **remote: Any) -> Non
     """Print the TOC JSON of eStargz BLOB, byte for byte."""
     def body() -> None:
         with _open_layer(blob, toc_blob, remote) as (src, toc):
-            reader = LayerReader(src, toc_source=toc)
+            reader = open_layer(src, toc_source=toc)
         if digest:
             click.echo(reader.toc_digest)
         else:
@@ -249,7 +259,7 @@ def ls_cmd(blob: str, as_json: bool, toc_blob: str | None, **remote: Any) -> Non
     """List the entries of eStargz BLOB (from its TOC)."""
     def body() -> None:
         with _open_layer(blob, toc_blob, remote) as (src, toc):
-            reader = LayerReader(src, toc_source=toc)
+            reader = open_layer(src, toc_source=toc)
         for e in reader.entries:
             if e.type == "chunk":
                 continue
@@ -278,7 +288,7 @@ def extract_cmd(blob: str, path: str, output: str | None, toc_blob: str | None,
     """Write file PATH of eStargz BLOB, verified, reading only its chunks."""
     def body() -> None:
         with _open_layer(blob, toc_blob, remote) as (src, toc):
-            reader = LayerReader(src, toc_source=toc)
+            reader = open_layer(src, toc_source=toc)
             if output is None:
                 # Verify before printing anything: a file is at most one
                 # layer's worth, spooled through a temporary file.

@@ -3,6 +3,8 @@ first) and ``estargz doctor`` (which profiling modes work here)."""
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 import os
 import sys
@@ -11,22 +13,60 @@ from typing import Any
 import click
 
 from profiler.capabilities import probe
-from profiler.optimize import OptimizeOptions, optimize_image
+from profiler.errors import ProfilingError
+from profiler.optimize import OptimizeOptions, OptimizeResult, optimize_image
+from profiler.record import write_record
 from profiler.report import render_text
-from profiler.sandbox import BindMount
+from profiler.rootfs import SCRATCH_BYTES
+from profiler.sandbox import BindMount, parse_http_url
 
+from .. import TransportOptions
+from ..image.reference import DockerName, parse_docker_name
 from ..layer.order import read_prioritized_list
+from ..registry.client import client_for
+from ..registry.records import RecordPush, push_record
 from .base import EXIT_USAGE, _fail, _json_list, _read_text_lines, _run, main
-from .image import _image_convert_options, _image_options, _print_image_result
+from .image import _image_convert_options, _image_options, _print_image_result, _Seconds
+
+#: The longest ``--period``: a day is longer than any start-up worth
+#: profiling, and keeps the deadline arithmetic far from float limits.
+MAX_PERIOD = 86400.0
+
+
+def _http_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_http_url(value)
+        except ProfilingError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+def _push_record(result: OptimizeResult, to: DockerName,
+                 options: TransportOptions) -> RecordPush:
+    """``--record-out docker://…``: the record as an artifact referring to SRC."""
+    assert result.source is not None
+    text = io.StringIO()
+    write_record(result.accesses, result.manifest_digest, text)
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with client_for(to.registry, options) as client:
+        return push_record(client, to.repository, text.getvalue().encode(), result.source,
+                           created=created, tag=to.tag)
 
 
 @main.command("optimize")
 @click.argument("src")
 @click.argument("dst", required=False)
-@click.option("--period", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+@click.option("--period", type=_Seconds(0.1, MAX_PERIOD), default=10.0, show_default=True,
               help="Seconds to profile; the run also ends when the workload exits.")
 @click.option("--wait-on-line", default=None, metavar="TEXT",
               help="End the profile when a line of the workload's output contains TEXT.")
+@click.option("--wait-on-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="End the profile when the workload accepts TCP connections on PORT "
+                   "(in the sandbox's network).")
+@click.option("--wait-on-http", default=None, metavar="URL", callback=_http_url,
+              help="End the profile when GET URL (http://, in the sandbox's network) "
+                   "answers 2xx.")
 @click.option("--wait-on-signal", is_flag=True,
               help="Profile until Ctrl-C (SIGINT) instead of for a period.")
 @click.option("--entrypoint", default=None, metavar="JSON",
@@ -42,8 +82,14 @@ from .image import _image_convert_options, _image_options, _print_image_result
               help="Bind mount into the sandbox (repeatable).")
 @click.option("--net-host", is_flag=True, help="Use the host's network (default: loopback only).")
 @click.option("--runtime", default="runc", show_default=True, help="OCI runtime: runc or crun.")
-@click.option("--record-out", default=None, type=click.Path(dir_okay=False),
-              help="Write the access record (ctr-remote's JSON-lines format).")
+@click.option("--scratch-size", type=click.IntRange(min=1, max=1 << 20),
+              default=SCRATCH_BYTES >> 20, show_default=True, metavar="MIB",
+              help="MiB the workload may write (a tmpfs under the image); past it writes fail"
+                   " with ENOSPC and the report says so.")
+@click.option("--record-out", default=None, metavar="FILE|docker://HOST/REPO[:TAG]",
+              help="Write the access record (ctr-remote's JSON-lines format) to FILE, or "
+                   "push it to REPO as an OCI artifact that refers to SRC (found by "
+                   "convert --record-from-referrers; credentials and TLS as --dest-*).")
 @click.option("--prefetch-list", default=None, type=click.Path(dir_okay=False),
               help="Prefetch these paths and globs (one a line) instead of running anything.")
 @click.option("--no-optimize", is_flag=True, help="Profile only; do not convert.")
@@ -65,25 +111,42 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
         prefetch = None
         if kw["prefetch_list"]:
             prefetch = tuple(read_prioritized_list(_read_text_lines(kw["prefetch_list"])))
+        if kw["wait_on_port"] is not None and kw["wait_on_http"] is not None:
+            raise click.UsageError("give --wait-on-port or --wait-on-http, not both")
+        record_out, push_to = kw["record_out"], None
+        if record_out and record_out.startswith("docker://"):
+            push_to = parse_docker_name(record_out.removeprefix("docker://"), default_tag=None)
+            if push_to.digest:
+                raise click.BadParameter("a record is pushed to docker://HOST/REPO[:TAG], "
+                                         "not to a digest", param_hint="--record-out")
+            record_out = None
         options = OptimizeOptions(
             convert=_image_convert_options(kw), runtime=kw["runtime"], period=kw["period"],
             wait_on_line=kw["wait_on_line"], wait_on_signal=kw["wait_on_signal"],
+            wait_on_port=kw["wait_on_port"], wait_on_http=kw["wait_on_http"],
             entrypoint=_json_list(kw["entrypoint"], "--entrypoint"),
             args=_json_list(kw["args_json"], "--args"), env=tuple(env), user=kw["user"],
             cwd=kw["cwd"], mounts=tuple(BindMount.parse(m) for m in kw["mounts"]),
-            net_host=kw["net_host"], record_out=kw["record_out"], prefetch_list=prefetch,
+            net_host=kw["net_host"], record_out=record_out, prefetch_list=prefetch,
             no_optimize=kw["no_optimize"], report_html=kw["report_html"], quiet=quiet or as_json,
-            output=(lambda line: click.echo(line, err=True)))
+            output=(lambda line: click.echo(line, err=True)),
+            scratch_bytes=kw["scratch_size"] << 20)
         result = optimize_image(src, dst, options)
+        pushed = _push_record(result, push_to, options.convert.dst) if push_to else None
         if as_json:
             out = {"manifest": result.manifest_digest, "seconds": result.seconds,
+                   "stopped_by": result.stopped_by, "profile_seconds": result.report.seconds,
                    "accessed": [a.__dict__ for a in result.accesses], "notes": result.notes,
-                   "image": result.image.to_dict() if result.image else None}
+                   "image": result.image.to_dict() if result.image else None,
+                   "record": pushed.__dict__ if pushed else None}
             click.echo(json.dumps(out, indent=2))
         elif not quiet:
             click.echo(render_text(result.report))
             if result.image:
                 _print_image_result(result.image, False, False)
+            if pushed:
+                click.echo(f"record: docker://{pushed.reference} (refers to {pushed.subject}; "
+                           f"listed by {pushed.found_by})")
     _run(body)
 
 

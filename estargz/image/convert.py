@@ -23,16 +23,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .._exceptions import EstargzError, InvalidInput, NotFound
-from .._fsutil import unlink_quietly
+from .._cancel import cancel_requested, request_cancel
+from .._exceptions import Cancelled, EstargzError, InvalidInput, NotFound
+from .._fsutil import owned_tempdir, unlink_quietly
 from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
+from ..layer.jsondoc import load_json_object
 from ..layer.reader import LayerReader
 from ..layer.source import FileSource
 from ..layer.toc import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+from ..layer.zstdchunked import ANNOTATION_KEYS as ZSTD_CHUNKED_ANNOTATIONS
 from .descriptor import (
     CONVERTIBLE_LAYERS,
     DOCKER_CONFIG,
@@ -44,6 +47,7 @@ from .descriptor import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
     OCI_MANIFEST,
     Descriptor,
     Platform,
@@ -56,6 +60,9 @@ from .transport import open_destination, open_source, parse_reference
 #: On a TOC image's layer: the digest of the eStargz layer whose TOC it is.
 TOC_LAYER_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/layer.digest"
 _MAX_JSON = 16 << 20  # manifests and configs are small; a bigger one is hostile
+#: Seconds a cancelled run waits for a layer job blocked in I/O before it
+#: cleans up anyway (the CLI then exits without waiting for it).
+_CANCEL_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,9 @@ class ImageResult:
 ProgressFn = Callable[[str, LayerReport], None]
 #: A layer job's outcome: the new descriptor, the conversion (``None`` when
 #: reused), what was done and how long it took.
+_FORMAT_ANNOTATIONS = frozenset(
+    (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, *ZSTD_CHUNKED_ANNOTATIONS))
+
 _LayerJob = tuple[Descriptor, LayerResult | None, str, float]
 
 
@@ -185,16 +195,6 @@ def host_platform_default() -> Platform:
             "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
             "riscv64": "riscv64"}.get(machine, machine)
     return Platform("linux", arch, "v7" if machine == "armv7l" else "")
-
-
-def _load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError as e:
-        raise InvalidInput(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{what} is not a JSON object")
-    return obj
 
 
 def _dump(obj: dict[str, Any]) -> bytes:
@@ -222,6 +222,19 @@ class _Run:
         self._converted: dict[tuple[str, tuple[str, ...]], Future[_LayerJob]] = {}
         #: External TOCs: (layer descriptor, TOC blob file) of each converted layer.
         self.toc_blobs: list[tuple[Descriptor, str, LayerResult]] = []
+
+    def stop(self, cancelled: bool) -> None:
+        """Stop the layer jobs after an error. Cancelled (Ctrl-C), each job
+        stops at its next check (:mod:`estargz._cancel`), and one blocked in
+        a socket read is given at most ``_CANCEL_GRACE`` seconds; otherwise
+        the running jobs are awaited, so that nothing writes after the
+        destination is cleaned up."""
+        if cancelled:
+            request_cancel()
+        with self._lock:
+            running = list(self._converted.values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        wait(running, timeout=_CANCEL_GRACE if cancelled else None)
 
     # --- layers -----------------------------------------------------------
 
@@ -262,9 +275,15 @@ class _Run:
             self.result.warnings.append(
                 f"layer {layer.digest}: recorded paths not in the layer: "
                 + ", ".join(res.missing[:5]) + (" …" if len(res.missing) > 5 else ""))
-        desc = Descriptor(OCI_LAYER_GZIP, res.blob_digest, res.blob_size, {
-            TOC_DIGEST_ANNOTATION: res.toc_digest,
-            UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
+        if res.annotations:
+            # zstd:chunked: its own annotations and never the eStargz TOC
+            # digest beside them (containers/storage refuses both).
+            desc = Descriptor(OCI_LAYER_ZSTD, res.blob_digest, res.blob_size,
+                              dict(res.annotations))
+        else:
+            desc = Descriptor(OCI_LAYER_GZIP, res.blob_digest, res.blob_size, {
+                TOC_DIGEST_ANNOTATION: res.toc_digest,
+                UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
         self.dest.put_blob_file(desc, out)
         if toc_out is not None:
             with self._lock:
@@ -318,7 +337,8 @@ class _Run:
 
     def _reusable(self, layer: Descriptor) -> bool:
         want = layer.annotations.get(TOC_DIGEST_ANNOTATION)
-        if not want or layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP):
+        if not want or layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP) \
+                or self.layer_options.format != "estargz":
             return False
         # Only the footer and the TOC are read: by range, from a registry.
         remote = self.source.range_source(layer)
@@ -355,7 +375,7 @@ class _Run:
     # --- manifests --------------------------------------------------------
 
     def manifest(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
-        m = _load_json(data, f"manifest {desc.digest}")
+        m = load_json_object(data, f"manifest {desc.digest}")
         media_type = desc.media_type or m.get("mediaType") or OCI_MANIFEST
         if media_type not in MANIFEST_TYPES:
             raise InvalidInput(f"manifest {desc.digest} has unsupported media type {media_type!r}")
@@ -376,9 +396,13 @@ class _Run:
             if docker:
                 new = Descriptor(DOCKER_LAYER_GZIP, converted.digest, converted.size)
             else:
+                # The source's own format annotations go: a stale zstd:chunked
+                # one beside an eStargz TOC digest makes containers/storage
+                # refuse the layer, and the other way round.
                 kept = {k: v for k, v in old.annotations.items()
-                        if k not in (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION)}
-                new = Descriptor(OCI_LAYER_GZIP, converted.digest, converted.size,
+                        if k not in _FORMAT_ANNOTATIONS}
+                media_type = converted.media_type if res is not None else OCI_LAYER_GZIP
+                new = Descriptor(media_type, converted.digest, converted.size,
                                  {**kept, **converted.annotations})
             new_layers.append(new)
             report = LayerReport(desc.digest, i, old, new,
@@ -415,12 +439,13 @@ class _Run:
             raise InvalidInput(f"config {config_desc.digest} is implausibly large")
         config_path = self._blob_file(config_desc)
         with open(config_path, "rb") as f:
-            config = _load_json(f.read(), f"config {config_desc.digest}")
+            config = load_json_object(f.read(), f"config {config_desc.digest}")
         if config_path.startswith(self.work):
             os.unlink(config_path)
         rootfs = config.get("rootfs")
-        if not isinstance(rootfs, dict) or len(rootfs.get("diff_ids") or []) != len(layers):
-            found = len((rootfs or {}).get("diff_ids") or [])
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        found = len(diff_ids) if isinstance(diff_ids, list) else 0
+        if found != len(layers):  # (a rootfs or diff_ids of another type counts none)
             raise InvalidInput(f"config {config_desc.digest} has {found} "
                                f"diff_ids for {len(layers)} layers")
         return config_desc, config, layers
@@ -451,7 +476,7 @@ class _Run:
                 "image needs allow_no_verification in the snapshotter")
 
     def index(self, desc: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
-        idx = _load_json(data, f"index {desc.digest}")
+        idx = load_json_object(data, f"index {desc.digest}")
         entries = [Descriptor.from_json(d) for d in idx.get("manifests") or []]
         wanted = self.options.platforms or (host_platform_default(),)
         selected = []
@@ -526,12 +551,14 @@ def convert_source(source: ImageSource, dst: str,
     # Named before any work: a destination without a tag cannot have one.
     toc_ref = toc_image_reference(dref) if options.layer.external_toc else None
     result = ImageResult(source_name or source.name, str(dref))
-    with tempfile.TemporaryDirectory(prefix="estargz-") as work:
+    # In TMPDIR, named so that the next run removes it if this one is killed.
+    with owned_tempdir("convert") as owned:
+        work = owned.path
         dest = open_destination(dref, options.dst)
         run = _Run(source, dest, options, work, progress, result)
         try:
             data, media_type = source.root()
-            obj = _load_json(data, f"{source.name} manifest")
+            obj = load_json_object(data, f"{source.name} manifest")
             media_type = media_type or obj.get("mediaType") or (
                 OCI_INDEX if "manifests" in obj else OCI_MANIFEST)
             root = Descriptor(media_type, sha256_digest(data), len(data))
@@ -543,12 +570,12 @@ def convert_source(source: ImageSource, dst: str,
             if toc_ref is not None:
                 result.toc_image = str(toc_ref)
                 result.toc_image_digest = run.write_toc_image(toc_ref).digest
-        except BaseException:
-            run.pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException as e:
+            run.stop(cancelled=isinstance(e, (KeyboardInterrupt, Cancelled)))
             dest.abort()
             raise
         finally:
-            run.pool.shutdown(wait=True)
+            run.pool.shutdown(wait=not cancel_requested())
             dest.close()
     result.digest = new_root.digest
     result.media_type = new_root.media_type

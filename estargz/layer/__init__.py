@@ -8,3 +8,5 @@ verifying one (:mod:`.reader`, :mod:`.verify`). Imports only
 ``estargz._exceptions`` and ``estargz._fsutil`` from outside; public names are
 re-exported by :mod:`estargz`.
 """
+
+from . import zstdchunked as zstdchunked  # registers the zstd:chunked format

@@ -49,6 +49,7 @@ from .layerinput import open_tar
 from .order import Landmark, Planned, dedupe, plan_order
 from .tarstream import index_tar, printable
 from .toc import (
+    MAX_TOC_JSON_SIZE,
     PREFETCH_LANDMARK,
     TOC_TAR_NAME,
     TOCEntry,
@@ -59,6 +60,10 @@ from .toc import (
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9
+#: The most compression threads: each may have three batches of about
+#: 1 MiB in flight, so this bounds that memory (768 MiB) and the threads
+#: started; more threads than cores gains nothing.
+MAX_WORKERS = 256
 #: The TOC member is compressed at most at this level. zlib-ng's level 9
 #: compresses TOC JSON worse than its level 8 (Debian minbase's 2.05 MB TOC:
 #: 349 KB at 9, 313 KB at 8; stdlib zlib: 330 184 at 9, 330 224 at 8), and
@@ -107,6 +112,10 @@ class ConvertOptions:
     #: the diff_id stays; nothing is reordered and no landmark is added.
     #: Needs ``external_toc`` (the TOC cannot be inside the tar).
     keep_diff_id: bool = False
+    #: Output format: ``"estargz"`` or ``"zstd:chunked"`` (see ``zstdchunked.py``).
+    format: str = "estargz"
+    #: zstd level (1-22) for ``zstd:chunked``; ``compression_level`` is gzip's.
+    zstd_level: int = 3
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -121,8 +130,20 @@ class ConvertOptions:
                                "prioritized files first")
         if not 0 <= self.compression_level <= 9:
             raise InvalidInput(f"compression level must be 0-9, not {self.compression_level}")
-        if self.workers < 0:
-            raise InvalidInput(f"workers must be 0 (all cores) or more, not {self.workers}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise InvalidInput(f"workers must be 0 (all cores) to {MAX_WORKERS}, "
+                               f"not {self.workers}")
+        if self.format not in FORMATS:
+            raise InvalidInput(f"unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
+        if self.format != "estargz" and (self.min_chunk_size or self.external_toc
+                                         or self.keep_diff_id):
+            # Shared gzip members and a gzip TOC blob are eStargz's layout;
+            # another format's writer would silently ignore them.
+            raise InvalidInput(f"min_chunk_size, external_toc and keep_diff_id are for "
+                               f"eStargz; {self.format} has no streams to share or TOC "
+                               "to move")
+        if not 1 <= self.zstd_level <= 22:
+            raise InvalidInput(f"zstd compression level must be 1-22, not {self.zstd_level}")
 
 
 @dataclass(frozen=True)
@@ -148,11 +169,27 @@ class LayerResult:
     #: With an external TOC: digest and size of the TOC blob.
     toc_blob_digest: str = ""
     toc_blob_size: int = 0
+    #: Layer descriptor annotations the format needs besides the TOC digest
+    #: (zstd:chunked's ``io.github.containers.zstd-chunked.*``).
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["missing"] = list(self.missing)
+        if not self.annotations:
+            del d["annotations"]
         return d
+
+
+#: Output formats: name -> writer(fd, planned, out, options) returning the
+#: result fields. eStargz is built in; ``zstdchunked.py`` registers itself
+#: (it builds on this module, so this module cannot import it).
+FORMATS: dict[str, Any] = {"estargz": None}
+
+
+def register_format(name: str, writer: Any) -> None:
+    """Make ``ConvertOptions(format=name)`` write with ``writer``."""
+    FORMATS[name] = writer
 
 
 def available_cores() -> int:
@@ -187,13 +224,18 @@ def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions()
             planned, missing = plan_order(members, options.prioritized_files)
         if missing and not options.allow_missing:
             raise MissingPrioritizedFiles(missing)
+        check_toc_fits(planned, options.chunk_size)
         with atomic_output(dst) as out:
-            if toc_dst is None:
+            writer = FORMATS[options.format]
+            if writer is not None:
+                result = writer(tar.fileno(), planned, out, options)
+            elif toc_dst is None:
                 result = write_estargz(tar.fileno(), planned, out, options, backend)
             else:
                 with atomic_output(toc_dst) as toc_out:
                     result = write_estargz(tar.fileno(), planned, out, options, backend,
                                            toc_out=toc_out)
+    # A lossless (keep_diff_id) layer has no landmark: nothing is put first.
     landmarks = [i for i, p in enumerate(planned) if isinstance(p, Landmark)]
     return LayerResult(**{**result, "entries": len(members),
                           "prioritized": landmarks[0] if landmarks else 0,
@@ -219,6 +261,29 @@ def _lossless_members(members: Sequence[tarfile.TarInfo]) -> Iterator[tarfile.Ta
                                    "--keep-diff-id cannot keep")
         seen.add(name)
         yield m
+
+
+# Lower bounds of a TOC entry's JSON: any entry has a name, a type and
+# punctuation; a data chunk also a 78-character sha256 chunk digest.
+_MIN_ENTRY_JSON = 40
+_MIN_CHUNK_JSON = 100
+
+
+def check_toc_fits(planned: Sequence[Planned], chunk_size: int) -> None:
+    """Refuse, before anything is written, a layer whose TOC would exceed
+    ``MAX_TOC_JSON_SIZE`` -- a blob every reader (ours, the snapshotter)
+    refuses -- judged by a lower bound of its size: a very small chunk size
+    on a large layer, or millions of entries."""
+    least = 0
+    for m in planned:
+        if isinstance(m, tarfile.TarInfo) and m.isreg() and m.size:
+            least += -(-m.size // chunk_size) * _MIN_CHUNK_JSON
+        else:
+            least += _MIN_ENTRY_JSON
+    if least > MAX_TOC_JSON_SIZE:
+        raise InvalidInput(f"the TOC would be over {least} bytes at a chunk size of "
+                           f"{chunk_size}, more than the {MAX_TOC_JSON_SIZE} bytes readers "
+                           "accept; use a larger chunk size")
 
 
 # --- building headers and TOC entries ------------------------------------
@@ -640,6 +705,10 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
 
     toc_json = encode_toc(writer.toc_parts)
     writer.toc_parts = []
+    if len(toc_json) > MAX_TOC_JSON_SIZE:  # over check_toc_fits's lower bound
+        raise InvalidInput(f"the TOC is {len(toc_json)} bytes, more than the "
+                           f"{MAX_TOC_JSON_SIZE} bytes readers accept; use a larger "
+                           "chunk size")
     toc_offset = writer.offset
     toc_header = tarfile.TarInfo(TOC_TAR_NAME)
     toc_header.size = len(toc_json)

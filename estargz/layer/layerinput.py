@@ -21,6 +21,7 @@ from typing import BinaryIO
 from .._cancel import check_cancelled
 from .._exceptions import InvalidInput, StorageError
 from .gzipstream import GzipMembersReader
+from .inputfile import check_stdin, open_input
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -53,11 +54,9 @@ def open_tar(path: str, tmpdir: str | None = None) -> Iterator[BinaryIO]:
     with contextlib.ExitStack() as stack:
         if path == "-":
             src: BinaryIO = sys.stdin.buffer
+            check_stdin(src, "input layer")
         else:
-            try:
-                src = stack.enter_context(open(path, "rb"))
-            except OSError as e:
-                raise StorageError(f"cannot open {path}: {e.strerror}") from None
+            src = stack.enter_context(open_input(path, "input layer"))
         head = _peek(src, 8)
         kind = detect_compression(head)
         if kind == "tar" and path != "-" and stat.S_ISREG(os.fstat(src.fileno()).st_mode):

@@ -72,9 +72,6 @@ class LayerReader:
         if head.name != TOC_TAR_NAME or not head.isreg():
             raise TOCError(f"tar entry at the TOC offset is {head.name!r}, "
                            f"not {TOC_TAR_NAME!r}", offset=self.toc_offset)
-        if head.size < 0:  # a PAX "size" record or a base-256 field can say so
-            raise TOCError(f"TOC tar entry has a negative size {head.size}",
-                           offset=self.toc_offset)
         if head.size > max_toc_size:
             raise TOCError(f"TOC JSON of {head.size} bytes exceeds the "
                            f"{max_toc_size}-byte limit", offset=self.toc_offset)
@@ -88,13 +85,18 @@ class LayerReader:
         toc = decode_toc(self.toc_json)
         check_toc(toc, self.toc_offset)
         toc.digest = self.toc_digest
+        self._index_toc(toc)
+
+    def _index_toc(self, toc: TOC) -> None:
+        """Keep the checked ``toc`` and index it: entries by name, and where
+        the members (or frames) holding data start."""
         self.toc: TOC = toc
         self._by_name: dict[str, int] = {}
         for i, e in enumerate(toc.entries):
             if e.type != "chunk":
                 self._by_name[clean_name(e.name)] = i
-        # Where gzip members holding data start: a chunk is read from its
-        # member's start to the next one (chunks may share a member).
+        # A chunk is read from its member's start to the next one (chunks
+        # may share a member).
         self._starts = sorted({e.offset for e in toc.entries if e.is_data()})
 
     @property

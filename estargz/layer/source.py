@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import Protocol, runtime_checkable
 
-from .._exceptions import InvalidBlob, StorageError
+from .._exceptions import InvalidBlob, InvalidInput, StorageError
+from .inputfile import kind_problem, require_regular_file
 
 
 @runtime_checkable
@@ -44,12 +45,20 @@ class FileSource:
     """A blob in a local file, read with ``pread`` (safe from many threads)."""
 
     def __init__(self, path: str) -> None:
+        # A blob is read by offset: a FIFO (whose open() would block without
+        # a writer) or a device is refused, checked before and after opening.
+        require_regular_file(path, "blob")
         try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as e:
             raise StorageError(f"cannot open {path}: {e.strerror}") from None
         self.path = path
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        why = kind_problem(st.st_mode, fifo_ok=False)
+        if why:
+            self.close()
+            raise InvalidInput(f"blob {path} is {why}, not a regular file")
+        self._size = st.st_size
 
     @property
     def size(self) -> int:

@@ -11,11 +11,14 @@ which would silently drop the rest of a layer. Here a bad header is an error.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol, cast
 
+from .._cancel import check_cancelled
 from .._exceptions import EstargzError, InvalidInput, UnsupportedEntry
 
 BLOCK = tarfile.BLOCKSIZE
@@ -29,6 +32,58 @@ _MAX_PEEK = 1 << 20
 # of header data for one member in all.
 MAX_SPECIAL_SIZE = 1 << 20
 MAX_HEADER_DATA = 4 << 20
+
+# The ranges a header's numbers must fall in. tarfile decodes octal, GNU
+# base-256 and PAX numbers of any size and sign, and turns a PAX number it
+# cannot parse into 0; a value outside these would be written into a layer
+# that our own reader, the reference or the kernel refuses, so the walk
+# refuses it instead, naming the field.
+#: Go's archive/tar keeps a size in an int64; the stream bounds it anyway.
+MAX_SIZE = (1 << 63) - 1
+#: uid_t and gid_t are 32 bits, and (uid_t)-1 means "leave unchanged" to
+#: chown(2): no file can be owned by it.
+MAX_ID = (1 << 32) - 2
+#: Permission bits, setuid/setgid/sticky, and the file type bits some writers
+#: add (Go's FileInfoHeader sets c_ISREG and friends); nothing is above them.
+MAX_MODE = 0o177777
+#: Our output is PAX, which has no record for device numbers: a ustar field
+#: of 7 octal digits holds them (Linux majors have 12 bits, minors 20).
+MAX_DEVICE = 0o7777777
+#: The TOC's ``modtime`` is RFC 3339, whose years have four digits: times
+#: from 0000-01-01T00:00:00Z to 9999-12-31T23:59:59Z (after rounding to the
+#: second, as the TOC does).
+MIN_TIME = -62167219200
+MAX_TIME = 253402300799
+
+# PAX number records as Go's archive/tar reads them (strconv.ParseInt, and
+# parsePAXTime for times); Python's int() and float() would also take
+# "1_0", " 5", "nan" or "1e400". ASCII digits only.
+_PAX_INT = re.compile(r"[0-9]+\Z", re.ASCII)
+_PAX_TIME = re.compile(r"[+-]?[0-9]+(\.[0-9]*)?\Z", re.ASCII)
+_PAX_INT_KEYS = ("size", "uid", "gid")
+_MAX_DIGITS = len(str(MAX_SIZE))
+_PAX_TIME_KEYS = ("mtime", "atime", "ctime")
+# Records whose value is a name: a NUL would cut it short in C (Go's
+# validPAXRecord refuses it too).
+_PAX_NAME_KEYS = ("path", "linkpath", "uname", "gname")
+# A ustar number: octal digits padded with spaces or NULs on either side, as
+# Go's parseOctal accepts; tarfile's int(..., 8) would also take a sign,
+# underscores and anything after a NUL.
+_OCTAL = re.compile(rb"[ \x00]*[0-7]*[ \x00]*\Z")
+_NUMBER_FIELDS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124),
+                  ("size", 124, 136), ("mtime", 136, 148),
+                  ("devmajor", 329, 337), ("devminor", 337, 345))
+_NAME_FIELDS = (("name", 0, 100), ("linkname", 157, 257), ("uname", 265, 297),
+                ("gname", 297, 329))
+# The ustar prefix field, in POSIX headers only (GNU keeps other data
+# there); star's headers (a "tar\0" trailer, as Go's reader tells them)
+# end it early and keep access and change times after it.
+_USTAR_PREFIX = ("prefix", 345, 500)
+_STAR_PREFIX = ("prefix", 345, 476)
+_POSIX_MAGIC = b"ustar\x0000"
+_STAR_TRAILER = b"tar\x00"
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
 def padded(size: int) -> int:
@@ -110,6 +165,14 @@ class _HeaderReader:
     def __init__(self, stream: PeekableStream) -> None:
         self._stream = stream
         self.budget = MAX_HEADER_DATA
+        #: Everything read for the current member, in order: its header
+        #: blocks and extended records, for :func:`_raw_problem`.
+        self.reads: list[bytes] = []
+
+    def start(self) -> None:
+        """Begin a member: a fresh budget, nothing read yet."""
+        self.budget = MAX_HEADER_DATA
+        self.reads = []
 
     def read(self, n: int) -> bytes:
         if n > MAX_SPECIAL_SIZE:
@@ -118,7 +181,9 @@ class _HeaderReader:
         if n > self.budget:
             raise _HeaderTooLarge(f"more than {MAX_HEADER_DATA} bytes of header data")
         self.budget -= n
-        return self._stream.read(n)
+        data = self._stream.read(n)
+        self.reads.append(data)
+        return data
 
     def tell(self) -> int:
         return self._stream.tell()
@@ -144,10 +209,13 @@ def iter_headers(stream: PeekableStream,
     ``stream`` (or not); the next header is found by skipping forward.
     ``offset`` and ``offset_data`` of each ``TarInfo`` are stream positions.
     A stream that ends cleanly at a header boundary without end-of-archive
-    blocks is accepted, as Go's reader does.
+    blocks is accepted, as Go's reader does. A header whose numbers are out
+    of range or not numbers, or whose names hold a NUL, is an error
+    (:func:`header_problem`), in every walk: converting, verifying, extracting.
     """
     ctx = _Ctx(_HeaderReader(stream))
     while True:
+        check_cancelled()  # the walk of a layer with many files takes a while
         stream.skip_to(ctx.offset)
         head = stream.peek(BLOCK)
         if not head:
@@ -159,7 +227,7 @@ def iter_headers(stream: PeekableStream,
         if head[156:157] == tarfile.XGLTYPE and _global_then_end(stream, head):
             return
         at = ctx.offset
-        ctx.fileobj.budget = MAX_HEADER_DATA
+        ctx.fileobj.start()
         try:
             # _Ctx has what fromtarfile uses of a TarFile (duck typing).
             ti = tarfile.TarInfo.fromtarfile(ctx)  # type: ignore[arg-type]
@@ -171,7 +239,100 @@ def iter_headers(stream: PeekableStream,
             # front of a member; a long run of them exhausts the stack.
             raise error(f"invalid tar header at offset {at}: "
                         "too many extended headers in a row") from None
+        problem = _raw_problem(ctx.fileobj.reads) or header_problem(ti)
+        if problem:
+            raise error(f"invalid tar header at offset {at}"
+                        f" ({printable(ti.name)!r}): {problem}")
         yield ti
+
+
+def _raw_problem(reads: list[bytes]) -> str | None:
+    """What is wrong with the raw header blocks and extended records of one
+    member (``reads``: the extended headers, each followed by its record, then
+    the member's own header), or ``None``.
+
+    Looks at what ``tarfile`` decodes leniently: octal fields with a sign,
+    underscores or bytes after a NUL, and names (ustar fields, GNU long
+    names) with bytes after a NUL, which tarfile, Go and GNU tar cut there
+    but another reader need not.
+    """
+    i = 0
+    while i < len(reads) and len(reads[i]) == BLOCK:
+        block = reads[i]
+        for what, start, end in _NUMBER_FIELDS:
+            field = block[start:end]
+            if field[0] not in (0x80, 0xFF) and not _OCTAL.match(field):
+                shown = printable(field.rstrip(b"\x00").decode("latin-1"))
+                return f"{what} field '{shown}' is not an octal number"
+        names: tuple[tuple[str, int, int], ...] = _NAME_FIELDS
+        if block[257:265] == _POSIX_MAGIC:
+            names += (_STAR_PREFIX if block[508:512] == _STAR_TRAILER else _USTAR_PREFIX,)
+        for what, start, end in names:
+            if _nul_inside(block[start:end]):
+                return f"{what} field holds a NUL byte"
+        kind = block[156:157]
+        if kind not in _EXTENDED:
+            return None  # the member's own header; what follows is sparse data
+        if kind in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and i + 1 < len(reads):
+            size = tarfile.nti(block[124:136])  # type: ignore[attr-defined]  # not in typeshed
+            if _nul_inside(reads[i + 1][:size]):
+                return "GNU long name holds a NUL byte"
+        i += 2
+    return None
+
+
+def _nul_inside(field: bytes) -> bool:
+    """True if anything but NULs follows the first NUL of ``field``."""
+    at = field.find(0)
+    return at >= 0 and field.count(0, at) != len(field) - at
+
+
+def _shown(value: str) -> str:
+    """``value`` for a one-line message: printable, and not too long."""
+    return printable(value if len(value) <= 40 else value[:37] + "...")
+
+
+def header_problem(ti: tarfile.TarInfo) -> str | None:
+    """What makes member ``ti`` unfit for a layer, or ``None``: a PAX number
+    that is not one, a number outside the ranges above, a NUL in a name or
+    in a PAX keyword."""
+    for key, value in ti.pax_headers.items():
+        if "\x00" in key:
+            return f"PAX keyword {printable(key)!r} holds a NUL byte"
+        if key in _PAX_INT_KEYS:
+            if not _PAX_INT.match(value):
+                return f"PAX {key} {_shown(value)!r} is not a non-negative integer"
+            # More digits than 2**63 has: tarfile's int() would refuse
+            # (4300 digits at most) and make it 0, or it is out of range.
+            if len(value.lstrip("0")) > _MAX_DIGITS:
+                return f"PAX {key} {_shown(value)} is too large"
+        if key in _PAX_TIME_KEYS:
+            if not _PAX_TIME.match(value):
+                return f"PAX {key} {_shown(value)!r} is not a time in seconds"
+            seconds = value.split(".")[0].lstrip("+-").lstrip("0")
+            if len(seconds) > _MAX_DIGITS or not (
+                    MIN_TIME <= int(value.split(".")[0]) <= MAX_TIME):
+                return f"PAX {key} {_shown(value)} is outside years 0000 to 9999"
+        if key in _PAX_NAME_KEYS and "\x00" in value:
+            return f"PAX {key} holds a NUL byte"
+    for what, number, top in (("size", ti.size, MAX_SIZE), ("uid", ti.uid, MAX_ID),
+                              ("gid", ti.gid, MAX_ID), ("mode", ti.mode, MAX_MODE),
+                              ("devmajor", ti.devmajor, MAX_DEVICE),
+                              ("devminor", ti.devminor, MAX_DEVICE)):
+        if not 0 <= number <= top:
+            return f"{what} {number} is outside 0 to {top}"
+    mtime = ti.mtime
+    if isinstance(mtime, float):
+        if not math.isfinite(mtime):
+            return f"mtime {mtime} is not a time"
+        mtime = math.floor(mtime + 0.5)
+    if not MIN_TIME <= mtime <= MAX_TIME:
+        return f"mtime {mtime} is outside years 0000 to 9999"
+    for what, name in (("name", ti.name), ("link target", ti.linkname),
+                       ("user name", ti.uname), ("group name", ti.gname)):
+        if "\x00" in name:
+            return f"{what} holds a NUL byte"
+    return None
 
 
 def _global_then_end(stream: PeekableStream, head: bytes) -> bool:
@@ -222,8 +383,6 @@ def check_member(ti: tarfile.TarInfo) -> None:
             # there faithfully (Go would silently replace the bytes).
             raise UnsupportedEntry(printable(ti.name),
                                    f"{what} is not valid UTF-8") from None
-    if "\x00" in ti.name:
-        raise UnsupportedEntry(printable(ti.name), "name contains a NUL byte")
 
 
 def index_tar(f: BinaryIO) -> list[tarfile.TarInfo]:

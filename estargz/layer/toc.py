@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import TOCError
+from .jsondoc import load_json
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -33,8 +34,8 @@ MAX_TOC_JSON_SIZE = 128 << 20
 ENTRY_TYPES = frozenset(
     {"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_INT_FIELDS = ("size", "mode", "uid", "gid", "offset", "innerOffset", "devMajor",
-               "devMinor", "chunkOffset", "chunkSize")
+_INT_FIELDS = ("size", "mode", "uid", "gid", "offset", "innerOffset", "endOffset",
+               "devMajor", "devMinor", "chunkOffset", "chunkSize")
 # Narrower ranges: the reference keeps a mode as a 32-bit os.FileMode.
 _INT_LIMITS = {"mode": 1 << 32}
 _STR_FIELDS = ("name", "type", "modtime", "linkName", "userName", "groupName",
@@ -75,6 +76,9 @@ class TOCEntry:
     chunk_offset: int = 0
     chunk_size: int = 0
     chunk_digest: str = ""
+    #: zstd:chunked only: the blob offset just past the file's last frame
+    #: (containers/storage's ``endOffset``); never set in eStargz.
+    end_offset: int = 0
 
     def is_data(self) -> bool:
         """True for entries that own compressed bytes (non-empty files, chunks)."""
@@ -87,8 +91,8 @@ _FIELDS = (
     ("modtime", "modtime"), ("link_name", "linkName"), ("mode", "mode"),
     ("uid", "uid"), ("gid", "gid"), ("user_name", "userName"),
     ("group_name", "groupName"), ("offset", "offset"),
-    ("inner_offset", "innerOffset"), ("dev_major", "devMajor"),
-    ("dev_minor", "devMinor"), ("xattrs", "xattrs"),
+    ("inner_offset", "innerOffset"), ("end_offset", "endOffset"),
+    ("dev_major", "devMajor"), ("dev_minor", "devMinor"), ("xattrs", "xattrs"),
     ("digest", "digest"), ("chunk_offset", "chunkOffset"),
     ("chunk_size", "chunkSize"), ("chunk_digest", "chunkDigest"),
 )
@@ -118,10 +122,12 @@ def encode_entry(e: TOCEntry) -> str:
     return "\t\t{\n" + ",\n".join(lines) + "\n\t\t}"
 
 
-def encode_toc(encoded_entries: Iterable[str | bytes], version: int = 1) -> bytes:
+def encode_toc(encoded_entries: Iterable[str | bytes], version: int = 1,
+               extra: dict[str, str] | None = None) -> bytes:
     """Assemble entries encoded with :func:`encode_entry` (as text, or as
     UTF-8 bytes) into the TOC JSON, copying them once: for a large layer the
-    TOC is the converter's biggest allocation."""
+    TOC is the converter's biggest allocation. ``extra`` string fields follow
+    the entries (zstd:chunked's ``tarSplitDigest``)."""
     parts = [b'{\n\t"version": %d,\n\t"entries": [' % version]
     sep = b"\n"
     try:
@@ -133,7 +139,10 @@ def encode_toc(encoded_entries: Iterable[str | bytes], version: int = 1) -> byte
         # Names with undecodable bytes reach here only if a caller skipped
         # the converter's checks; say so instead of writing broken JSON.
         raise TOCError("TOC contains a name that is not valid UTF-8") from None
-    parts.append(b"\n\t]\n}" if len(parts) > 1 else b"]\n}")
+    parts.append(b"\n\t]" if len(parts) > 1 else b"]")
+    for key, value in (extra or {}).items():
+        parts.append(f',\n\t{_s(key)}: {_s(value)}'.encode())
+    parts.append(b"\n}")
     return b"".join(parts)
 
 
@@ -194,10 +203,6 @@ class TOC:
     digest: str = ""
 
 
-def _not_json(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")  # json.loads would take NaN, Infinity
-
-
 def decode_toc(data: bytes) -> TOC:
     """Parse TOC JSON bytes into a :class:`TOC` (structure only; see :func:`check_toc`).
 
@@ -205,15 +210,9 @@ def decode_toc(data: bytes) -> TOC:
     ``version`` and a list of ``entries`` -- including bytes after that object,
     which would make the reference compute a different TOC digest.
     """
-    if len(data) > MAX_TOC_JSON_SIZE:
-        raise TOCError(f"TOC JSON of {len(data)} bytes exceeds the "
-                       f"{MAX_TOC_JSON_SIZE}-byte limit")
-    try:
-        # Decoded as UTF-8 here: json.loads on bytes would also take UTF-16
-        # or UTF-32, or skip a byte order mark, which the reference refuses.
-        obj = json.loads(data.decode("utf-8"), parse_constant=_not_json)
-    except (ValueError, RecursionError) as e:
-        raise TOCError(f"TOC is not valid JSON: {e}") from None
+    # UTF-8 only (no UTF-16, no byte order mark: the reference refuses
+    # them), no NaN, bounded in size and depth.
+    obj = load_json(data, "TOC", max_size=MAX_TOC_JSON_SIZE, error=TOCError)
     if data.rstrip(b" \t\r\n") != data:
         raise TOCError("TOC JSON is followed by trailing bytes")
     if not isinstance(obj, dict):

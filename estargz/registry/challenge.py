@@ -23,7 +23,8 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
-from .._exceptions import AuthenticationError, RegistryError
+from .._exceptions import AuthenticationError, InvalidInput, RegistryError
+from ..layer.jsondoc import load_json_object
 from .credentials import Credentials, FoundCredentials, find_credentials
 from .deadline import Deadline
 from .errors import AUTH_HINT, error_detail
@@ -219,11 +220,11 @@ class Authenticator:
                 raise RegistryError(f"token server {urlsplit(ch.realm).netloc} for registry "
                                     f"{self.host} answered {resp.status_code} {resp.reason}")
             try:
-                doc = resp.json()
+                doc = load_json_object(resp.content, "token response")
                 value = doc.get("token") or doc.get("access_token")
                 if not isinstance(value, str) or not value:
                     raise ValueError
-            except (ValueError, AttributeError):
+            except (InvalidInput, ValueError):
                 raise RegistryError(f"token server {urlsplit(ch.realm).netloc} for registry "
                                     f"{self.host} sent no token") from None
             expires_in = doc.get("expires_in")

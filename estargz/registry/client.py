@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import requests
 
@@ -60,8 +59,10 @@ from .._exceptions import (
     RegistryError,
     StorageError,
 )
-from ..image.descriptor import check_digest, sha256_digest
+from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
 from ..image.reference import DockerName
+from ..image.store import TransportOptions
+from ..layer.jsondoc import load_json_object
 from ..layer.source import check_range
 from .credentials import Credentials
 from .deadline import Deadline
@@ -75,7 +76,7 @@ from .http import (
     parse_content_range,
 )
 
-__all__ = ["RegistryClient", "RegistryBlobSource", "open_registry_blob"]
+__all__ = ["RegistryClient", "RegistryBlobSource", "client_for", "open_registry_blob"]
 
 #: Largest manifest accepted (containers/image uses the same limit).
 MANIFEST_LIMIT = 4 << 20
@@ -83,6 +84,8 @@ MANIFEST_LIMIT = 4 << 20
 #: ends within this many bytes of the start is served by skipping; beyond it,
 #: reading lazily would silently mean downloading the blob, so it is an error.
 RANGE_SKIP_LIMIT = 1 << 20
+#: Pages of a referrers answer followed (``Link: <…>; rel="next"``).
+_REFERRER_PAGES = 16
 
 
 def _check_repo(repo: str) -> str:
@@ -175,8 +178,8 @@ class RegistryClient(RegistryHTTP):
         media_type = content_type.split(";", 1)[0].strip()
         if media_type in ("", "application/json", "text/plain", "application/octet-stream"):
             try:  # some registries and proxies send a generic type
-                declared = json.loads(data).get("mediaType")
-            except (ValueError, AttributeError, UnicodeDecodeError):
+                declared = load_json_object(data, "manifest").get("mediaType")
+            except InvalidInput:
                 declared = None
             if isinstance(declared, str) and declared:
                 media_type = declared
@@ -184,6 +187,66 @@ class RegistryClient(RegistryHTTP):
 
     def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
         """Store a manifest under a tag (or its digest); returns its digest."""
+        return self._put_manifest(repo, reference, data, media_type)[0]
+
+    def put_referrer(self, repo: str, data: bytes, media_type: str) -> tuple[str, bool]:
+        """Store a manifest that has a ``subject``, by its digest: ``(digest,
+        indexed)``, ``indexed`` when the registry answered ``OCI-Subject``
+        (OCI distribution 1.1: it lists the manifest in its referrers API;
+        otherwise the client keeps the ``sha256-HEX`` tag index itself)."""
+        digest, headers = self._put_manifest(repo, sha256_digest(data), data, media_type)
+        return digest, bool(headers.get("OCI-Subject"))
+
+    def get_referrers(self, repo: str, digest: str,
+                      artifact_type: str | None = None) -> list[dict[str, object]] | None:
+        """The descriptors of the manifests whose ``subject`` is ``digest``
+        (OCI distribution 1.1 referrers API, ``Link`` pages followed), only
+        those of ``artifact_type`` if given; ``None`` when the registry has
+        no referrers API (404), for the caller to use the tag schema."""
+        _check_repo(repo)
+        check_digest(digest)
+        url: str | None = f"/v2/{repo}/referrers/{digest}"
+        if artifact_type:
+            url = f"{url}?{urlencode({'artifactType': artifact_type})}"
+        found: list[dict[str, object]] = []
+        for _ in range(_REFERRER_PAGES):
+            if url is None:
+                break
+            data, url = self._referrers_page(repo, digest, url)
+            if data is None:  # no API (a later page that vanished ends the list)
+                return found or None
+            manifests = load_json_object(
+                data, f"the referrers of {digest} from registry {self.host}",
+                error=RegistryError).get("manifests") or []
+            if not isinstance(manifests, list):
+                raise RegistryError(f"registry {self.host} answered the referrers of {digest} "
+                                    "with something that is not an image index")
+            found += [m for m in manifests if isinstance(m, dict)]
+        if artifact_type:  # a registry may ignore the filter (no OCI-Filters-Applied)
+            found = [m for m in found if m.get("artifactType") == artifact_type]
+        return found
+
+    def _referrers_page(self, repo: str, digest: str,
+                        url: str) -> tuple[bytes | None, str | None]:
+        """One page of referrers: ``(index bytes or None on 404, next page URL)``."""
+        what = f"GET referrers of {digest}"
+
+        def attempt() -> tuple[bytes | None, str | None]:
+            resp = self._request("GET", url, scopes=self._pull(repo), repo=repo, what=what,
+                                 ok=(200, 404), headers={"Accept": OCI_INDEX}, stream=True,
+                                 deadline=dl)
+            with resp:
+                if resp.status_code == 404:
+                    return None, None
+                data = self._read_body(resp, MANIFEST_LIMIT + 1, "referrers", dl)
+                nxt = resp.links.get("next", {}).get("url")
+                return data, urljoin(resp.url, nxt) if nxt else None
+
+        with self._deadline(what) as dl:
+            return self._retrying(attempt, dl)
+
+    def _put_manifest(self, repo: str, reference: str, data: bytes,
+                      media_type: str) -> tuple[str, requests.structures.CaseInsensitiveDict[str]]:
         _check_repo(repo)
         digest = sha256_digest(data)
         if _is_digest(reference) and reference != digest:
@@ -191,20 +254,21 @@ class RegistryClient(RegistryHTTP):
         name = f"{repo}@{reference}" if _is_digest(reference) else f"{repo}:{reference}"
         url = f"/v2/{repo}/manifests/{quote(reference, safe=':')}"
 
-        def attempt() -> str | None:
+        def attempt() -> requests.structures.CaseInsensitiveDict[str]:
             resp = self._request("PUT", url, scopes=self._push(repo), repo=repo,
                                  what=f"PUT manifest {name}", ok=(200, 201, 202),
                                  headers={"Content-Type": media_type}, body=data,
                                  deadline=dl)
             with resp:
-                return resp.headers.get("Docker-Content-Digest")
+                return resp.headers
 
         with self._deadline(f"PUT manifest {name}", len(data)) as dl:
-            answered = self._retrying(attempt, dl)
+            headers = self._retrying(attempt, dl)
+        answered = headers.get("Docker-Content-Digest")
         if answered and answered.startswith("sha256:") and answered != digest:
             raise DigestMismatch(f"registry {self.host} stored manifest {name} as {answered}, "
                                  f"but its digest is {digest}")
-        return digest
+        return digest, headers
 
     def head_blob(self, repo: str, digest: str) -> int | None:
         """The size of blob ``digest`` in ``repo``, or ``None`` if it is absent."""
@@ -508,3 +572,14 @@ def open_registry_blob(name: DockerName, *, tls_verify: bool = True,
         if size is None:
             raise NotFound(f"blob {name.digest} is not in {name.registry}/{name.repository}")
         yield client.blob_source(name.repository, name.digest, size)
+
+
+def client_for(host: str, options: TransportOptions) -> RegistryClient:
+    """A client of ``host`` with one side's connection settings (TLS,
+    credentials, deadlines; unset deadlines are the client's defaults)."""
+    o = options
+    return RegistryClient(
+        host, tls_verify=o.tls_verify, cert_dir=o.cert_dir, credentials=o.credentials,
+        auth_file=o.auth_file, timeout=DEFAULT_TIMEOUT if o.timeout is None else o.timeout,
+        read_timeout=DEFAULT_READ_TIMEOUT if o.read_timeout is None else o.read_timeout,
+        min_rate=DEFAULT_MIN_RATE if o.min_transfer_rate is None else o.min_transfer_rate)

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import AuthenticationError, InvalidInput
+from .._exceptions import AuthenticationError, InvalidInput, StorageError
+from ..layer.inputfile import open_input
+from ..layer.jsondoc import MAX_JSON_SIZE, load_json_object
 
 Credentials = tuple[str, str]
 
@@ -130,23 +131,22 @@ def _auth_file_paths(auth_file: str | None) -> list[tuple[str, bool]]:
 
 
 def _load_config(path: str, must_exist: bool) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         if must_exist:
-            raise InvalidInput(f"auth file {path} does not exist") from None
+            raise InvalidInput(f"auth file {path} does not exist")
         return None
+    try:
+        # Refuses devices and directories; never reads more than a JSON
+        # document may hold (``--authfile /dev/zero`` would never end).
+        with open_input(path, "auth file") as f:
+            raw = f.read(MAX_JSON_SIZE + 1)
+    except StorageError as e:
+        raise InvalidInput(f"cannot read auth file {path}: {e}") from None
     except OSError as e:
         raise InvalidInput(f"cannot read auth file {path}: {e.strerror}") from None
     if not raw.strip():
         return {}  # an empty file is what some tools leave after logout
-    try:
-        config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"auth file {path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise InvalidInput(f"auth file {path} is not a JSON object")
+    config = load_json_object(raw, f"auth file {path}")
     for key in ("auths", "credHelpers"):
         if not isinstance(config.get(key, {}), dict):
             raise InvalidInput(f"auth file {path}: {key!r} is not a JSON object")
@@ -268,11 +268,11 @@ def _run_helper(name: str, server_url: str, host: str,
         first = said.splitlines()[0][:200] if said else f"exit status {proc.returncode}"
         raise AuthenticationError(f"credential helper {program} failed for {host}: {first}")
     try:
-        reply = json.loads(proc.stdout)
+        reply = load_json_object(proc.stdout, "credential helper output")
         user, secret = reply["Username"], reply["Secret"]
         if not isinstance(user, str) or not isinstance(secret, str):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (InvalidInput, KeyError, TypeError):
         raise AuthenticationError(f"credential helper {program} returned malformed "
                                   f"output for {host} (expected JSON with "
                                   "Username and Secret)") from None

@@ -15,6 +15,11 @@ from as many socket reads as it takes). Two things can:
   filled a byte at a time, an upload the server does not read) returns at
   once with an error, which the caller reports as the deadline's.
 
+The watchdog also acts on cancellation (:mod:`estargz._cancel`): Ctrl-C
+cuts a blocked read within :data:`CANCEL_POLL` seconds, and the operation
+raises :class:`~estargz._exceptions.Cancelled` instead of waiting for its
+read timeout.
+
 A connection learns which operation uses it from a thread-local that
 :meth:`Deadline.active` sets around each request: urllib3 connects, sends and
 reads the headers in the calling thread. Connections are used by one
@@ -36,11 +41,15 @@ import urllib3.connection
 import urllib3.connectionpool
 import urllib3.poolmanager
 
+from .._cancel import cancel_requested
+from .._exceptions import Cancelled, EstargzError
 from .errors import DeadlineExceeded
 
 #: Longest deadline an operation gets, whatever the settings: a timer
 #: cannot wait much longer than this anyway (threading.TIMEOUT_MAX).
 MAX_DEADLINE = 30 * 24 * 3600.0
+#: How often the watchdog looks for a cancellation request, in seconds.
+CANCEL_POLL = 0.25
 
 _current = threading.local()
 #: Guards which deadline owns a connection, so a watchdog never shuts down a
@@ -49,8 +58,10 @@ _owners = threading.Lock()
 
 
 def _seconds(value: float) -> str:
-    """``5`` for 5.0, ``3.5`` for 3.5, ``68.2`` for 68.1875: for messages."""
-    return f"{value:.1f}".rstrip("0").rstrip(".")
+    """``5`` for 5.0, ``3.5`` for 3.5, ``68.2`` for 68.1875, ``0.05`` for
+    0.05: for messages."""
+    text = f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 class Deadline:
@@ -66,20 +77,20 @@ class Deadline:
         self.start = time.monotonic()
         self.end = self.start + self.seconds
         self._fired = False
-        self._conns: list[Any] = []
-        self._timer: threading.Timer | None = None
+        #: ``(connection, socket)``: the socket as the connection had it. A
+        #: response that ends the connection ("Connection: close") goes on
+        #: reading a socket the connection no longer holds.
+        self._socks: list[tuple[Any, socket.socket]] = []
+        self._done = threading.Event()
 
     def __enter__(self) -> Deadline:
-        self._timer = threading.Timer(self.remaining(), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        threading.Thread(target=self._watch, name="estargz-deadline", daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._done.set()
         with _owners:
-            self._conns.clear()
+            self._socks.clear()
 
     def remaining(self) -> float:
         """Seconds left, never negative."""
@@ -93,15 +104,24 @@ class Deadline:
         """Record the request now in flight (named if the deadline passes)."""
         self.who, self.what = who, what
 
-    def error(self) -> DeadlineExceeded:
+    @property
+    def label(self) -> str:
+        """``the 3 s deadline``, for messages."""
+        return f"the {_seconds(self.seconds)} s deadline"
+
+    def error(self) -> EstargzError:
+        """What a request cut by this deadline raises: :class:`Cancelled` if
+        the run is being cancelled, else :class:`DeadlineExceeded`."""
+        if cancel_requested():
+            return Cancelled()
         elapsed = time.monotonic() - self.start
-        return DeadlineExceeded(f"{self.who}: {self.what} exceeded the "
-                                f"{_seconds(self.seconds)} s deadline ({self.received} bytes "
-                                f"in {elapsed:.1f} s)")
+        return DeadlineExceeded(f"{self.who}: {self.what} exceeded {self.label} "
+                                f"({self.received} bytes in {elapsed:.1f} s)")
 
     def check(self) -> None:
-        """Raise :class:`DeadlineExceeded` if the deadline has passed."""
-        if self.expired:
+        """Raise :class:`DeadlineExceeded` if the deadline has passed
+        (:class:`Cancelled` if the run is being cancelled)."""
+        if self.expired or cancel_requested():
             raise self.error()
 
     @contextlib.contextmanager
@@ -114,26 +134,36 @@ class Deadline:
         finally:
             _current.deadline = previous
 
+    def _watch(self) -> None:
+        while not self._done.wait(min(self.remaining(), CANCEL_POLL)):
+            if self.remaining() <= 0 or cancel_requested():
+                self._fire()
+                return
+
     def _fire(self) -> None:
         self._fired = True
         with _owners:
-            for conn in self._conns:
+            for conn, sock in self._socks:
                 if getattr(conn, "_estargz_deadline", None) is not self:
                     continue  # back in the pool and taken by another operation
-                sock = getattr(conn, "sock", None)
-                if sock is not None:
-                    # socket.socket's shutdown, not SSLSocket's: that one
-                    # also drops the TLS object under the reading thread.
-                    with contextlib.suppress(OSError):
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                # socket.socket's shutdown, not SSLSocket's: that one also
+                # drops the TLS object under the reading thread.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _claim(conn: Any) -> None:
-    deadline: Deadline | None = getattr(_current, "deadline", None)
     with _owners:
-        conn._estargz_deadline = deadline
-        if deadline is not None:
-            deadline._conns.append(conn)
+        conn._estargz_deadline = getattr(_current, "deadline", None)
+
+
+def _track(conn: Any) -> None:
+    """Remember the connection's socket now, for the watchdog of its deadline."""
+    deadline: Deadline | None = getattr(conn, "_estargz_deadline", None)
+    sock = getattr(conn, "sock", None)
+    if deadline is not None and sock is not None:
+        with _owners:
+            deadline._socks.append((conn, sock))
 
 
 def _check(conn: Any) -> None:
@@ -152,14 +182,17 @@ class _Watched:
     def connect(self) -> None:
         _claim(self)
         super().connect()  # type: ignore[misc]
+        _track(self)
         _check(self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _claim(self)
+        _track(self)  # a kept-alive connection: its socket is already there
         super().request(*args, **kwargs)  # type: ignore[misc]
         _check(self)
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        _track(self)
         _check(self)
         return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 

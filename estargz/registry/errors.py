@@ -7,10 +7,10 @@ No message ever holds a password or a token.
 
 from __future__ import annotations
 
-import json
 import re
 
-from .._exceptions import RegistryError
+from .._exceptions import InvalidInput, RegistryError
+from ..layer.jsondoc import load_json
 
 #: How to give credentials (the CLI's options are named here, in one place).
 AUTH_HINT = ("give credentials with --src-creds/--dest-creds USER:PASS, run "
@@ -65,8 +65,8 @@ def one_line(text: str, limit: int = 300) -> str:
 def error_detail(body: bytes) -> str:
     """``CODE: message`` from a registry's JSON error body, or ``""``."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        doc = load_json(body, "error body")
+    except InvalidInput:
         return ""
     errors = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(errors, list) or not errors or not isinstance(errors[0], dict):

@@ -164,15 +164,14 @@ class RegistryHTTP:
                         message: str | None = None) -> None:
         """After attempt ``n`` (from 0) failed with ``e``: back off, or raise
         if the retries or the deadline are used up."""
-        if deadline.expired:
-            raise deadline.error() from None  # the watchdog cut the connection
+        deadline.check()  # the watchdog cut the connection, or the run is cancelled
         if n >= self.retries:
             raise RegistryError(message or f"{e} (gave up after {n + 1} attempts)") from None
         delay = self._delay(n, e.retry_after)
         if delay >= deadline.remaining():
             raise RegistryError(
-                f"{message or e} (gave up after {n + 1} attempts: the "
-                f"{deadline.seconds:g} s deadline leaves no time for another)") from None
+                f"{message or e} (gave up after {n + 1} attempts: {deadline.label} "
+                f"leaves no time for another)") from None
         self._sleep(delay)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -433,7 +432,10 @@ def _positive(name: str, value: float, limit: float) -> float:
 def _origin(url: str) -> tuple[str, str]:
     """``(scheme, host:port)`` of ``url``, the port made explicit."""
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number: no origin of ours
+        return parts.scheme, parts.netloc
     return parts.scheme, f"{(parts.hostname or '').lower()}:{port}"
 
 

@@ -15,21 +15,14 @@ from ..image.reference import ImageRef, parse_docker_name
 from ..image.store import ImageDestination, ImageSource, TransportOptions
 from ..image.transport import Transport, register_transport
 from ..layer.source import RangeSource
-from ..registry.client import RegistryClient
-from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT
+from ..registry.client import RegistryClient, client_for
 
 ACCEPT = (*INDEX_TYPES, *MANIFEST_TYPES)
 
 
 def _client(ref: ImageRef, options: TransportOptions) -> RegistryClient:
     assert ref.name is not None
-    o = options  # unset deadlines are the client's defaults
-    return RegistryClient(
-        ref.name.registry, tls_verify=o.tls_verify, cert_dir=o.cert_dir,
-        credentials=o.credentials, auth_file=o.auth_file,
-        timeout=DEFAULT_TIMEOUT if o.timeout is None else o.timeout,
-        read_timeout=DEFAULT_READ_TIMEOUT if o.read_timeout is None else o.read_timeout,
-        min_rate=DEFAULT_MIN_RATE if o.min_transfer_rate is None else o.min_transfer_rate)
+    return client_for(ref.name.registry, options)
 
 
 class RegistrySource(ImageSource):

@@ -2,7 +2,8 @@
 ``docker load`` reads.
 
 Written in a temporary place beside the destination and renamed into place
-whole, so an archive appears complete or not at all.
+whole, so an archive appears complete or not at all; writers take turns on
+``PATH.lock`` (see :func:`~.oci_archive.archive_lock`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 from typing import IO, BinaryIO
 
+from .._cancel import check_cancelled
 from .._exceptions import InvalidInput, NotFound, StorageError
-from .._fsutil import atomic_output
+from .._fsutil import OwnedTempDir, atomic_output, reclaim_tempdirs
 from ..image.descriptor import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -29,8 +30,11 @@ from ..image.descriptor import (
 from ..image.reference import DockerName, ImageRef, parse_docker_name, split_path
 from ..image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from ..image.transport import Transport, register_transport
+from ..layer.inputfile import require_regular_file
+from ..layer.jsondoc import MAX_JSON_SIZE, load_json
 from ..layer.layerinput import detect_compression
-from .oci_archive import add_file
+from .oci import TEMP_PREFIX
+from .oci_archive import add_file, archive_lock
 
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
@@ -53,12 +57,18 @@ def _same_image(tag: str, name: DockerName) -> bool:
         (name.registry, name.repository, name.tag or "latest")
 
 
+def _strings(value: object) -> bool:
+    """True for ``null`` or a JSON list of strings."""
+    return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 class DockerArchiveSource(ImageSource):
     """Read one image of a ``docker save`` archive (legacy or OCI-style)."""
 
     def __init__(self, path: str, name: DockerName | None) -> None:
         self.name = f"docker-archive:{path}"
         self.path = path
+        require_regular_file(path, "docker-archive")
         try:
             self._tar = tarfile.open(path)  # noqa: SIM115  (closed in close())
         except FileNotFoundError:
@@ -66,9 +76,15 @@ class DockerArchiveSource(ImageSource):
         except (tarfile.TarError, OSError) as e:
             raise InvalidInput(f"cannot read docker-archive {path}: {e}") from None
         self._members = {os.path.normpath(m.name): m for m in self._tar.getmembers()}
-        manifest = json.loads(self._read_member("manifest.json", 16 << 20))
+        manifest = load_json(self._read_member("manifest.json", MAX_JSON_SIZE),
+                             f"{path}: manifest.json")
         if not isinstance(manifest, list) or not manifest:
             raise InvalidInput(f"{path}: manifest.json lists no image")
+        for item in manifest:
+            if not (isinstance(item, dict) and isinstance(item.get("Config"), str)
+                    and _strings(item.get("RepoTags")) and _strings(item.get("Layers"))):
+                raise InvalidInput(f"{path}: manifest.json lists something other than an "
+                                   "image (a Config name, RepoTags and Layers)")
         if name is not None:
             chosen = [e for e in manifest
                       if any(_same_image(t, name) for t in e.get("RepoTags") or [])]
@@ -82,7 +98,7 @@ class DockerArchiveSource(ImageSource):
         entry = chosen[0]
         self._blobs: dict[str, str] = {}
         config_name = entry["Config"]
-        config = self._read_member(config_name, 16 << 20)
+        config = self._read_member(config_name, MAX_JSON_SIZE)
         config_desc = Descriptor(DOCKER_CONFIG, sha256_digest(config), len(config))
         self._blobs[config_desc.digest] = config_name
         layers = []
@@ -123,6 +139,7 @@ class DockerArchiveSource(ImageSource):
         h.update(head)
         n = len(head)
         while piece := f.read(1 << 20):
+            check_cancelled()
             h.update(piece)
             n += len(piece)
         return "sha256:" + h.hexdigest(), n, detect_compression(head)
@@ -155,7 +172,9 @@ class DockerArchiveDestination(ImageDestination):
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise StorageError(f"cannot write {path}: {directory} does not exist")
-        self._tmp = tempfile.mkdtemp(prefix=".estargz-", dir=directory)
+        reclaim_tempdirs(directory, TEMP_PREFIX)
+        self._work = OwnedTempDir(directory, TEMP_PREFIX)
+        self._tmp = self._work.path
         self._manifests: dict[str, bytes] = {}
 
     def _blob(self, digest: str) -> str:
@@ -187,7 +206,9 @@ class DockerArchiveDestination(ImageDestination):
         tags = [_short_name(self.image_name)] if self.image_name else []
         index = [{"Config": f"{config}.json", "RepoTags": tags,
                   "Layers": [f"{h}/layer.tar" for h in layers]}]
-        with atomic_output(self.path) as f, tarfile.open(fileobj=f, mode="w") as tf:
+        # One image per archive: the last writer's is the one kept, whole.
+        with archive_lock(self.path), atomic_output(self.path) as f, \
+                tarfile.open(fileobj=f, mode="w") as tf:
             add_file(tf, f"{config}.json", self._blob("sha256:" + config))
             for h in dict.fromkeys(layers):
                 add_file(tf, f"{h}/layer.tar", self._blob("sha256:" + h))
@@ -197,10 +218,10 @@ class DockerArchiveDestination(ImageDestination):
             tf.addfile(ti, io.BytesIO(data))
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._work.cleanup()
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._work.cleanup()
 
 
 class DockerArchiveTransport(Transport):

@@ -9,10 +9,7 @@ this module, and so ``docker``, is imported only when the transport is used.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import docker
@@ -20,10 +17,12 @@ from docker.errors import APIError, DockerException
 from docker.errors import NotFound as DockerNotFound
 
 from .._exceptions import InvalidInput, NotFound, RegistryError, StorageError
+from .._fsutil import owned_tempdir
 from ..image.descriptor import Descriptor
 from ..image.reference import ImageRef, parse_docker_name
 from ..image.store import ImageDestination, ImageSource, TransportOptions
 from ..image.transport import Transport, register_transport
+from ..layer.jsondoc import load_json_object
 from .docker_archive import DockerArchiveDestination, DockerArchiveSource, _short_name
 
 
@@ -42,8 +41,8 @@ class DaemonSource(DockerArchiveSource):
     def __init__(self, ref: ImageRef, options: TransportOptions) -> None:
         assert ref.name is not None
         name = _short_name(ref.name)
-        self._tmpdir = tempfile.mkdtemp(prefix="estargz-daemon-")
-        path = os.path.join(self._tmpdir, "image.tar")
+        self._spool = owned_tempdir("daemon")
+        path = os.path.join(self._spool.path, "image.tar")
         try:
             client = _client(options)
             try:
@@ -61,13 +60,13 @@ class DaemonSource(DockerArchiveSource):
                 client.close()
             super().__init__(path, ref.name)
         except BaseException:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._spool.cleanup()
             raise
         self.name = f"docker-daemon:{name}"
 
     def close(self) -> None:
         super().close()
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self._spool.cleanup()
 
 
 class DaemonDestination(DockerArchiveDestination):
@@ -75,8 +74,12 @@ class DaemonDestination(DockerArchiveDestination):
 
     def __init__(self, ref: ImageRef, options: TransportOptions) -> None:
         self._options = options
-        self._dir = tempfile.mkdtemp(prefix="estargz-daemon-")
-        super().__init__(os.path.join(self._dir, "image.tar"), ref.name)
+        self._spool = owned_tempdir("daemon")
+        try:
+            super().__init__(os.path.join(self._spool.path, "image.tar"), ref.name)
+        except BaseException:
+            self._spool.cleanup()
+            raise
         self.name = f"docker-daemon:{_short_name(ref.name)}" if ref.name else "docker-daemon:"
 
     def commit(self, root: Descriptor, root_data: bytes) -> None:
@@ -96,19 +99,20 @@ class DaemonDestination(DockerArchiveDestination):
 
     def close(self) -> None:
         super().close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._spool.cleanup()
 
     def abort(self) -> None:
         super().abort()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._spool.cleanup()
 
 
 def _json(line: Any) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except (TypeError, ValueError):
+    if not isinstance(line, (bytes, str)):
         return {}
-    return obj if isinstance(obj, dict) else {}
+    try:
+        return load_json_object(line, "Docker daemon message")
+    except InvalidInput:
+        return {}
 
 
 class DockerDaemonTransport(Transport):

@@ -1,29 +1,50 @@
 """OCI image layouts (``oci:PATH[:TAG]``), read and written.
 
 A layout is a directory with an ``oci-layout`` file, ``index.json`` and
-``blobs/sha256/<hex>``. Writing stores each blob under a temporary name and
-renames it, and writes ``index.json`` last, so a reader never sees a tag that
-points at missing content. A tag is the ``org.opencontainers.image.ref.name``
-annotation of an ``index.json`` entry, as skopeo and umoci use it.
+``blobs/sha256/<hex>``. A tag is the ``org.opencontainers.image.ref.name``
+annotation of an ``index.json`` entry, as skopeo and umoci use it. Writing
+stages blobs in a temporary directory of its own and changes the layout only
+at commit: a new layout is renamed into place whole; an existing one gets its
+blobs moved in and ``index.json`` rewritten last, under an exclusive lock on
+``index.json.lock`` in the layout, so a reader never sees a tag that points
+at missing content and concurrent writers never lose each other's tags.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-import shutil
+import re
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from .._cancel import check_cancelled
 from .._exceptions import DigestMismatch, InvalidInput, NotFound, StorageError
-from .._fsutil import atomic_output, unlink_quietly
+from .._fsutil import (
+    OwnedTempDir,
+    atomic_output,
+    locked_file,
+    reclaim_tempdirs,
+    unlink_quietly,
+)
 from ..image.descriptor import OCI_INDEX, Descriptor, check_digest, sha256_digest
 from ..image.reference import ImageRef, check_tag, split_path
 from ..image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from ..image.transport import Transport, register_transport
+from ..layer.jsondoc import MAX_JSON_SIZE, load_json
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = "oci-layout"
+#: Taken (flock) around every read-modify-write of ``index.json``. Neither
+#: containers/image (skopeo, podman) nor umoci locks a layout, so there is no
+#: name to share; this one says what it guards.
+LOCK_FILE = "index.json.lock"
+#: Temporary directories of ours in a layout, or beside a new one.
+TEMP_PREFIX = ".estargz-"
+_HEX = re.compile(r"[0-9a-f]{64}")
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 
 
@@ -38,11 +59,10 @@ def read_index(root: str) -> dict[str, Any]:
         raise NotFound(f"{root} is not an OCI image layout (no {LAYOUT_FILE} file)")
     try:
         with open(os.path.join(root, "index.json"), "rb") as f:
-            index = json.load(f)
+            data = f.read(MAX_JSON_SIZE + 1)
     except OSError as e:
         raise StorageError(f"cannot read {root}/index.json: {e.strerror}") from None
-    except ValueError as e:
-        raise InvalidInput(f"{root}/index.json is not valid JSON: {e}") from None
+    index = load_json(data, f"{root}/index.json")
     if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
         raise InvalidInput(f"{root}/index.json is not an OCI index")
     return index
@@ -103,72 +123,92 @@ class OCILayoutSource(ImageSource):
 
 
 class OCILayoutDestination(ImageDestination):
-    """Write an image into an OCI layout directory, new or existing."""
+    """Write an image into an OCI layout directory, new or existing.
+
+    Nothing in the layout changes before :meth:`commit`. A layout that does
+    not exist yet is assembled beside it (``.estargz-*.tmp`` in its parent)
+    and renamed into place whole. Into an existing layout, blobs are staged
+    in a ``.estargz-*.tmp`` directory inside it; commit then takes the
+    layout's lock (:data:`LOCK_FILE`), moves them into ``blobs/`` and adds
+    the tag to ``index.json`` as it is *now*, so concurrent writers never
+    lose each other's tags. A directory a killed writer left without
+    ``index.json`` (empty, or only ``blobs/`` and ``oci-layout``) is
+    completed the same way. See :func:`add_to_layout`.
+    """
 
     def __init__(self, root: str, tag: str | None) -> None:
         self.root_dir = root
         self.tag = tag
         self.name = f"oci:{root}" + (f":{tag}" if tag else "")
-        self._created_root = not os.path.exists(root)
-        self._new_blobs: list[str] = []
-        if self._created_root:
+        self._new = not os.path.lexists(root)
+        if self._new:
+            parent = os.path.dirname(os.path.abspath(root))
             try:
-                os.makedirs(os.path.join(root, "blobs", "sha256"))
+                os.makedirs(parent, exist_ok=True)
             except OSError as e:
-                raise StorageError(f"cannot create {root}: {e.strerror}") from None
-            self._index: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                           "manifests": []}
+                raise StorageError(f"cannot create {parent}: {e.strerror}") from None
+            reclaim_tempdirs(parent, TEMP_PREFIX)
+            self._tmp = OwnedTempDir(parent, TEMP_PREFIX)
+            self._staging = os.path.join(self._tmp.path, "blobs", "sha256")
         else:
             if not os.path.isdir(root):
                 raise InvalidInput(f"{root} exists and is not a directory")
-            if os.listdir(root):
-                self._index = read_index(root)
-            else:
-                self._index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-            os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
+            if not is_incomplete_layout(root):
+                read_index(root)  # refuse a directory that is not a layout, up front
+            reclaim_tempdirs(root, TEMP_PREFIX)
+            self._tmp = OwnedTempDir(root, TEMP_PREFIX)
+            self._staging = os.path.join(self._tmp.path, "blobs")
+        try:
+            os.makedirs(self._staging)
+        except OSError as e:
+            self._tmp.cleanup()
+            raise StorageError(f"cannot write {root}: {e.strerror}") from None
+
+    def _staged(self, digest: str) -> str:
+        return os.path.join(self._staging, check_digest(digest).split(":", 1)[1])
 
     def has_blob(self, desc: Descriptor) -> bool:
-        try:
-            return os.path.getsize(blob_path(self.root_dir, desc.digest)) == desc.size
-        except OSError:
-            return False
+        paths = [self._staged(desc.digest)]
+        if not self._new:
+            paths.append(blob_path(self.root_dir, desc.digest))
+        for path in paths:
+            try:
+                if os.path.getsize(path) == desc.size:
+                    return True
+            except OSError:
+                pass
+        return False
 
     def put_blob(self, desc: Descriptor, path: str, *, mount_from: str | None = None) -> None:
-        if self.has_blob(desc):
-            return
-        target = blob_path(self.root_dir, desc.digest)
-        self._store(target, lambda out: _copy_file(path, out))
+        if not self.has_blob(desc):
+            self._store(desc.digest, lambda out: _copy_file(path, out))
 
     def staging_dir(self) -> str:
-        # Beside the blobs: one filesystem, so put_blob_file is a rename.
-        return os.path.join(self.root_dir, "blobs", "sha256")
+        # One filesystem with the layout, so put_blob_file is a rename.
+        return self._staging
 
     def put_blob_file(self, desc: Descriptor, path: str) -> None:
-        target = blob_path(self.root_dir, desc.digest)
         if self.has_blob(desc) or os.path.dirname(os.path.abspath(path)) != \
-                os.path.dirname(os.path.abspath(target)):
+                os.path.abspath(self._staging):
             super().put_blob_file(desc, path)
             return
+        target = self._staged(desc.digest)
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(path, 0o666 & ~umask)  # as a copy through atomic_output gets
+            os.chmod(path, 0o666 & ~_umask())  # as a copy through atomic_output gets
             os.replace(path, target)
         except OSError as e:
             unlink_quietly(path)
             raise StorageError(f"cannot store {target}: {e.strerror or e}") from None
-        self._new_blobs.append(target)
 
     def put_manifest(self, data: bytes, desc: Descriptor) -> None:
         if not self.has_blob(desc):
-            self._store(blob_path(self.root_dir, desc.digest), lambda out: out.write(data))
+            self._store(desc.digest, lambda out: out.write(data))
 
-    def _store(self, target: str, write: Callable[[BinaryIO], object]) -> None:
+    def _store(self, digest: str, write: Callable[[BinaryIO], object]) -> None:
         # Blobs are content-addressed: no need to sync each one, the
         # index.json that makes them reachable is synced.
-        with atomic_output(target, fsync=False) as out:
+        with atomic_output(self._staged(digest), fsync=False) as out:
             write(out)
-        self._new_blobs.append(target)
 
     def commit(self, root: Descriptor, root_data: bytes) -> None:
         self.put_manifest(root_data, root)
@@ -179,31 +219,129 @@ class OCILayoutDestination(ImageDestination):
             annotations[REF_NAME] = self.tag
         if annotations:
             entry["annotations"] = annotations
-        kept = [d for d in self._index.get("manifests", [])
-                if (d.get("annotations") or {}).get(REF_NAME) != self.tag]
-        self._index["manifests"] = kept + [entry]
-        path = os.path.join(self.root_dir, "index.json")
-        layout = os.path.join(self.root_dir, LAYOUT_FILE)
-        if not os.path.exists(layout):
-            with atomic_output(layout) as f:
-                f.write(json.dumps(LAYOUT_VERSION).encode())
-        with atomic_output(path) as f:
-            f.write(json.dumps(self._index, indent=2).encode() + b"\n")
-        self._new_blobs = []
-        self._created_root = False
+        if self._new:
+            layout = self._tmp.path
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+            _write_layout_files(layout, index)
+            try:
+                os.chmod(layout, 0o777 & ~_umask())  # mkdtemp made it 0700
+                os.rename(layout, self.root_dir)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise StorageError(f"cannot create {self.root_dir}: "
+                                       f"{e.strerror or e}") from None
+                # Another writer created the layout meanwhile: add to it.
+            else:
+                self._tmp.release()
+                return
+        add_to_layout(self.root_dir, self._staging, entry)
+        self._tmp.cleanup()
 
     def abort(self) -> None:
-        if self._created_root:
-            shutil.rmtree(self.root_dir, ignore_errors=True)
-            return
-        for path in self._new_blobs:
-            unlink_quietly(path)
-        self._new_blobs = []
+        self._tmp.cleanup()
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def is_incomplete_layout(root: str) -> bool:
+    """Whether directory ``root`` is a layout a writer was killed before
+    finishing (or an empty directory): no ``index.json``, and nothing but
+    ``blobs/``, ``oci-layout``, :data:`LOCK_FILE` and temporaries."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return False
+    return "index.json" not in names and all(
+        n in ("blobs", LAYOUT_FILE, LOCK_FILE) or (n.startswith(".") and n.endswith(".tmp"))
+        for n in names)
+
+
+def _write_layout_files(root: str, index: dict[str, Any]) -> None:
+    """``oci-layout`` (if missing), then ``index.json``: a layout is complete
+    once ``index.json`` is there."""
+    layout = os.path.join(root, LAYOUT_FILE)
+    if not os.path.exists(layout):
+        with atomic_output(layout) as f:
+            f.write(json.dumps(LAYOUT_VERSION).encode())
+    with atomic_output(os.path.join(root, "index.json")) as f:
+        f.write(json.dumps(index, indent=2).encode() + b"\n")
+
+
+#: Temporaries that older versions wrote among the blobs (a converted layer,
+#: a blob being copied), and how old one must be to be a killed run's: a live
+#: writer touches its file every few milliseconds and renames it when done.
+_LEGACY_TEMP = re.compile(r"\.(estargz-.*\.esgz|[0-9a-f]{64}\..*)\.tmp")
+_LEGACY_AGE = 3600.0
+
+
+def _remove_legacy_temporaries(blobs: str) -> None:
+    """Remove what killed runs of older versions left in ``blobs/sha256``
+    (this version stages elsewhere)."""
+    now = time.time()
+    for name in os.listdir(blobs):
+        if _LEGACY_TEMP.fullmatch(name):
+            path = os.path.join(blobs, name)
+            with contextlib.suppress(OSError):
+                if now - os.lstat(path).st_mtime > _LEGACY_AGE:
+                    os.unlink(path)
+
+
+def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
+                  lock: bool = True) -> None:
+    """Move the blobs in ``staged_blobs`` (files named by hex digest) into the
+    layout ``root`` and make ``entry`` its entry for the entry's tag (its
+    ``org.opencontainers.image.ref.name``, or the untagged one), holding the
+    layout's lock (:data:`LOCK_FILE`) so that the read-modify-write of
+    ``index.json`` sees every other writer's entries. A layout without
+    ``index.json`` (:func:`is_incomplete_layout`) gets one. ``lock=False``
+    is for a private layout (an archive's, already under the archive's lock)."""
+    with locked_file(os.path.join(root, LOCK_FILE)) if lock else contextlib.nullcontext():
+        if os.path.exists(os.path.join(root, "index.json")):
+            index = read_index(root)
+        elif is_incomplete_layout(root):
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        else:
+            raise NotFound(f"{root} is not an OCI image layout (no index.json)")
+        # Every writer of these holds the lock: any temporary of theirs seen
+        # now is a killed writer's.
+        for name in os.listdir(root):
+            if name.startswith((".index.json.", f".{LAYOUT_FILE}.")) and name.endswith(".tmp"):
+                unlink_quietly(os.path.join(root, name))
+        blobs = os.path.join(root, "blobs", "sha256")
+        try:
+            os.makedirs(blobs, exist_ok=True)
+            _remove_legacy_temporaries(blobs)
+            for name in sorted(os.listdir(staged_blobs)):
+                if not _HEX.fullmatch(name):
+                    continue  # not a finished blob: never put in blobs/
+                src, dst = os.path.join(staged_blobs, name), os.path.join(blobs, name)
+                try:
+                    if os.path.getsize(dst) == os.path.getsize(src):
+                        continue  # already there: never rewrite a blob a reader may hold
+                except FileNotFoundError:
+                    pass
+                os.replace(src, dst)
+        except OSError as e:
+            raise StorageError(f"cannot store blobs in {root}: {e.strerror or e}") from None
+        tag = (entry.get("annotations") or {}).get(REF_NAME)
+        kept = [d for d in index.get("manifests", [])
+                if (d.get("annotations") or {}).get(REF_NAME) != tag]
+        index["manifests"] = kept + [entry]
+        _write_layout_files(root, index)
 
 
 def _copy_file(src: str, out: BinaryIO) -> None:
     with open(src, "rb") as f:
-        shutil.copyfileobj(f, out, 1 << 20)
+        while piece := f.read(1 << 20):
+            check_cancelled()
+            out.write(piece)
 
 
 class OCITransport(Transport):

@@ -1,23 +1,42 @@
 """``oci-archive:PATH[:TAG]``: a tar of an OCI layout.
 
 Written in a temporary place beside the destination and renamed into place
-whole, so an archive appears complete or not at all.
+whole, so an archive appears complete or not at all. Writers of one archive
+take turns on the lock file ``PATH.lock`` beside it (the archive itself is
+replaced by a rename, so its inode cannot carry a lock): each re-reads the
+archive under the lock and adds its tag to what is there now.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import tarfile
-import tempfile
+from collections.abc import Iterator
 
-from .._exceptions import InvalidInput, NotFound, StorageError
-from .._fsutil import atomic_output
+from .._exceptions import EstargzError, InvalidInput, NotFound, StorageError
+from .._fsutil import (
+    OwnedTempDir,
+    atomic_output,
+    locked_file,
+    owned_tempdir,
+    reclaim_tempdirs,
+    unlink_quietly,
+)
 from ..image.descriptor import Descriptor
 from ..image.reference import ImageRef
 from ..image.store import ImageDestination, ImageSource, TransportOptions
 from ..image.transport import register_transport
-from .oci import OCILayoutDestination, OCILayoutSource, OCITransport
+from ..layer.inputfile import require_regular_file
+from .oci import (
+    LOCK_FILE,
+    TEMP_PREFIX,
+    OCILayoutDestination,
+    OCILayoutSource,
+    OCITransport,
+    add_to_layout,
+    read_index,
+)
 
 
 def _safe_extract(tar_path: str, dest: str) -> None:
@@ -42,42 +61,83 @@ class OCIArchiveSource(OCILayoutSource):
     """An OCI layout inside a tar file, unpacked to a temporary directory."""
 
     def __init__(self, path: str, tag: str | None) -> None:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise NotFound(f"oci-archive {path} does not exist")
-        self._tmp = tempfile.mkdtemp(prefix="estargz-ociarchive-")
+        require_regular_file(path, "oci-archive")
+        self._tmp = owned_tempdir("ociarchive")
         try:
-            _safe_extract(path, self._tmp)
-            super().__init__(self._tmp, tag)
+            _safe_extract(path, self._tmp.path)
+            super().__init__(self._tmp.path, tag)
         except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp.cleanup()
             raise
         self.name = f"oci-archive:{path}" + (f":{tag}" if tag else "")
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.cleanup()
 
 
 class OCIArchiveDestination(OCILayoutDestination):
-    """Build an OCI layout in a temporary directory; tar and rename it on commit."""
+    """Build an OCI layout in a temporary directory; on commit, add it to
+    the archive as it is then (under ``PATH.lock``), tar and rename."""
 
     def __init__(self, path: str, tag: str | None) -> None:
         self._archive = path
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise StorageError(f"cannot write {path}: {directory} does not exist")
-        self._tmp = tempfile.mkdtemp(prefix=".estargz-", dir=directory)
-        super().__init__(os.path.join(self._tmp, "layout"), tag)
+        reclaim_tempdirs(directory, TEMP_PREFIX)
+        self._work = OwnedTempDir(directory, TEMP_PREFIX)
+        try:
+            super().__init__(os.path.join(self._work.path, "layout"), tag)
+        except BaseException:
+            self._work.cleanup()
+            raise
         self.name = f"oci-archive:{path}" + (f":{tag}" if tag else "")
 
     def commit(self, root: Descriptor, root_data: bytes) -> None:
         super().commit(root, root_data)
-        tar_dir_atomic(self.root_dir, self._archive)
+        layout = self.root_dir
+        with archive_lock(self._archive):
+            if os.path.exists(self._archive) and os.path.getsize(self._archive) > 0:
+                # Another writer's tags stay: unpack what is there now, add ours.
+                current = os.path.join(self._work.path, "current")
+                try:
+                    _safe_extract(self._archive, current)
+                    read_index(current)
+                except EstargzError as e:
+                    raise InvalidInput(f"{self._archive} exists and is not an oci-archive "
+                                       f"({e}); remove it or write elsewhere") from None
+                entry = read_index(layout)["manifests"][0]
+                add_to_layout(current, os.path.join(layout, "blobs", "sha256"), entry,
+                              lock=False)
+                layout = current
+            tar_dir_atomic(layout, self._archive)
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        super().abort()
+        self._work.cleanup()
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        super().close()
+        self._work.cleanup()
+
+
+@contextlib.contextmanager
+def archive_lock(path: str) -> Iterator[None]:
+    """Hold the lock of archive ``path``: an exclusive flock on ``PATH.lock``.
+
+    Every writer of the archive writes ``.NAME.*.tmp`` beside it and renames
+    it into place while holding this lock, so such a file seen by the lock's
+    holder is a killed writer's, and is removed.
+    """
+    with locked_file(path + ".lock"):
+        directory, base = os.path.split(os.path.abspath(path))
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                if name.startswith(f".{base}.") and name.endswith(".tmp"):
+                    unlink_quietly(os.path.join(directory, name))
+        yield
 
 
 def tar_dir_atomic(root: str, dest: str) -> None:
@@ -88,6 +148,8 @@ def tar_dir_atomic(root: str, dest: str) -> None:
             dirnames.sort()
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)
+                if dirpath == root and name == LOCK_FILE:
+                    continue  # the layout's lock is no part of the image
                 add_file(tf, os.path.relpath(full, root), full)
 
 

@@ -231,6 +231,18 @@ class HandleTable:
         self._regular: set[HandleKey] = set()
         self.skipped = 0
         self._dev = os.lstat(self.root).st_dev
+        try:
+            # If the root cannot be encoded, no file can: a seccomp profile
+            # that refuses name_to_handle_at, or a filesystem without file
+            # handles. Skipping every file would profile "successfully"
+            # and record nothing.
+            name_to_handle_at(self.root)
+        except OSError as e:
+            raise ProfilingError(
+                f"cannot get file handles (name_to_handle_at) under {self.root}: "
+                f"{e.strerror}; FID-mode fanotify needs them (the filesystem has none"
+                " here, e.g. overlayfs inside a user namespace, or a seccomp profile"
+                " refuses name_to_handle_at: see docs/pipelines.md)") from None
         self.add(".")
         for top, dirs, files in os.walk(self.root, followlinks=False):
             rel_top = os.path.relpath(top, self.root)

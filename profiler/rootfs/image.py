@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from estargz import (
     CONVERTIBLE_LAYERS,
@@ -65,33 +65,37 @@ def layer_blob(source: ImageSource, desc: Descriptor, index: int,
     return path, True
 
 
-def _extract_layers(source: ImageSource, layers: Sequence[Descriptor],
+#: Layer ``i``'s blob as ``(path, ours)``: a readable file, and whether it
+#: is a copy the caller deletes after its last use.
+BlobGetter = Callable[[int], tuple[str, bool]]
+
+
+def _extract_layers(blob: BlobGetter, keys: Sequence[str],
                     scratch: str) -> tuple[list[str], list[LayerListing]]:
-    """Fetch (verified) and extract each layer into ``scratch/layers/N``."""
+    """Extract each layer (``blob(i)``; ``keys[i]`` tells copies of one blob
+    apart) into ``scratch/layers/N``."""
     layers_dir = os.path.join(scratch, "layers")
-    blobs_dir = os.path.join(scratch, "blobs")
     os.mkdir(layers_dir, 0o700)
-    last_use = {d.digest: i for i, d in enumerate(layers)}
+    last_use = {k: i for i, k in enumerate(keys)}
     dirs: list[str] = []
     listings: list[LayerListing] = []
-    for i, desc in enumerate(layers):
-        path, ours = layer_blob(source, desc, i, blobs_dir)
+    for i, key in enumerate(keys):
+        path, ours = blob(i)
         # Per occurrence, not per digest: a layer that comes twice must sit
         # at both places of the overlayfs stack.
         dest = os.path.join(layers_dir, str(i))
         listings.append(extract_layer(path, dest, lowers=list(zip(dirs, listings, strict=True)),
                                       spool_dir=scratch))
         dirs.append(dest)
-        if last_use[desc.digest] == i and ours:
+        if last_use[key] == i and ours:
             os.unlink(path)
-    if os.path.isdir(blobs_dir):
-        os.rmdir(blobs_dir)
     return dirs, listings
 
 
 @contextlib.contextmanager
 def assemble_image_rootfs(source: ImageSource, manifest_layers: Sequence[Descriptor],
-                          scratch: str) -> Iterator[tuple[str, list[LayerListing]]]:
+                          scratch: str, upper_bytes: int | None = None
+                          ) -> Iterator[tuple[str, list[LayerListing]]]:
     """Mount the root filesystem of an image; yield ``(mountpoint, listings)``.
 
     ``manifest_layers`` are the manifest's layer descriptors (bottom first);
@@ -106,20 +110,39 @@ def assemble_image_rootfs(source: ImageSource, manifest_layers: Sequence[Descrip
     An opaque marker at the top of a layer (``.wh..wh..opq``) hides every
     layer below; overlayfs ignores opacity on a layer's root directory, so
     those layers are left out of the mount instead.
+
+    ``upper_bytes`` bounds the workload's writes (:class:`OverlayRoot`).
     """
+    blobs_dir = os.path.join(os.path.abspath(scratch), "blobs")
+    with assemble_rootfs(lambda i: layer_blob(source, manifest_layers[i], i, blobs_dir),
+                         [d.digest for d in manifest_layers], scratch,
+                         upper_bytes) as (mountpoint, listings, _):
+        yield mountpoint, listings
+
+
+@contextlib.contextmanager
+def assemble_rootfs(blob: BlobGetter, keys: Sequence[str], scratch: str,
+                    upper_bytes: int | None = None
+                    ) -> Iterator[tuple[str, list[LayerListing], OverlayRoot]]:
+    """:func:`assemble_image_rootfs` from layer blobs already at hand
+    (``blob(i)``, one key per layer telling copies of one blob apart);
+    yields the :class:`OverlayRoot` too."""
     scratch = os.path.abspath(scratch)
     _make_scratch(scratch)
     overlay: OverlayRoot | None = None
     try:
         try:
-            dirs, listings = _extract_layers(source, manifest_layers, scratch)
+            dirs, listings = _extract_layers(blob, keys, scratch)
+            blobs_dir = os.path.join(scratch, "blobs")
+            if os.path.isdir(blobs_dir):
+                os.rmdir(blobs_dir)
         except OSError as e:
             raise StorageError(f"cannot extract the layers into {scratch}: "
                                f"{e.strerror or e}") from None
         first = max((i for i, lst in enumerate(listings) if "" in lst.opaque_dirs), default=0)
-        overlay = OverlayRoot(dirs[first:], scratch)
+        overlay = OverlayRoot(dirs[first:], scratch, upper_bytes)
         with overlay as mountpoint:
-            yield mountpoint, listings
+            yield mountpoint, listings, overlay
     except BaseException as e:
         # Once entered, OverlayRoot has cleaned up itself.
         if overlay is None or not overlay._entered:

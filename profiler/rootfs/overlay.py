@@ -9,11 +9,34 @@ from collections.abc import Sequence
 
 from estargz import StorageError
 
-from ..linux import MS_NODEV, PAGE_SIZE, add_note, deferred_signals, mount, package_env, unmount_all
+from ..linux import (
+    MS_NODEV,
+    MS_NOSUID,
+    PAGE_SIZE,
+    add_note,
+    deferred_signals,
+    filesystem_full,
+    mount,
+    package_env,
+    unmount_all,
+)
 from .dirfd import remove_tree
 
 #: overlayfs's limit on lower directories in one mount (OVL_MAX_STACK).
 OVL_MAX_STACK = 500
+
+#: What the workload may write, by default, in either mode: the size of the
+#: tmpfs under the overlay's upper layer (root), or the room left on the
+#: tmpfs beyond the image's files (rootless).  ``estargz optimize
+#: --scratch-size``.  Writes past it fail with ENOSPC.
+SCRATCH_BYTES = 256 << 20
+
+
+def scratch_full_note(scratch_bytes: int) -> str:
+    """The report's note when the workload filled the room it may write."""
+    return (f"the workload filled the {scratch_bytes >> 20} MiB it may write (--scratch-size):"
+            f" its writes failed with ENOSPC from then on, so it may have read less than it"
+            f" would have")
 
 # mount(2) run from a child process (see OverlayRoot._mount): argv is
 # options, mount point, flags.
@@ -60,6 +83,12 @@ class OverlayRoot:
     with ``nodev``, so that device nodes a hostile image carries cannot be
     opened through the mount (the sandbox mounts its own ``/dev``).
 
+    ``upper_bytes``: bound what can be written through the mount.  A tmpfs
+    of that size is mounted on ``scratch/rw`` and holds ``upper/`` and
+    ``work/`` (overlayfs needs both on one filesystem); a write past it
+    fails with ENOSPC, and :meth:`upper_full` says so afterwards.  Without
+    it the upper layer is a directory on the disk holding ``scratch``.
+
     ``with OverlayRoot(...) as mountpoint:`` mounts; leaving the block,
     however (an exception, Ctrl-C), unmounts everything at or below
     ``scratch`` -- detaching lazily what is busy -- and deletes ``scratch``
@@ -78,11 +107,14 @@ class OverlayRoot:
     ``method`` says which was used.
     """
 
-    def __init__(self, lower_dirs: Sequence[str], scratch: str) -> None:
+    def __init__(self, lower_dirs: Sequence[str], scratch: str,
+                 upper_bytes: int | None = None) -> None:
         self.lower_dirs = [os.path.abspath(d) for d in lower_dirs]
         self.scratch = os.path.abspath(scratch)
-        self.upper = os.path.join(self.scratch, "upper")
-        self.work = os.path.join(self.scratch, "work")
+        self.upper_bytes = upper_bytes
+        self.rw = os.path.join(self.scratch, "rw") if upper_bytes is not None else self.scratch
+        self.upper = os.path.join(self.rw, "upper")
+        self.work = os.path.join(self.rw, "work")
         self.mountpoint = os.path.join(self.scratch, "merged")
         self.method: str | None = None
         self._entered = False
@@ -92,13 +124,17 @@ class OverlayRoot:
             raise RuntimeError("OverlayRoot is not re-entrant")
         # Checked before anything is made: on failure scratch is deleted,
         # which must not take a caller's directory with it.
-        for d in (self.upper, self.work, self.mountpoint):
-            if os.path.lexists(d):
+        for d in (self.rw, self.upper, self.work, self.mountpoint):
+            if d != self.scratch and os.path.lexists(d):
                 raise StorageError(f"{d} already exists")
         try:
             self._entered = True
             with deferred_signals():
                 os.makedirs(self.scratch, mode=0o700, exist_ok=True)
+                if self.upper_bytes is not None:
+                    os.mkdir(self.rw, 0o700)
+                    mount("tmpfs", self.rw, "tmpfs", MS_NOSUID | MS_NODEV,
+                          f"mode=0700,size={self.upper_bytes}")
                 for d in (self.upper, self.work, self.mountpoint):
                     os.mkdir(d, 0o755)
                 self._mount()
@@ -120,6 +156,11 @@ class OverlayRoot:
             if exc is None:
                 raise StorageError(problem)
             add_note(exc, problem)
+
+    def upper_full(self) -> bool:
+        """Whether the size-limited upper layer is (all but) full: the
+        workload's writes met ENOSPC.  Always False without ``upper_bytes``."""
+        return self.upper_bytes is not None and filesystem_full(self.rw)
 
     def _mount(self) -> None:
         lowers = list(reversed(self.lower_dirs))  # overlayfs wants the top first

@@ -1,5 +1,6 @@
-"""``python -m profiler.rootless FD``: the user-namespace helper of
-:func:`profiler.rootless.userns.call_in_userns`.
+"""``python -m profiler.rootless FD [--no-user-namespace]``: the namespace
+helper of :func:`profiler.rootless.userns.call_in_namespaces` (rootless, and
+as root without the user namespace).
 
 It runs through the package (``profiler.rootless.userns``), not as a
 ``__main__`` copy of that module: the job calls

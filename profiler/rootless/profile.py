@@ -9,6 +9,8 @@ mount mark on a filesystem mounted in the namespace.  So
 
     fetch the layer blobs into the work directory (on disk)
     check that the layers fit in memory (a tmpfs is memory)
+    a cgroup with memory and pids limits, where cgroups are delegated to
+    the user (profiler.rootless.cgroup); else a note says there are none
     call_in_userns(_job)          profiler.rootless.userns: uid 0 inside = the caller
       mount a tmpfs (size-limited)
       flatten the layers into it  profiler.rootfs.flat: whiteouts and opaque
@@ -38,15 +40,26 @@ from estargz import Descriptor, ImageSource
 
 from ..capabilities import probe_rootless
 from ..errors import ProfilingError
-from ..linux import MS_NODEV, MS_NOSUID, mount
+from ..linux import MS_NODEV, MS_NOSUID, filesystem_full, mount, own_cgroups
 from ..record import Access, map_accesses
-from ..rootfs import assemble_flat_rootfs, layer_blob, layer_usage
+from ..rootfs import (
+    SCRATCH_BYTES,
+    assemble_flat_rootfs,
+    layer_blob,
+    layer_usage,
+    scratch_full_note,
+)
 from ..sandbox import ProcessSpec, ProfileRun, SandboxOptions, run_profiled
+from .cgroup import make_limited_cgroup, remove_cgroups
 from .userns import call_in_userns, send_message
 
 #: Room on the tmpfs, beyond the image's own files, for what the workload
-#: writes (caches, .pyc files, logs).  Writes past it fail with ENOSPC.
-WRITE_ROOM = 256 << 20
+#: writes (caches, .pyc files, logs), by default.  Writes past it fail with
+#: ENOSPC.
+WRITE_ROOM = SCRATCH_BYTES
+#: pids for the namespace helper and the runtime's threads, on top of the
+#: workload's own limit.
+_PIDS_HEADROOM = 64
 
 _MIB = 1 << 20
 
@@ -92,17 +105,11 @@ def _cgroup_room() -> int | None:
 
     cgroup v2 (``memory.max``) or the v1 memory controller
     (``memory.limit_in_bytes``); every ancestor's limit counts too."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
     room: int | None = None
-    for line in lines:
-        hid, controllers, path = line.split(":", 2)
-        if hid == "0" and controllers == "":
+    for hid, controllers, path in own_cgroups():
+        if hid == "0" and not controllers:
             base, limit_file, usage_file = "/sys/fs/cgroup", "memory.max", "memory.current"
-        elif "memory" in controllers.split(","):
+        elif "memory" in controllers:
             base, limit_file, usage_file = ("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
                                             "memory.usage_in_bytes")
         else:
@@ -127,17 +134,19 @@ def available_memory() -> int | None:
     return min(values) if values else None
 
 
-def check_memory(layer_bytes: int, available: int | None = None) -> int:
+def check_memory(layer_bytes: int, available: int | None = None,
+                 room: int = WRITE_ROOM) -> int:
     """The tmpfs size for layers needing ``layer_bytes``: that plus
-    :data:`WRITE_ROOM`.  Raises :class:`ProfilingError` when it exceeds the
-    memory available (``available``, default :func:`available_memory`)."""
-    need = layer_bytes + WRITE_ROOM
+    ``room`` for the workload's writes.  Raises :class:`ProfilingError`
+    when it exceeds the memory available (``available``, default
+    :func:`available_memory`)."""
+    need = layer_bytes + room
     if available is None:
         available = available_memory()
     if available is not None and need > available:
         raise ProfilingError(
             f"rootless profiling holds the root filesystem in memory: it needs"
-            f" {_mib(need)} (layers {_mib(layer_bytes)} + {_mib(WRITE_ROOM)} for the"
+            f" {_mib(need)} (layers {_mib(layer_bytes)} + {_mib(room)} for the"
             f" workload's writes) but only {_mib(available)} is available; free memory,"
             f" or run as root (overlayfs, nothing copied)")
     return need
@@ -155,11 +164,14 @@ def rootless_unavailable() -> str | None:
 
 def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process: ProcessSpec,
                      options: SandboxOptions, work: str,
-                     emit: Callable[[str], None] | None = None
-                     ) -> tuple[list[Access], ProfileRun]:
+                     emit: Callable[[str], None] | None = None,
+                     scratch_bytes: int = WRITE_ROOM
+                     ) -> tuple[list[Access], ProfileRun, list[str]]:
     """Profile ``process`` on the image's layers without root; the accesses
-    mapped to layers, and the run.  ``work`` is a private directory on disk
-    (blobs, decompressed layers while they are read, the runtime's state)."""
+    mapped to layers, the run, and notes for the report (no cgroup limits
+    here; the workload filled its ``scratch_bytes`` of room for writes).
+    ``work`` is a private directory on disk (blobs, decompressed layers
+    while they are read, the runtime's state)."""
     why = rootless_unavailable()
     if why:
         raise ProfilingError(f"cannot profile without root here: {why}; run as root,"
@@ -169,16 +181,31 @@ def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process:
     usage = {b: layer_usage(b, spool_dir=work) for b in dict.fromkeys(blobs)}
     # Per occurrence: a layer listed twice is extracted beside its first copy
     # before it replaces it.
-    size = check_memory(sum(usage[b] for b in blobs))
+    size = check_memory(sum(usage[b] for b in blobs), room=scratch_bytes)
     job = _Job(tuple(blobs), process, replace(options, output=None, workdir=work),
                work, size)
     show = emit or options.output or (lambda line: print(line, file=sys.stderr, flush=True))
-    result: tuple[list[Access], ProfileRun] = call_in_userns(_job, job, on_message=show)
-    return result
+    notes: list[str] = []
+    # The tmpfs is charged to the cgroup too: the workload's limit plus it.
+    memory = None if options.memory_bytes is None else options.memory_bytes + size
+    pids = None if options.pids_limit is None else options.pids_limit + _PIDS_HEADROOM
+    cgroups, why_none = make_limited_cgroup(os.path.basename(work), memory, pids, work)
+    if why_none:
+        notes.append(why_none)
+    try:
+        accesses, run, full = call_in_userns(_job, job, on_message=show, cgroups=cgroups)
+    finally:
+        left = remove_cgroups(cgroups)
+    if left:
+        notes.append(f"cannot remove cgroup {', '.join(left)}; the next run removes it")
+    if full:
+        notes.append(scratch_full_note(scratch_bytes))
+    return accesses, run, notes
 
 
-def _job(job: _Job) -> tuple[list[Access], ProfileRun]:
-    """In the namespace (PID 1, uid 0): tmpfs, flatten, run, map."""
+def _job(job: _Job) -> tuple[list[Access], ProfileRun, bool]:
+    """In the namespace (PID 1, uid 0): tmpfs, flatten, run, map; and
+    whether the workload filled the tmpfs."""
     tmpfs = os.path.join(job.work, "tmpfs")
     os.mkdir(tmpfs, 0o700)
     try:
@@ -191,4 +218,4 @@ def _job(job: _Job) -> tuple[list[Access], ProfileRun]:
                                     spool_dir=job.work)
     options = replace(job.sandbox, output=send_message)
     run = run_profiled(root, job.process, options)
-    return map_accesses(run.accesses, listings, root), run
+    return map_accesses(run.accesses, listings, root), run, filesystem_full(tmpfs)

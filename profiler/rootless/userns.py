@@ -1,6 +1,9 @@
-"""Run a function as root of a new user namespace, for rootless profiling.
+"""Run a function in a mount and PID namespace of its own: as root of a new
+user namespace for rootless profiling (:func:`call_in_userns`), or, as
+root, only in new mount and PID namespaces (:func:`call_in_namespaces` with
+``user_namespace=False``), so that the overlay and the container die with us.
 
-:func:`call_in_userns` starts a fresh interpreter (``python -m
+:func:`call_in_namespaces` starts a fresh interpreter (``python -m
 profiler.rootless``, whose ``__main__`` runs :func:`helper_main`), because
 ``unshare(CLONE_NEWUSER)`` is refused to a process with more than one
 thread, and the caller (a CLI with worker threads, a test runner) may have
@@ -17,11 +20,18 @@ several.  The helper then::
       fn(*args)                   messages (output lines) and the result or
                                   the error go back over a pipe
 
+Without the user namespace (as root) the same, minus ``CLONE_NEWUSER`` and
+the id maps.
+
 Why a PID namespace of our own: when its PID 1 exits, the kernel kills
 every process left in it, whatever happened (SIGKILL of the helper
 included, through PR_SET_PDEATHSIG), and the mount namespace goes with the
-last of them: the tmpfs holding the image and the container's mounts
-disappear, and nothing is left behind.
+last of them: the tmpfs holding the image, the overlay and the container's
+mounts disappear.  The container's own PID namespace is nested in ours, so
+its processes are killed too, although the runtime, not we, forked its init.
+What the kernel does not remove (the runtime's state directory, an emptied
+cgroup) is on disk, in the caller's work directory, for the next run to
+sweep (:mod:`profiler.workdir`).
 
 Signals: the helper runs in a session of its own, so a terminal's Ctrl-C
 reaches only the caller, which forwards SIGINT (for SIGTERM too: a PID 1
@@ -35,13 +45,14 @@ import contextlib
 import importlib
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from estargz import EstargzError
@@ -76,20 +87,39 @@ _LENGTH = struct.Struct("=Q")
 # --- the caller's side ----------------------------------------------------------
 
 def call_in_userns(fn: Callable[..., Any], *args: Any,
-                   on_message: Callable[[Any], None] | None = None) -> Any:
-    """Call ``fn(*args)`` as root of a new user, mount and PID namespace.
+                   on_message: Callable[[Any], None] | None = None,
+                   cgroups: Sequence[str] = ()) -> Any:
+    """Call ``fn(*args)`` as root of a new user, mount and PID namespace
+    (:func:`call_in_namespaces`)."""
+    return call_in_namespaces(fn, *args, on_message=on_message, cgroups=cgroups)
+
+
+def call_in_namespaces(fn: Callable[..., Any], *args: Any,
+                       on_message: Callable[[Any], None] | None = None,
+                       user_namespace: bool = True, cgroups: Sequence[str] = ()) -> Any:
+    """Call ``fn(*args)`` in a helper process, as PID 1 of a new PID namespace
+    with a private mount namespace, and as root of a new user namespace
+    unless ``user_namespace`` is False (the caller is root).  The helper
+    dies with this process (PR_SET_PDEATHSIG), and everything in its
+    namespaces with it.  (PDEATHSIG fires when the *thread* that started
+    the helper ends: that is the calling thread, which waits here until
+    the helper is gone, so it cannot end first.)
 
     ``fn`` must be a module-level function, and its arguments and result
     picklable.  In the namespace, ``send_message(obj)`` passes ``obj`` to
     ``on_message`` here, as it happens.  An :class:`~estargz.EstargzError`
     raised by ``fn`` is raised here with the same class and message; a
     KeyboardInterrupt there (ours forwarded as SIGINT) is one here.
-    Raises :class:`ProfilingError` when the namespaces cannot be created.
+    ``cgroups``: cgroup directories the helper is moved into before it
+    starts the job (each hierarchy's limits then bound all it runs).
+    Raises :class:`ProfilingError` when the namespaces cannot be created
+    or the helper cannot join ``cgroups``.
     """
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "profiler.rootless", str(w)],
+            [sys.executable, "-m", "profiler.rootless", str(w),
+             *([] if user_namespace else ["--no-user-namespace"])],
             stdin=subprocess.PIPE, pass_fds=(w,), start_new_session=True,
             env=package_env())
     except BaseException:
@@ -97,6 +127,17 @@ def call_in_userns(fn: Callable[..., Any], *args: Any,
         os.close(w)
         raise
     os.close(w)
+    try:
+        # It waits for its job on stdin: it has started nothing yet.
+        for d in cgroups:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(proc.pid))
+    except OSError as e:
+        proc.kill()
+        proc.wait()
+        os.close(r)
+        raise ProfilingError(f"cannot move the profiler into cgroup {e.filename}:"
+                             f" {e.strerror}") from None
     interrupted = False
 
     def forward(_signum: int = signal.SIGINT, _frame: object = None) -> None:
@@ -142,7 +183,7 @@ def _result(outcome: tuple[Any, ...] | None, code: int | None, interrupted: bool
     if outcome is None:
         if interrupted:
             raise KeyboardInterrupt
-        raise ProfilingError(f"the user-namespace helper died ({_describe(code)}) "
+        raise ProfilingError(f"the namespace helper died ({_describe(code)}) "
                              "without a result")
     kind = outcome[0]
     if kind == "result":
@@ -151,7 +192,7 @@ def _result(outcome: tuple[Any, ...] | None, code: int | None, interrupted: bool
         raise _rebuild(outcome[1], outcome[2], outcome[3])
     if kind == "interrupted":
         raise KeyboardInterrupt
-    raise ProfilingError(f"the user-namespace helper sent {kind!r}")  # pragma: no cover
+    raise ProfilingError(f"the namespace helper sent {kind!r}")  # pragma: no cover
 
 
 @contextlib.contextmanager
@@ -227,9 +268,16 @@ def _send(msg: tuple[Any, ...]) -> None:
         view = view[os.write(_out_fd, view):]
 
 
-def _enter() -> None:
+def _enter(user_namespace: bool) -> None:
     """unshare and write the id maps (one id each, as an unprivileged process may)."""
     uid, gid = os.getuid(), os.getgid()
+    if not user_namespace:
+        try:
+            unshare(CLONE_NEWNS | CLONE_NEWPID)
+        except OSError as e:
+            raise ProfilingError(f"cannot create a mount and PID namespace: {e.strerror}"
+                                 ) from None
+        return
     try:
         unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
     except OSError as e:
@@ -261,16 +309,17 @@ def _init(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
             _send(("error", type(e).__module__, type(e).__name__, str(e)))
             return 1
         _send(("error", "builtins", "RuntimeError",
-               "unexpected error in the user namespace:\n" + traceback.format_exc()))
+               "unexpected error in the namespace helper:\n" + traceback.format_exc()))
         return 1
     _send(("result", result))
     return 0
 
 
 def helper_main(argv: list[str]) -> int:
-    """The helper process (``python -m profiler.rootless FD``): read the job
-    on stdin, enter the namespaces, run it as PID 1 of the new PID namespace,
-    send the outcome on descriptor FD."""
+    """The helper process (``python -m profiler.rootless FD
+    [--no-user-namespace]``): read the job on stdin, enter the namespaces,
+    run it as PID 1 of the new PID namespace, send the outcome on
+    descriptor FD."""
     global _out_fd
     _out_fd = int(argv[0])
     parent = os.getppid()
@@ -285,21 +334,30 @@ def helper_main(argv: list[str]) -> int:
         try:
             fn, args = pickle.load(sys.stdin.buffer)
         except Exception as e:  # a caller's bug: fn must be importable by name
-            raise ProfilingError(f"the user-namespace helper cannot load its job: {e}") from None
-        _enter()
+            raise ProfilingError(f"the namespace helper cannot load its job: {e}") from None
+        _enter("--no-user-namespace" not in argv[1:])
     except ProfilingError as e:
         _send(("error", type(e).__module__, type(e).__name__, str(e)))
         return 1
+    # PID 1 cannot tell its parent died by getppid() (0 from inside the
+    # namespace, whoever the parent is): an end of this pipe we hold says it.
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            os.close(alive_w)
             with contextlib.suppress(OSError):
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            # EOF: the helper died before PDEATHSIG was set, nobody waits for us.
+            if select.select([alive_r], [], [], 0)[0] and os.read(alive_r, 1) == b"":
+                os._exit(1)
+            os.close(alive_r)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             code = _init(fn, args)
         finally:
             os._exit(code)
+    os.close(alive_r)
 
     def relay(_signum: int, _frame: object) -> None:  # ...to PID 1, as SIGINT
         with contextlib.suppress(ProcessLookupError):

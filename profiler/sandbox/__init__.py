@@ -5,11 +5,13 @@ and record, with fanotify, the files it reads.
 * :mod:`.users`: the image's ``User`` resolved with its own /etc/passwd;
 * :mod:`.container`: one container's life through the runtime
   (:class:`Container`), torn down whatever happens;
+* :mod:`.readiness`: a server's readiness (port, HTTP), probed from the
+  container's network namespace (:class:`ReadinessProbe`);
 * :mod:`.profile`: :func:`run_profiled`, the recording loop and its result
   (:class:`ProfileRun`).
 """
 
-from .container import Container, find_runtime
+from .container import Container, find_runtime, remove_stale_containers
 from .profile import (
                       ProfileRun,
                       StopReason,
@@ -17,6 +19,7 @@ from .profile import (
                       interrupt_on_sigterm,
                       run_profiled,
 )
+from .readiness import ReadinessProbe, check_port, parse_http_url
 from .spec import (
                       DEFAULT_MEMORY_BYTES,
                       DEFAULT_PATH,
@@ -33,6 +36,7 @@ from .users import ResolvedUser, check_mapped, path_in_root, resolve_user
 __all__ = [
     "DEFAULT_MEMORY_BYTES", "DEFAULT_PATH", "DEFAULT_PIDS_LIMIT", "DOCKER_DEFAULT_CAPABILITIES",
     "STANDARD_MOUNTS", "BindMount", "Container", "ProcessSpec", "ProfileRun", "ResolvedUser",
-    "SandboxOptions", "StopReason", "accesses_from_events", "build_spec", "check_mapped",
-    "find_runtime", "interrupt_on_sigterm", "path_in_root", "resolve_user", "run_profiled",
+    "ReadinessProbe", "SandboxOptions", "StopReason", "accesses_from_events", "build_spec",
+    "check_mapped", "check_port", "find_runtime", "interrupt_on_sigterm", "parse_http_url",
+    "path_in_root", "remove_stale_containers", "resolve_user", "run_profiled",
 ]

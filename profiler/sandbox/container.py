@@ -43,6 +43,9 @@ _RUNTIME_TIMEOUT = 60.0   # create, start, kill and delete each take well under 
 _REAP_TIMEOUT = 10.0      # for the init to die after SIGKILL
 #: Seconds for the last output after the workload exited.
 OUTPUT_DRAIN = 2.0
+#: Each container's directory names its runtime in this file.
+_RUNTIME_FILE = "runtime"
+_ID_PREFIX = "estargz-profile-"
 
 
 def find_runtime(runtime: str) -> str:
@@ -113,7 +116,7 @@ class Container:
         self.options = options
         self.runtime = runtime
         self.runtime_name = os.path.basename(runtime)
-        self.id = f"estargz-profile-{secrets.token_hex(6)}"
+        self.id = f"{_ID_PREFIX}{secrets.token_hex(6)}"
         self.tmp: str | None = None
         self.pid: int | None = None           # the container's init, on the host
         self.pidns: tuple[int, int] | None = None
@@ -174,6 +177,10 @@ class Container:
         with deferred_signals():
             os.mkdir(tmp, 0o700)
             self.tmp = tmp
+        # For remove_stale_containers, should we be killed: which runtime
+        # holds the state in tmp/state.
+        with open(os.path.join(self.tmp, _RUNTIME_FILE), "w") as f:
+            f.write(self.runtime)
         bundle = os.path.join(self.tmp, "bundle")
         os.mkdir(bundle)
         user = resolve_user(self.rootfs, self.process.user)
@@ -319,6 +326,42 @@ class Container:
         while (pids := _pids_in_pidns(pidns)) and time.monotonic() < limit:
             time.sleep(0.05)
         return pids
+
+
+def remove_stale_containers(workdir: str) -> list[str]:
+    """Delete the containers a killed profiler left in ``workdir`` (the
+    ``workdir`` of its :class:`SandboxOptions`); what could not be deleted.
+
+    Each :class:`Container` directory there names its runtime and holds the
+    runtime's state; ``runtime delete --force`` kills what is left of the
+    container (nothing, when it ran in a PID namespace that died with the
+    profiler) and removes its cgroups and state, as it does at the end of
+    every run.  Without root there is nothing to do: a rootless container
+    has no cgroups, and its processes died with the user namespace."""
+    if os.geteuid() != 0:
+        return []
+    problems = []
+    for name in sorted(os.listdir(workdir)):
+        tmp = os.path.join(workdir, name)
+        state = os.path.join(tmp, "state")
+        if not name.startswith(_ID_PREFIX) or not os.path.isdir(os.path.join(state, name)):
+            continue
+        try:
+            try:
+                with open(os.path.join(tmp, _RUNTIME_FILE)) as f:
+                    runtime = f.read().strip()
+            except FileNotFoundError:  # left by an estargz that did not record it
+                runtime = which_sbin("runc") or "runc"
+            done = subprocess.run([runtime, "--root", state, "delete", "--force", name],
+                                  stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=_RUNTIME_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            problems.append(f"cannot delete container {name} in {workdir}: {e}")
+            continue
+        if done.returncode != 0 and b"does not exist" not in done.stderr:
+            problems.append(f"cannot delete container {name} in {workdir}: "
+                            + _tail(done.stderr.decode("utf-8", "replace"), 300))
+    return problems
 
 
 def read_some(fd: int) -> bytes | None:

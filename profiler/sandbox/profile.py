@@ -51,6 +51,7 @@ from ..fanotify import Event
 from ..linux import add_note, deferred_signals, signal_handlers
 from ..record import Access
 from .container import OUTPUT_DRAIN, Container, find_runtime, read_some
+from .readiness import ReadinessProbe, check_port, parse_http_url
 from .spec import STANDARD_MOUNTS, ProcessSpec, SandboxOptions
 
 
@@ -61,6 +62,7 @@ class StopReason(str, enum.Enum):
     PERIOD = "period"    # the period ran out (timed out)
     LINE = "line"        # wait_on_line appeared in the output
     SIGNAL = "signal"    # SIGINT with wait_on_signal
+    READY = "ready"      # wait_on_port or wait_on_http answered
 
 
 @dataclass
@@ -81,6 +83,9 @@ class ProfileRun:
     duration: float
     #: fanotify events read, before de-duplication and filtering.
     events: int = 0
+    #: A readiness condition was set (wait_on_line, wait_on_port,
+    #: wait_on_http) and the profile ended without it: what and why.
+    not_ready: str | None = None
 
     @property
     def timed_out(self) -> bool:
@@ -170,6 +175,23 @@ class _Recorder:
         self.sel.register(container.watcher.fileno(), selectors.EVENT_READ, "events")
         self.sel.register(container.output_r, selectors.EVENT_READ, "output")
         self.sel.register(container.pidfd, selectors.EVENT_READ, "exit")
+        self.probe: ReadinessProbe | None = None
+        if self.opts.wait_on_port is not None or self.opts.wait_on_http is not None:
+            assert container.pid is not None
+            self.probe = ReadinessProbe(container.pid, self.opts.wait_on_port,
+                                        self.opts.wait_on_http)
+            if self.opts.net_host:
+                self._refuse_taken(self.probe)
+            self.sel.register(self.probe.fileno(), selectors.EVENT_READ, "ready")
+
+    def _refuse_taken(self, probe: ReadinessProbe) -> None:
+        """With the host's network, another process may already serve the
+        port: it would read as ready at once."""
+        if probe.attempt() is None:
+            probe.stop()
+            self.sel.close()
+            raise ProfilingError(f"{probe.what} answers before the workload started: with"
+                                 " --net-host another process on the host serves it")
 
     def _lines(self, lines: list[str]) -> None:
         for line in lines:
@@ -188,6 +210,13 @@ class _Recorder:
                 self._lines(self.splitter.feed(chunk))
             elif chunk == b"":
                 self.sel.unregister(key.fd)  # EOF
+        elif key.data == "ready":
+            self.sel.unregister(key.fd)
+            assert self.probe is not None
+            if self.probe.error is not None:
+                raise ProfilingError(self.probe.error)
+            if self.stop is None:
+                self.stop = StopReason.READY
         elif key.data == "exit":
             self.c.reap(block=True)
             self.sel.unregister(self.c.pidfd)
@@ -237,6 +266,8 @@ class _Recorder:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    start_new_session=True)
         try:
+            if self.probe is not None:
+                self.probe.start()
             self._until_stop(starter, deadline)
             # Accesses up to now are queued already: read them before the kill.
             self.events.extend(c.read_events())
@@ -244,6 +275,8 @@ class _Recorder:
             self._drain()
         finally:
             self.sel.close()
+            if self.probe is not None:
+                self.probe.stop()
             if starter.poll() is None:  # start hangs only if the runtime is broken
                 starter.kill()
             starter.communicate()
@@ -256,7 +289,19 @@ class _Recorder:
         return ProfileRun(accesses=accesses_from_events(self.events, start, excluded),
                           exit_code=exit_code, stopped_by=self.stop,
                           overflowed=c.watcher.overflowed, duration=end - start,
-                          events=len(self.events))
+                          events=len(self.events), not_ready=self._not_ready())
+
+    def _not_ready(self) -> str | None:
+        """What a readiness condition that was not met says about it."""
+        if self.stop in (StopReason.LINE, StopReason.READY, StopReason.SIGNAL):
+            return None
+        why = ("the workload exited" if self.stop is StopReason.EXITED
+               else f"the {self.opts.period:g} s period ended")
+        if self.probe is not None:
+            return self.probe.not_ready(why)
+        if self.opts.wait_on_line is not None:
+            return f"no output line contained {self.opts.wait_on_line!r} when {why}"
+        return None
 
 
 def run_profiled(rootfs: str, process: ProcessSpec,
@@ -282,6 +327,12 @@ def run_profiled(rootfs: str, process: ProcessSpec,
         raise ProfilingError(f"working directory {process.cwd!r} is not absolute")
     if not options.wait_on_signal and options.period <= 0:
         raise ProfilingError(f"period must be positive, not {options.period}")
+    if options.wait_on_port is not None and options.wait_on_http is not None:
+        raise ProfilingError("wait for a port or for a URL, not both")
+    if options.wait_on_port is not None:
+        check_port(options.wait_on_port)
+    if options.wait_on_http is not None:
+        parse_http_url(options.wait_on_http)
     for m in options.mounts:
         if not m.destination.startswith("/"):
             raise ProfilingError(f"mount destination {m.destination!r} is not absolute")

@@ -148,7 +148,8 @@ class SandboxOptions:
     """How to run and when to stop.
 
     The profile ends when the workload exits, or after ``period`` seconds, or
-    (if set) as soon as a line of its output contains ``wait_on_line``.  With
+    (if set) as soon as a line of its output contains ``wait_on_line``, or
+    it is ready on ``wait_on_port`` / ``wait_on_http``.  With
     ``wait_on_signal`` the period is ignored and the profile ends on SIGINT
     (KeyboardInterrupt), which then returns a result instead of propagating.
     """
@@ -157,6 +158,11 @@ class SandboxOptions:
     period: float = 10.0
     wait_on_line: str | None = None
     wait_on_signal: bool = False
+    #: Also end the profile once the workload accepts TCP connections on this
+    #: port, or answers an HTTP GET of this ``http://`` URL with 2xx, probed
+    #: in the sandbox's network namespace (:mod:`.readiness`).
+    wait_on_port: int | None = None
+    wait_on_http: str | None = None
     #: Share the host's network namespace; otherwise only a loopback (up).
     net_host: bool = False
     mounts: list[BindMount] = field(default_factory=list)
