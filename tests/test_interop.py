@@ -22,7 +22,7 @@ import estargz
 from conftest import CHUNK, Spec, build_tar, every_kind_specs, member_data, pattern, run_cli, write
 from estargz import clean_name
 from estargz.cli.base import MIN_CHUNK_SIZE
-from estargz.layer.converter import format_modtime
+from estargz.layer.units import format_modtime
 
 _KIND = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
          tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}

@@ -23,16 +23,15 @@ is byte-identical for any number of workers.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from .._cancel import check_cancelled
 from .._exceptions import (
@@ -57,6 +56,15 @@ from .toc import (
     encode_entry,
     encode_toc,
 )
+from .units import (
+    READ_SIZE,
+    Data,
+    Unit,
+    entry_header,
+    padding,
+    plan_units,
+    read_payload,
+)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9
@@ -70,21 +78,12 @@ MAX_WORKERS = 256
 #: every lazy pull fetches the TOC before the layer can mount. Payload chunks
 #: keep the asked level: there zlib-ng's 9 is 1.7 % smaller than its 8.
 TOC_MAX_LEVEL = 8
-# A unit's header run is cut here so that long runs of entries without data
-# (thousands of directories) never pile up in memory.
-_MAX_TAIL = 1 << 20
 # Units are batched into tasks of about this much input, to keep the
 # per-task overhead small for layers of many tiny files.
 _TASK_BYTES = 1 << 20
 _TASK_UNITS = 256
-_READ = 1 << 20
 # Compressed units larger than this go to a temporary file, not memory.
 _SPILL = 16 << 20
-# PAX records the output header re-derives from the entry's fields, or that
-# describe the input encoding rather than the file.
-_DROP_PAX = frozenset({"path", "linkpath", "size", "uid", "gid", "uname",
-                       "gname", "mtime", "comment", "charset", "hdrcharset"})
-_XATTR_PREFIX = "SCHILY.xattr."
 
 
 @dataclass(frozen=True)
@@ -286,234 +285,6 @@ def check_toc_fits(planned: Sequence[Planned], chunk_size: int) -> None:
                            "accept; use a larger chunk size")
 
 
-# --- building headers and TOC entries ------------------------------------
-
-def format_modtime(mtime: float) -> str:
-    """The TOC's ``modtime``: UTC, RFC 3339, rounded to the second; ``""``
-    for the Unix epoch itself (Go's ``formatModtime``)."""
-    if math.floor(mtime) == 0:
-        return ""
-    t = time.gmtime(math.floor(mtime + 0.5))
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
-            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}Z")
-
-
-_TYPES = {
-    tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
-    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
-}
-
-
-def entry_header(m: Planned) -> tuple[bytes, TOCEntry, int]:
-    """Return the output tar header bytes, the TOC entry and the payload size."""
-    if isinstance(m, Landmark):
-        o = tarfile.TarInfo(m.name)
-        o.size = len(m.contents)
-        o.mode = 0o644
-        return o.tobuf(tarfile.PAX_FORMAT), TOCEntry(
-            name=m.name, type="reg", size=o.size, mode=o.mode), o.size
-    o = tarfile.TarInfo(m.name)
-    o.type = tarfile.REGTYPE if m.isreg() else m.type
-    o.mode = m.mode & 0o7777
-    o.uid, o.gid, o.uname, o.gname = m.uid, m.gid, m.uname, m.gname
-    o.mtime = m.mtime
-    o.linkname = m.linkname if m.issym() or m.islnk() else ""
-    o.devmajor, o.devminor = m.devmajor, m.devminor
-    o.size = m.size if m.isreg() else 0
-    o.pax_headers = {k: v for k, v in m.pax_headers.items()
-                     if k not in _DROP_PAX and not k.startswith("GNU.sparse.")}
-    try:
-        header = o.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        modtime = format_modtime(m.mtime)
-    except (ValueError, OverflowError, OSError) as e:
-        raise UnsupportedEntry(printable(m.name), f"cannot be written: {e}") from None
-    name = o.name + "/" if o.type == tarfile.DIRTYPE and not o.name.endswith("/") else o.name
-    xattrs = {k[len(_XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
-              for k, v in o.pax_headers.items() if k.startswith(_XATTR_PREFIX)}
-    entry = TOCEntry(name=name, type=_TYPES.get(o.type, "reg"), size=o.size,
-                     modtime=modtime, link_name=o.linkname, mode=o.mode,
-                     uid=o.uid, gid=o.gid, user_name=o.uname, group_name=o.gname,
-                     xattrs=xattrs)
-    if o.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        entry.dev_major, entry.dev_minor = o.devmajor, o.devminor
-    return header, entry, o.size
-
-
-def _padding(size: int) -> bytes:
-    return bytes(-size % tarfile.BLOCKSIZE)
-
-
-# --- units: the gzip members of the output --------------------------------
-
-class _Data:
-    """A payload chunk in a unit: bytes ``[start, start+length)`` of
-    ``member``'s data, at uncompressed offset ``inner`` of the unit."""
-
-    __slots__ = ("member", "start", "length", "entry", "inner")
-
-    def __init__(self, member: Planned, start: int, length: int, entry: TOCEntry,
-                 inner: int) -> None:
-        self.member = member
-        self.start = start
-        self.length = length
-        self.entry = entry
-        self.inner = inner
-
-
-class _Unit:
-    """One output gzip member: payload chunks and the header bytes between
-    them, in order. Without a minimum chunk size it holds at most one
-    chunk, first; the first unit of a layer holds none."""
-
-    __slots__ = ("pieces", "entries", "size", "tail_size")
-
-    def __init__(self) -> None:
-        self.pieces: list[_Data | bytearray] = []
-        # TOC entries in TOC order.
-        self.entries: list[TOCEntry] = []
-        self.size = 0  # uncompressed bytes
-        self.tail_size = 0  # uncompressed bytes since the last chunk
-
-    def add_bytes(self, data: bytes) -> None:
-        last = self.pieces[-1] if self.pieces else None
-        if isinstance(last, bytearray):
-            last += data
-        else:
-            self.pieces.append(bytearray(data))
-        self.size += len(data)
-        self.tail_size += len(data)
-
-    def add_data(self, m: Planned, start: int, length: int, entry: TOCEntry) -> None:
-        self.pieces.append(_Data(m, start, length, entry, self.size))
-        self.entries.append(entry)
-        self.size += length
-        self.tail_size = 0
-
-    @property
-    def tail(self) -> bytes | bytearray:
-        """The header bytes after the unit's last chunk (all of them, for a
-        unit without one)."""
-        last = self.pieces[-1] if self.pieces else None
-        return last if isinstance(last, bytearray) else b""
-
-    @property
-    def has_data(self) -> bool:
-        return any(isinstance(p, _Data) for p in self.pieces)
-
-
-def _plan_units(planned: Sequence[Planned], chunk_size: int,
-                header_of: Callable[[Planned], tuple[bytes, TOCEntry, int]] = entry_header,
-                min_chunk_size: int = 0, *, fresh: int = -1, fd: int = -1,
-                trailer: bytes = b"") -> Iterator[_Unit]:
-    """Cut ``planned`` into units, each entry's header and TOC entry made by
-    ``header_of``. A chunk starts a new unit unless the current one holds a
-    chunk and fewer than ``min_chunk_size`` bytes; the chunks of
-    ``planned[:fresh + 1]`` (prioritized files and the landmark) always
-    start one, so the prefetched range ends exactly at the landmark. With
-    ``fd``, headers and padding are the input's own bytes (read from ``fd``:
-    lossless); ``trailer`` ends the last unit."""
-    unit = _Unit()
-    pos = 0  # lossless: input bytes consumed
-    for i, m in enumerate(planned):
-        header, entry, size = header_of(m)
-        if fd >= 0:
-            assert isinstance(m, tarfile.TarInfo)
-            header = _pread_all(fd, pos, m.offset_data - pos, m)
-            pos = m.offset_data + size
-        unit.add_bytes(header)
-        if not size:
-            if entry.type == "reg":
-                entry.digest = _EMPTY_DIGEST
-            unit.entries.append(entry)
-        for start in range(0, size, chunk_size):
-            n = min(chunk_size, size - start)
-            if not unit.has_data or unit.size >= min_chunk_size or i <= fresh:
-                yield unit
-                unit = _Unit()
-            e = entry if start == 0 else TOCEntry(name=entry.name, type="chunk")
-            e.chunk_offset = start
-            if n == chunk_size:
-                e.chunk_size = n  # as the reference: omitted for a short last chunk
-            unit.add_data(m, start, n, e)
-        if size:
-            padding = _padding(size)
-            if fd >= 0:
-                assert isinstance(m, tarfile.TarInfo)
-                padding = _pread_all(fd, pos, len(padding), m)
-                pos += len(padding)
-            unit.add_bytes(padding)
-        if unit.tail_size > _MAX_TAIL:
-            yield unit
-            unit = _Unit()
-    if fd >= 0:
-        trailer = _pread_all(fd, pos, os.fstat(fd).st_size - pos, None)
-    unit.add_bytes(trailer)
-    yield unit
-
-
-def _pread_all(fd: int, offset: int, length: int, m: tarfile.TarInfo | None) -> bytes:
-    """Input bytes ``[offset, offset+length)``: headers and padding, small."""
-    parts = list(_pread(fd, offset, length, m))
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
-
-
-def read_payload(fd: int, m: Planned, start: int, length: int) -> Iterator[bytes]:
-    """Yield bytes ``[start, start+length)`` of entry ``m``'s payload.
-
-    Sparse entries are expanded: holes read as zeros.
-    """
-    if isinstance(m, Landmark):
-        yield m.contents[start:start + length]
-        return
-    if not m.sparse:
-        yield from _pread(fd, m.offset_data + start, length, m)
-        return
-    pos, end, stored = start, start + length, m.offset_data
-    # typeshed types TarInfo.sparse as int; it is a list of (offset, size).
-    sparse = cast("list[tuple[int, int]]", m.sparse)
-    for off, n in sorted(sparse):
-        if pos >= end:
-            break
-        if off + n <= pos:
-            stored += n
-            continue
-        if off > pos:  # a hole before this data block
-            gap = min(off, end) - pos
-            yield from _zeros(gap)
-            pos += gap
-            if pos >= end:
-                break
-        skip = pos - off
-        take = min(n - skip, end - pos)
-        yield from _pread(fd, stored + skip, take, m)
-        pos += take
-        stored += n
-    if pos < end:
-        yield from _zeros(end - pos)
-
-
-def _zeros(n: int) -> Iterator[bytes]:
-    while n:
-        k = min(n, _READ)
-        yield bytes(k)
-        n -= k
-
-
-def _pread(fd: int, offset: int, length: int,
-           m: tarfile.TarInfo | None) -> Iterator[bytes]:
-    while length:
-        got = os.pread(fd, min(length, _READ), offset)
-        if not got:
-            where = f"the data of {printable(m.name)!r}" if m is not None else "its end"
-            raise InvalidInput(f"input tar is truncated in {where}")
-        yield got
-        offset += len(got)
-        length -= len(got)
-
-
 class _Compressed:
     """A unit's compressed bytes, in memory or spilled to a temporary file."""
 
@@ -545,20 +316,20 @@ class _Compressed:
             return
         self.spill.seek(0)
         while True:
-            data = self.spill.read(_READ)
+            data = self.spill.read(READ_SIZE)
             if not data:
                 break
             yield data
         self.spill.close()
 
 
-def _compress_task(fd: int, units: list[_Unit], backend: Backend) -> list[_Compressed]:
+def _compress_task(fd: int, units: list[Unit], backend: Backend) -> list[_Compressed]:
     results = []
     for u in units:
         c = _Compressed()
         z = backend.compressobj()
         for p in u.pieces:
-            if isinstance(p, _Data):
+            if isinstance(p, Data):
                 h = hashlib.sha256()
                 for piece in read_payload(fd, p.member, p.start, p.length):
                     check_cancelled()
@@ -572,8 +343,8 @@ def _compress_task(fd: int, units: list[_Unit], backend: Backend) -> list[_Compr
     return results
 
 
-def _batches(units: Iterator[_Unit]) -> Iterator[list[_Unit]]:
-    batch: list[_Unit] = []
+def _batches(units: Iterator[Unit]) -> Iterator[list[Unit]]:
+    batch: list[Unit] = []
     size = 0
     for u in units:
         batch.append(u)
@@ -620,11 +391,11 @@ class _Writer:
         self.blob.update(data)
         self.offset += len(data)
 
-    def unit(self, u: _Unit, c: _Compressed) -> None:
+    def unit(self, u: Unit, c: _Compressed) -> None:
         digests = iter(c.chunk_digests)
         done: list[TOCEntry] = []  # files whose last chunk is in this unit
         for p in u.pieces:
-            if isinstance(p, _Data):
+            if isinstance(p, Data):
                 file = self._chunk(p, next(digests))
                 if file is not None:
                     done.append(file)
@@ -644,7 +415,7 @@ class _Writer:
                 raise TOCError("TOC contains a name that is not valid UTF-8") from None
             self._held.clear()
 
-    def _chunk(self, d: _Data, chunk_digest: str) -> TOCEntry | None:
+    def _chunk(self, d: Data, chunk_digest: str) -> TOCEntry | None:
         """Fill in the TOC entry of chunk ``d`` of the unit starting here,
         and hash its payload into the diff_id (and its file's digest).
         Returns the file's entry if this was its last chunk."""
@@ -682,12 +453,12 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     ``toc_out``. Returns the digests and sizes as a dict."""
     workers = options.workers or available_cores()
     writer = _Writer(out, fd)
-    pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]] = deque()
+    pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
     landmarks = [i for i, p in enumerate(planned) if isinstance(p, Landmark)]
     # An external TOC leaves the layer's tar without its last entry: end it
     # with the two zero blocks every tar reader expects (lossless: the
     # input's own end, read with the headers).
-    units = _plan_units(planned, options.chunk_size, entry_header, options.min_chunk_size,
+    units = plan_units(planned, options.chunk_size, entry_header, options.min_chunk_size,
                         fresh=landmarks[0] if landmarks else -1,
                         fd=fd if options.keep_diff_id else -1,
                         trailer=bytes(2 * tarfile.BLOCKSIZE) if options.external_toc else b"")
@@ -717,7 +488,7 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     z = replace(backend, level=min(backend.level, TOC_MAX_LEVEL)).compressobj()
     member = []
     for piece in (toc_header.tobuf(tarfile.USTAR_FORMAT), toc_json,
-                  _padding(len(toc_json)) + bytes(2 * tarfile.BLOCKSIZE)):
+                  padding(len(toc_json)) + bytes(2 * tarfile.BLOCKSIZE)):
         member.append(z.compress(piece))
         if toc_out is None:
             writer.diff.update(piece)
@@ -748,7 +519,7 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     }
 
 
-def _drain_one(pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]],
+def _drain_one(pending: deque[tuple[list[Unit], Future[list[_Compressed]]]],
                writer: _Writer) -> None:
     batch, future = pending.popleft()
     for u, c in zip(batch, future.result(), strict=True):

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._exceptions import DigestMismatch, InvalidBlob, TOCError
-from .converter import format_modtime
 from .gzipstream import GzipMembersReader
 from .reader import LayerReader
 from .source import RangeSource, SequentialReader
 from .tarstream import BLOCK, PeekableStream, iter_headers, padded
 from .toc import TOC_TAR_NAME, TOCEntry, clean_name
+from .units import format_modtime
 
 _PIECE = 1 << 20
 _KINDS = {

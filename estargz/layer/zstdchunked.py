@@ -43,12 +43,8 @@ from .converter import (
     _compress_task,
     _Compressed,
     _drain_one,
-    _plan_units,
-    _Unit,
     _Writer,
     available_cores,
-    entry_header,
-    format_modtime,
     register_format,
 )
 from .order import Landmark, Planned
@@ -61,6 +57,7 @@ from .toc import (
     encode_entry,
     encode_toc,
 )
+from .units import Unit, entry_header, format_modtime, plan_units
 
 FORMAT_NAME = "zstd:chunked"
 #: As the reference (``ctr-remote``/``nerdctl --zstdchunked-compression-level``).
@@ -221,7 +218,7 @@ class _ZstdWriter(_Writer):
         self.headers.append((len(header), entry.name, size))
         return header, entry, size
 
-    def unit(self, u: _Unit, c: _Compressed) -> None:
+    def unit(self, u: Unit, c: _Compressed) -> None:
         super().unit(u, c)
         ts = self.tarsplit
         start = pos = 0
@@ -282,10 +279,10 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
     workers = options.workers or available_cores()
     writer = _ZstdWriter(out, fd, backend)
     planned = _storage_exact(planned, writer.modtimes)
-    pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]] = deque()
+    pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:
-        for batch in _batches(_plan_units(planned, options.chunk_size,
+        for batch in _batches(plan_units(planned, options.chunk_size,
                                           writer.record_header)):
             check_cancelled()
             while len(pending) >= 3 * workers:

@@ -24,11 +24,11 @@ from dataclasses import replace
 from typing import Any
 
 from .._exceptions import DigestMismatch, EstargzError, InvalidBlob, InvalidInput, TOCError
-from .converter import format_modtime
 from .reader import LayerReader
 from .source import RangeSource, SequentialReader
 from .tarstream import BLOCK, PeekableStream, iter_headers
 from .toc import MAX_TOC_JSON_SIZE, check_toc, clean_name, decode_toc
+from .units import format_modtime
 from .verify import VerifyReport, _compare, _verify_file, verify_blob
 from .zstdchunked import (
     SKIPPABLE_MAGIC,
