@@ -43,6 +43,7 @@ from ._version import __version__
 from .image.convert import (
     ImageConvertOptions,
     ImageResult,
+    LayerProgress,
     LayerReport,
     convert_image,
     convert_source,
@@ -134,6 +135,7 @@ __all__ = [
     "ImageDestination", "ImageSource", "StagedSource", "Transport", "TransportOptions",
     "copy_verified",
     "open_destination", "open_source", "register_transport", "transport_names",
-    "ImageConvertOptions", "ImageResult", "LayerReport", "convert_image", "convert_source",
+    "ImageConvertOptions", "ImageResult", "LayerProgress", "LayerReport", "convert_image",
+    "convert_source",
     "host_platform_default", "read_records",
 ]

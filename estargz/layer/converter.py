@@ -38,6 +38,7 @@ from .._exceptions import (
     UnsupportedEntry,
 )
 from .._fsutil import atomic_output
+from .._progress import Meter, meter
 from .compression import DEFAULT_BACKEND, Backend, get_backend
 from .footer import footer_bytes
 from .layerinput import open_tar
@@ -524,16 +525,17 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     ``fd``) to ``out``. Returns the digests and sizes as a dict."""
     workers = options.workers or available_cores()
     writer = _Writer(out, fd)
+    written = payload_meter(planned)
     pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:
         for batch in _batches(_plan_units(planned, options.chunk_size)):
             check_cancelled()
             while len(pending) >= 3 * workers:
-                _drain_one(pending, writer)
+                _drain_one(pending, writer, written)
             pending.append((batch, pool.submit(_compress_task, fd, batch, backend)))
         while pending:
-            _drain_one(pending, writer)
+            _drain_one(pending, writer, written)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -570,7 +572,14 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
 
 
 def _drain_one(pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]],
-               writer: _Writer) -> None:
+               writer: _Writer, written: Meter) -> None:
     batch, future = pending.popleft()
     for u, c in zip(batch, future.result(), strict=True):
         writer.unit(u, c)
+        written.add(u.length)
+
+
+def payload_meter(planned: Sequence[Planned]) -> Meter:
+    """The ``compress`` phase's meter: payload bytes against all of them."""
+    return meter("compress", sum(m.size for m in planned
+                                 if isinstance(m, tarfile.TarInfo) and m.isreg()))

@@ -59,6 +59,7 @@ from .._exceptions import (
     RegistryError,
     StorageError,
 )
+from .._progress import meter
 from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
 from ..image.reference import DockerName
 from ..image.store import TransportOptions
@@ -301,6 +302,7 @@ class RegistryClient(RegistryHTTP):
         got = 0
         failures = 0       # consecutive failures without progress
         total_failures = 0  # bounded even when every attempt makes some progress
+        fetched = meter("fetch", size)
         while True:
             headers = {"Accept-Encoding": "identity"}
             if got:
@@ -324,6 +326,7 @@ class RegistryClient(RegistryHTTP):
                         h.update(piece)
                         _write(dst, piece, digest)
                         got += len(piece)
+                        fetched.add(len(piece))
                     if expected_end is not None and got < expected_end:
                         # The connection closed early without urllib3 noticing.
                         raise Transient(f"registry {self.host} closed the connection "
@@ -439,8 +442,11 @@ class RegistryClient(RegistryHTTP):
                 return
             self._upload_once(repo, digest, size, src_path, chunk_size, mount_from, scopes, dl)
 
+        # Counted whole: requests streams the body from the file itself.
+        sent = meter("upload", size)
         with self._deadline(f"upload of blob {digest} to {repo}", size) as dl:
             self._retrying(attempt, dl)
+        sent.add(size)
 
     def _upload_once(self, repo: str, digest: str, size: int, src_path: str,
                      chunk_size: int | None, mount_from: str | None,
