@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-__all__ = ["INTERVAL", "PHASES", "Meter", "ProgressSink", "meter", "reporting_to"]
+__all__ = ["INTERVAL", "PHASES", "Meter", "ProgressSink", "progress_meter", "reporting_to"]
 
 #: ``sink(phase, done, total)``.
 ProgressSink = Callable[[str, int, "int | None"], None]
@@ -78,6 +78,6 @@ class Meter:
             self._sink(self.phase, self.done, self.total)
 
 
-def meter(phase: str, total: int | None = None) -> Meter:
+def progress_meter(phase: str, total: int | None = None) -> Meter:
     """A meter for ``phase`` reporting to this thread's sink (if any)."""
     return Meter(phase, total, getattr(_LOCAL, "sink", None))

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,6 @@ from .. import (
     ConvertOptions,
     ImageConvertOptions,
     ImageResult,
-    LayerReport,
     Platform,
     TransportOptions,
     convert_image,
@@ -41,6 +39,7 @@ from .base import (
     main,
     resolve_format,
 )
+from .progress import ProgressDisplay
 
 
 class _Seconds(click.ParamType):
@@ -238,13 +237,7 @@ def image_convert_cmd(src: str, dst: str, record_in: str | None, record_from_ref
         if not quiet:
             for note in notes:
                 click.echo(f"estargz: note: {note}", err=True)
-        show = not quiet and not as_json and sys.stderr.isatty()
-
-        def progress(event: str, report: LayerReport) -> None:
-            if show:
-                click.echo(f"layer {report.index} {report.old_digest[:19]} "
-                           f"{report.old_size:>12,} -> {report.new_size:>12,}  "
-                           f"{report.action} {report.seconds:.1f}s", err=True)
-
-        _print_image_result(convert_image(src, dst, options, progress), as_json, quiet)
+        with ProgressDisplay.for_stderr(quiet=quiet, as_json=as_json) as progress:
+            result = convert_image(src, dst, options, progress)
+        _print_image_result(result, as_json, quiet)
     _run(body)

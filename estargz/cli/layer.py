@@ -22,6 +22,7 @@ from .. import (
     RangeSource,
     atomic_output,
     convert_layer,
+    reporting_to,
 )
 from ..image.reference import parse_docker_name
 from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
@@ -38,6 +39,7 @@ from .base import (
     main,
     resolve_format,
 )
+from .progress import ProgressDisplay
 
 
 def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,7 +125,9 @@ def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
         options = ConvertOptions(chunk_size=chunk_size, workers=workers,
                                  prioritized_files=prioritized,
                                  allow_missing=allow_missing, backend=backend, **fmt)
-        result = convert_layer(src, dst, options)
+        with ProgressDisplay.for_stderr(quiet=quiet, as_json=as_json) as progress, \
+                reporting_to(progress.sink("layer")):
+            result = convert_layer(src, dst, options)
         if result.missing and not quiet:
             click.echo("estargz: warning: prioritized files not in the layer: "
                        + ", ".join(result.missing), err=True)

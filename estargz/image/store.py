@@ -20,7 +20,7 @@ from typing import IO, BinaryIO
 from .._cancel import check_cancelled
 from .._exceptions import DigestMismatch
 from .._fsutil import unlink_quietly
-from .._progress import meter
+from .._progress import progress_meter
 from ..layer.source import RangeSource
 from .descriptor import Descriptor
 
@@ -135,7 +135,7 @@ def copy_verified(src: IO[bytes], dst: IO[bytes], desc: Descriptor, where: str) 
     """Copy ``src`` to ``dst`` checking it against ``desc``'s digest and size."""
     h = hashlib.sha256()
     n = 0
-    fetched = meter("fetch", desc.size)
+    fetched = progress_meter("fetch", desc.size)
     while True:
         check_cancelled()
         piece = src.read(1 << 20)

@@ -38,7 +38,7 @@ from .._exceptions import (
     UnsupportedEntry,
 )
 from .._fsutil import atomic_output
-from .._progress import Meter, meter
+from .._progress import Meter, progress_meter
 from .compression import DEFAULT_BACKEND, Backend, get_backend
 from .footer import footer_bytes
 from .layerinput import open_tar
@@ -580,6 +580,8 @@ def _drain_one(pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]],
 
 
 def payload_meter(planned: Sequence[Planned]) -> Meter:
-    """The ``compress`` phase's meter: payload bytes against all of them."""
-    return meter("compress", sum(m.size for m in planned
-                                 if isinstance(m, tarfile.TarInfo) and m.isreg()))
+    """The ``compress`` phase's meter: payload bytes (landmarks' included)
+    against all of them."""
+    return progress_meter("compress", sum(
+        len(m.contents) if isinstance(m, Landmark) else m.size if m.isreg() else 0
+        for m in planned))

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from .._cancel import check_cancelled
 from .._exceptions import InvalidInput, StorageError
-from .._progress import Meter, meter
+from .._progress import Meter, progress_meter
 from .gzipstream import GzipMembersReader
 from .inputfile import check_stdin, open_input
 
@@ -139,7 +139,7 @@ def _input_size(src: BinaryIO) -> int | None:
 
 def _decompress_into(kind: str, head: bytes, src: BinaryIO, dst: BinaryIO) -> None:
     raw: BinaryIO = src if hasattr(src, "peek") else _Chain(head, src)  # type: ignore
-    counted = meter("decompress", _input_size(src))
+    counted = progress_meter("decompress", _input_size(src))
     raw = _Cancellable(raw, counted)  # type: ignore[assignment]
     if kind == "tar":
         shutil.copyfileobj(raw, dst, 1 << 20)

@@ -59,7 +59,7 @@ from .._exceptions import (
     RegistryError,
     StorageError,
 )
-from .._progress import meter
+from .._progress import progress_meter
 from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
 from ..image.reference import DockerName
 from ..image.store import TransportOptions
@@ -302,7 +302,7 @@ class RegistryClient(RegistryHTTP):
         got = 0
         failures = 0       # consecutive failures without progress
         total_failures = 0  # bounded even when every attempt makes some progress
-        fetched = meter("fetch", size)
+        fetched = progress_meter("fetch", size)
         while True:
             headers = {"Accept-Encoding": "identity"}
             if got:
@@ -443,7 +443,7 @@ class RegistryClient(RegistryHTTP):
             self._upload_once(repo, digest, size, src_path, chunk_size, mount_from, scopes, dl)
 
         # Counted whole: requests streams the body from the file itself.
-        sent = meter("upload", size)
+        sent = progress_meter("upload", size)
         with self._deadline(f"upload of blob {digest} to {repo}", size) as dl:
             self._retrying(attempt, dl)
         sent.add(size)
