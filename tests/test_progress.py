@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from estargz._progress import progress_meter, reporting_to
 
 ESTARGZ = [sys.executable, "-m", "estargz"]
@@ -134,3 +136,16 @@ def test_meter_reports_first_last_and_throttles() -> None:
     outside = progress_meter("fetch", 10)  # no sink in this thread: counted, not sent
     outside.add(10)
     assert len(events) < 50 and outside.done == 10
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="profiling needs root")
+def test_optimize_shows_its_profile_phase(tmp_path: Path, test_images) -> None:
+    pieces, out, code = _run_on_pty(
+        [*ESTARGZ, "optimize", "--period", "1", "--args", '["sleep","5"]',
+         f"oci:{test_images.busybox}", f"oci:{tmp_path / 'out'}"])
+    stream = ANSI.sub(b"", b"".join(p for _, p in pieces))
+    assert code == 0, stream[-2000:]
+    # The spinner's row with the period, and its elapsed time ticking.
+    assert re.search(rb"image profile \(1s\)", stream), stream[-2000:]
+    assert b"layer 0 sha256:" in stream
+    assert b"files accessed" in out
