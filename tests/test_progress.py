@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from estargz import TransportOptions
 from estargz._progress import progress_meter, reporting_to
+from estargz.registry.client import client_for
 
 ESTARGZ = [sys.executable, "-m", "estargz"]
 # "12.6/50.9 MB": a byte count against the total, as rich's DownloadColumn draws it.
@@ -149,3 +151,22 @@ def test_optimize_shows_its_profile_phase(tmp_path: Path, test_images) -> None:
     assert re.search(rb"image profile \(1s\)", stream), stream[-2000:]
     assert b"layer 0 sha256:" in stream
     assert b"files accessed" in out
+
+
+def test_registry_transfers_count_their_bytes(tmp_path: Path, test_images, registry) -> None:
+    """Upload and download report bytes as they move, not once at the end."""
+    blob = max((test_images.debian_multilayer / "blobs" / "sha256").iterdir(),
+               key=lambda p: p.stat().st_size)
+    size = blob.stat().st_size
+    digest = f"sha256:{blob.name}"
+    events: list[tuple[str, int, int | None]] = []
+    with client_for(registry.host, TransportOptions(tls_verify=False)) as client, \
+            reporting_to(lambda *e: events.append(e)):
+        client.upload_blob("progress/blob", digest, size, str(blob))
+        with open(tmp_path / "back", "wb") as f:
+            client.download_blob("progress/blob", digest, size, f)
+    for phase in ("upload", "fetch"):
+        done = [d for p, d, t in events if p == phase and t == size]
+        assert done[0] == 0 and done[-1] == size, (phase, done)
+        assert any(0 < d < size for d in done), (phase, done)  # counted on the way
+        assert done == sorted(done)

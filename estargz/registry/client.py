@@ -59,7 +59,7 @@ from .._exceptions import (
     RegistryError,
     StorageError,
 )
-from .._progress import progress_meter
+from .._progress import Meter, progress_meter
 from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
 from ..image.reference import DockerName
 from ..image.store import TransportOptions
@@ -101,12 +101,14 @@ def _is_digest(reference: str) -> bool:
 
 
 class _FileSlice:
-    """``length`` bytes of a file from ``offset``, as a request body."""
+    """``length`` bytes of a file from ``offset``, as a request body; the
+    bytes read (sent) are counted on ``sent``."""
 
-    def __init__(self, path: str, offset: int, length: int) -> None:
+    def __init__(self, path: str, offset: int, length: int, sent: Meter | None = None) -> None:
         self._f = open(path, "rb")  # noqa: SIM115  (a request body: requests closes it)
         self._f.seek(offset)
         self._left = length
+        self._sent = sent
 
     def __len__(self) -> int:
         return self._left
@@ -116,6 +118,8 @@ class _FileSlice:
             n = self._left
         data = self._f.read(n)
         self._left -= len(data)
+        if self._sent is not None:
+            self._sent.add(len(data))
         return data
 
     def close(self) -> None:
@@ -442,11 +446,8 @@ class RegistryClient(RegistryHTTP):
                 return
             self._upload_once(repo, digest, size, src_path, chunk_size, mount_from, scopes, dl)
 
-        # Counted whole: requests streams the body from the file itself.
-        sent = progress_meter("upload", size)
         with self._deadline(f"upload of blob {digest} to {repo}", size) as dl:
             self._retrying(attempt, dl)
-        sent.add(size)
 
     def _upload_once(self, repo: str, digest: str, size: int, src_path: str,
                      chunk_size: int | None, mount_from: str | None,
@@ -467,8 +468,10 @@ class RegistryClient(RegistryHTTP):
                                  ok=(202,), body=b"", deadline=dl)
             resp.close()
         location = self._location(resp, what)
+        # Per attempt: a restarted upload counts from zero again.
+        sent = progress_meter("upload", size)
         if chunk_size is None:
-            put_body: Body = lambda: open(src_path, "rb")  # noqa: E731, SIM115  (closed as above)
+            put_body: Body = lambda: _FileSlice(src_path, 0, size, sent)  # noqa: E731
         else:
             # OCI distribution lets a registry demand a minimum chunk size.
             minimum = resp.headers.get("OCI-Chunk-Min-Length", "")
@@ -482,7 +485,7 @@ class RegistryClient(RegistryHTTP):
                     deadline=dl,
                     headers={"Content-Type": "application/octet-stream",
                              "Content-Range": f"{offset}-{offset + n - 1}"},
-                    body=lambda o=offset, n=n: _FileSlice(src_path, o, n))
+                    body=lambda o=offset, n=n: _FileSlice(src_path, o, n, sent))
                 resp.close()
                 location = self._location(resp, what)
                 offset += n
