@@ -7,8 +7,8 @@ unoptimized python image against the reference's) was found and settled.
 
 Each NAME=OCI-LAYOUT-REFERENCE is pushed to a private registry (Debian's
 docker-registry on 127.0.0.1) and run in turn, each run on a fresh snapshotter
-and containerd (tests/lazypull.py), through the unshaped proxy of
-tests/shapingproxy.py. The workload is the python benchmark image's import
+and containerd (tests/lazypull.py), through the proxy of tests/shapingproxy.py (unshaped
+unless --bandwidth/--latency). The workload is the python benchmark image's import
 (it prints its own CPU time and import time). Per run it prints: pull and
 run seconds, the snapshotter's CPU seconds during the run, the workload's
 output, the number of registry requests, the seconds the requests took at
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", metavar="NAME=oci:LAYOUT:TAG")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--bandwidth", type=float, default=None, metavar="MBIT",
+                    help="shape to this many Mbit/s (default: unshaped)")
+    ap.add_argument("--latency", type=float, default=0.0, metavar="MS",
+                    help="add this many ms per request")
     ap.add_argument("--nagle", action="store_true",
                     help="the proxy without TCP_NODELAY (the old artifact)")
     ap.add_argument("--json", type=Path, help="write every run, with its timeline")
@@ -102,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="abstart-"))
     runs = []
     try:
-        with running_registry(work / "registry") as reg, ShapingProxy(reg.host) as proxy:
+        with running_registry(work / "registry") as reg, ShapingProxy(
+                reg.host, bandwidth=args.bandwidth * 1e6 if args.bandwidth else None,
+                latency=args.latency / 1000) as proxy:
             for name, src in images.items():
                 subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", src,
                                 f"docker://{reg.host}/ab:{name}"], check=True)

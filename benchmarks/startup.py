@@ -68,11 +68,11 @@ from lazypull import SNAPSHOTTER, LazyPuller, SnapshotterConfig, build_snapshott
 from services import running_registry  # noqa: E402
 from shapingproxy import ShapingProxy  # noqa: E402
 
-plt: Any
 try:
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot as _pyplot
+    plt: Any = _pyplot
 except ImportError:  # the `bench` extra; only the chart needs it
     plt = None
 

@@ -49,6 +49,13 @@ def every_kind_blob() -> bytes:
 
 
 @functools.cache
+def shared_members_blob() -> bytes:
+    """Every entry kind with ``--min-chunk-size``: small files share gzip
+    members and their TOC entries carry ``innerOffset`` (~9 KB)."""
+    return convert(every_kind_specs(), chunk_size=CHUNK, min_chunk_size=4096)
+
+
+@functools.cache
 def tiny_chunks_blob() -> bytes:
     """A few small files cut into 1-byte chunks: a member per byte (~4 KB)."""
     specs = [

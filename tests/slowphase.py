@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import estargz.layer.converter as converter
 import estargz.layer.layerinput as layerinput
-import estargz.registry.client as registry_client
+import estargz.registry.upload as registry_upload
 from estargz.cli import main
 
 #: Seconds slept per piece of data in the slowed phase.
@@ -97,8 +97,8 @@ def slow_upload(marker: Path) -> None:
             _announce(marker)
             return _SlowFile(path)
         return open(path, mode, *args, **kwargs)
-    # The client's module only opens files to send them.
-    registry_client.open = slowed  # type: ignore[attr-defined]
+    # The upload module only opens files to send them.
+    registry_upload.open = slowed  # type: ignore[attr-defined]
 
 
 PHASES: dict[str, Callable[[Path], None]] = {

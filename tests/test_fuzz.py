@@ -77,6 +77,7 @@ SEEDS = {
     "every-kind": blobcraft.every_kind_blob,
     "1-byte-chunks": blobcraft.tiny_chunks_blob,
     "stored": blobcraft.stored_blob,
+    "shared-members": blobcraft.shared_members_blob,
 }
 EXAMPLES = {"blob": 4000, "member": 3500, "toc": 2500, "json": 2000}
 assert sum(EXAMPLES.values()) >= 10_000

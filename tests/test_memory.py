@@ -154,9 +154,26 @@ class Dirs:
     def env(self) -> dict:
         return {"TMPDIR": str(self.tmp)}
 
-    def temp_outputs(self) -> list[str]:
-        return [n for n in os.listdir(self.out)
-                if n.startswith(f".{self.dst.name}.") and n.endswith(".tmp")]
+    def temp_outputs(self, pid: int) -> list[str]:
+        """Paths to the temp outputs process ``pid`` writes: named
+        ``.OUT.*.tmp`` files or, where ``atomic_output`` uses O_TMPFILE,
+        its descriptors of unnamed files in the output directory."""
+        named = [str(self.out / n) for n in os.listdir(self.out)
+                 if n.startswith(f".{self.dst.name}.") and n.endswith(".tmp")]
+        fds = f"/proc/{pid}/fd"
+        unnamed = []
+        try:
+            open_fds = os.listdir(fds)
+        except FileNotFoundError:  # the process is gone; the caller sees it exit
+            open_fds = []
+        for fd in open_fds:
+            try:
+                target = os.readlink(f"{fds}/{fd}")
+            except FileNotFoundError:
+                continue
+            if target.startswith(f"{self.out}/") and target.endswith(" (deleted)"):
+                unnamed.append(f"{fds}/{fd}")
+        return named + unnamed
 
 
 @pytest.fixture
@@ -222,10 +239,10 @@ def _wait_for_temp_output(p: subprocess.Popen, d: Dirs, timeout: float = 120) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert p.poll() is None, f"converter exited early: {p.communicate()[1]!r}"
-        temps = d.temp_outputs()
+        temps = d.temp_outputs(p.pid)
         if temps:
             try:
-                if (d.out / temps[0]).stat().st_size > 0:
+                if os.stat(temps[0]).st_size > 0:
                     return
             except FileNotFoundError:
                 pass

@@ -7,6 +7,7 @@ stderr on a pseudo-terminal, and what it draws there is read as it comes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pty
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from estargz import TransportOptions
+from estargz import ImageResult, TransportOptions
 from estargz._progress import progress_meter, reporting_to
 from estargz.registry.client import client_for
 
@@ -121,8 +122,9 @@ def test_json_stdout_is_only_the_result(tmp_path: Path, test_images) -> None:
     p = _convert_busybox(test_images, tmp_path, "--json")
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
-    assert set(result) == {"source", "destination", "digest", "media_type", "platforms",
-                           "layers", "dropped", "warnings", "seconds", "totals"}
+    # Exactly ImageResult.to_dict(), and nothing else on stdout.
+    assert set(result) == {f.name for f in dataclasses.fields(ImageResult)} | {"totals"}
+    assert p.stdout == json.dumps(result, indent=2) + "\n"
     assert p.stderr == ""  # as before: no per-layer lines beside --json
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -31,14 +32,17 @@ from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIME
 from ..registry.records import fetch_record, find_record
 from .base import (
     BOOL,
+    EXIT_USAGE,
     FORMAT_OPTIONS,
     MIN_CHUNK_SIZE,
     _creds,
+    _fail,
     _read_text_lines,
     _run,
     main,
     resolve_format,
 )
+from .layer import check_layout_options
 from .progress import ProgressDisplay
 
 
@@ -106,6 +110,14 @@ _IMAGE_OPTIONS = [
                  help="Compression threads per layer (default: cores shared among layers)."),
     click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
                  show_default=True, help="Deflate implementation."),
+    click.option("--min-chunk-size", type=click.IntRange(min=0), default=0, metavar="BYTES",
+                 help="Chunks share a gzip member until it holds this many bytes "
+                      "(smaller layers; 0: one member a chunk)."),
+    click.option("--external-toc", is_flag=True,
+                 help="Keep each layer's TOC out of it, in a TOC image beside DST "
+                      "(tag TAG-esgztoc), as the reference does."),
+    click.option("--keep-diff-id", is_flag=True,
+                 help="Keep each layer's uncompressed bytes (diff_id); needs --external-toc."),
     click.option("--src-creds", default=None, metavar="USER:PASS",
                  help="Source registry credentials."),
     click.option("--dest-creds", default=None, metavar="USER:PASS",
@@ -149,18 +161,29 @@ def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _image_convert_options(kw: dict[str, Any],
                            records: dict[tuple[str, int], list[str]] | None = None,
-                           ) -> ImageConvertOptions:
-    """Build ``ImageConvertOptions`` from the shared options (popped from ``kw``)."""
+                           *, from_record: bool = False) -> ImageConvertOptions:
+    """Build ``ImageConvertOptions`` from the shared options (popped from
+    ``kw``). ``from_record``: a record will put files first (it is read
+    later, so a bad combination is refused before any network work)."""
     cert_dir, authfile = kw.pop("cert_dir"), kw.pop("authfile")
     fmt, oci = resolve_format(kw), kw.pop("oci")
     if fmt["format"] == "zstd:chunked" and not oci:
         raise click.UsageError("zstd:chunked layers need OCI media types "
                                "(Docker's have no zstd); drop --docker-media-types")
+    keep_diff_id, external_toc = kw.pop("keep_diff_id"), kw.pop("external_toc")
+    check_layout_options(keep_diff_id=keep_diff_id, external_toc=external_toc,
+                         prioritized=bool(records) or from_record, what="the record's files",
+                         min_chunk_size=kw["min_chunk_size"], fmt=fmt["format"])
+    if external_toc and kw["reuse"]:
+        _fail("--reuse cannot go with --external-toc: a reused layer has no TOC blob "
+              "for the TOC image", EXIT_USAGE)
     limits = {"timeout": kw.pop("timeout"), "read_timeout": kw.pop("read_timeout"),
               "min_transfer_rate": kw.pop("min_transfer_rate")}
     return ImageConvertOptions(
         layer=ConvertOptions(chunk_size=kw.pop("chunk_size"), **fmt,
-                             workers=kw.pop("workers"), backend=kw.pop("backend")),
+                             workers=kw.pop("workers"), backend=kw.pop("backend"),
+                             min_chunk_size=kw.pop("min_chunk_size"),
+                             external_toc=external_toc, keep_diff_id=keep_diff_id),
         oci=oci, platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
         src=TransportOptions(tls_verify=kw.pop("src_tls_verify"), cert_dir=cert_dir,
@@ -195,6 +218,15 @@ def _record_text(src: str, record_in: str | None, from_referrers: bool,
     return data.decode("utf-8", "replace"), notes
 
 
+def _record_file(_ctx: click.Context, _param: click.Parameter, value: str | None,
+                 ) -> str | None:
+    # A directory is a usage error, as click.Path(dir_okay=False) makes it
+    # for every other file option (a docker:// value is no path).
+    if value is not None and not value.startswith("docker://") and os.path.isdir(value):
+        raise click.BadParameter(f"file {value!r} is a directory")
+    return value
+
+
 def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None:
     if not quiet:
         for w in result.warnings:
@@ -205,12 +237,15 @@ def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None
         dropped = f", dropped {len(result.dropped)} index entries" if result.dropped else ""
         click.echo(f"{result.destination}: {result.digest} "
                    f"({len(result.layers)} layers{dropped}, {result.seconds:.1f}s)")
+        if result.toc_image:
+            click.echo(f"{result.toc_image}: {result.toc_image_digest} (TOC image)")
 
 
 @main.command("convert")
 @click.argument("src")
 @click.argument("dst")
 @click.option("--record-in", default=None, metavar="FILE|docker://HOST/REPO@DIGEST",
+              callback=_record_file,
               help="Prioritized files per layer, as written by ctr-remote optimize "
                    "--record-out (JSON lines); or the record artifact in a registry "
                    "(estargz optimize --record-out docker://…).")
@@ -230,7 +265,8 @@ def image_convert_cmd(src: str, dst: str, record_in: str | None, record_from_ref
         as_json, quiet = kw.pop("as_json"), kw.pop("quiet")
         if record_in and record_from_referrers:
             raise click.UsageError("give --record-in or --record-from-referrers, not both")
-        options = _image_convert_options(kw)
+        options = _image_convert_options(
+            kw, from_record=bool(record_in or record_from_referrers))
         text, notes = _record_text(src, record_in, record_from_referrers, options.src)
         records = read_records(text.splitlines()) if text is not None else {}
         options = dataclasses.replace(options, records=records)

@@ -31,8 +31,10 @@ from ..layer.zstdreader import open_layer, verify_layer
 from ..registry.client import open_registry_blob
 from .base import (
     BOOL,
+    EXIT_USAGE,
     MIN_CHUNK_SIZE,
     _creds,
+    _fail,
     _read_text_lines,
     _run,
     format_options,
@@ -109,14 +111,25 @@ def _emit(result: dict[str, Any], as_json: bool, labels: dict[str, str]) -> None
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
               show_default=True,
               help="Deflate implementation.")
+@click.option("--min-chunk-size", type=click.IntRange(min=0), default=0, metavar="BYTES",
+              help="Chunks share a gzip member until it holds this many bytes "
+                   "(smaller layers; 0: one member a chunk).")
+@click.option("--external-toc", "toc_dst", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE", help="Write the TOC to this TOC blob, not into OUT.")
+@click.option("--keep-diff-id", is_flag=True,
+              help="Keep the input tar byte for byte (same diff_id); needs --external-toc.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
                 prioritized_files: str | None, allow_missing: bool, backend: str,
+                min_chunk_size: int, toc_dst: str | None, keep_diff_id: bool,
                 as_json: bool, quiet: bool, **kw: Any) -> None:
     """Convert layer IN (tar, tar+gzip or tar+zstd; - for stdin) to eStargz
     (or zstd:chunked) OUT."""
     fmt = resolve_format(kw)
+    check_layout_options(keep_diff_id=keep_diff_id, external_toc=toc_dst is not None,
+                         prioritized=prioritized_files is not None,
+                         min_chunk_size=min_chunk_size, fmt=fmt["format"])
 
     def body() -> None:
         prioritized = None
@@ -124,10 +137,13 @@ def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
             prioritized = read_prioritized_list(_read_text_lines(prioritized_files))
         options = ConvertOptions(chunk_size=chunk_size, workers=workers,
                                  prioritized_files=prioritized,
-                                 allow_missing=allow_missing, backend=backend, **fmt)
+                                 allow_missing=allow_missing, backend=backend,
+                                 min_chunk_size=min_chunk_size,
+                                 external_toc=toc_dst is not None, keep_diff_id=keep_diff_id,
+                                 **fmt)
         with ProgressDisplay.for_stderr(quiet=quiet, as_json=as_json) as progress, \
                 reporting_to(progress.sink("layer")):
-            result = convert_layer(src, dst, options)
+            result = convert_layer(src, dst, options, toc_dst=toc_dst)
         if result.missing and not quiet:
             click.echo("estargz: warning: prioritized files not in the layer: "
                        + ", ".join(result.missing), err=True)
@@ -137,6 +153,8 @@ def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
             "blob_digest": "blob digest", "blob_size": "blob size", "diff_id": "diff id",
             "toc_digest": "TOC digest", "uncompressed_size": "uncompressed size",
             "entries": "entries", "prioritized": "prioritized entries",
+            **({"toc_blob_digest": "TOC blob digest", "toc_blob_size": "TOC blob size"}
+               if toc_dst else {}),
         })
         if result.annotations and not as_json:
             for key, value in result.annotations.items():
@@ -144,20 +162,60 @@ def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
     _run(body)
 
 
+def check_layout_options(*, keep_diff_id: bool, external_toc: bool, prioritized: bool,
+                         what: str = "--prioritized-files", min_chunk_size: int = 0,
+                         fmt: str = "estargz") -> None:
+    """Refuse option combinations the layout cannot honour: one line, exit 2.
+
+    ``fmt`` is the output format; the options are eStargz's (gzip members to
+    share, a gzip TOC blob), so any other format refuses them.
+    """
+    used = [name for name, on in (("--min-chunk-size", min_chunk_size),
+                                  ("--external-toc", external_toc),
+                                  ("--keep-diff-id", keep_diff_id)) if on]
+    if fmt != "estargz" and used:
+        _fail(f"{used[0]} is for eStargz's gzip members; {fmt} has no streams to share "
+              "or TOC to move", EXIT_USAGE)
+    if keep_diff_id and not external_toc:
+        _fail("--keep-diff-id needs --external-toc: a TOC inside the layer would "
+              "change its uncompressed bytes", EXIT_USAGE)
+    if keep_diff_id and prioritized:
+        _fail(f"--keep-diff-id keeps the layer's order, so {what} cannot be put first",
+              EXIT_USAGE)
+
+
+def _toc_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--toc", "toc_blob", default=None, metavar="TOCBLOB",
+        help="The TOC blob of a BLOB whose TOC is external (a file, or "
+             "docker://HOST/REPO@sha256:…).")(f)
+
+
+@contextlib.contextmanager
+def _open_layer(blob: str, toc_blob: str | None, remote: dict[str, Any],
+                ) -> Iterator[tuple[RangeSource, RangeSource | None]]:
+    """The blob's range source and, with ``--toc``, its TOC blob's."""
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(_open_blob(blob, **remote))
+        toc = None if toc_blob is None else stack.enter_context(_open_blob(toc_blob, **remote))
+        yield src, toc
+
+
 @layer.command("verify")
 @_remote_options
+@_toc_option
 @click.argument("blob")
 @click.option("--toc-digest", default=None, metavar="sha256:…",
               help="Expected TOC digest (e.g. from the manifest annotation).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def verify_cmd(blob: str, toc_digest: str | None, as_json: bool, quiet: bool,
-               **remote: Any) -> None:
+def verify_cmd(blob: str, toc_digest: str | None, toc_blob: str | None, as_json: bool,
+               quiet: bool, **remote: Any) -> None:
     """Check every byte of eStargz BLOB: footer, TOC, digests, gzip and tar."""
     def body() -> None:
         started = time.monotonic()
-        with _open_blob(blob, **remote) as src:
-            report = verify_layer(src, toc_digest)
+        with _open_layer(blob, toc_blob, remote) as (src, toc):
+            report = verify_layer(src, toc_digest, toc_source=toc)
         if quiet:
             return
         result = {"ok": True, "toc_digest": report.toc_digest, "entries": report.entries,
@@ -175,13 +233,14 @@ def verify_cmd(blob: str, toc_digest: str | None, as_json: bool, quiet: bool,
 
 @layer.command("toc")
 @_remote_options
+@_toc_option
 @click.argument("blob")
 @click.option("--digest", is_flag=True, help="Print only the TOC digest.")
-def toc_cmd(blob: str, digest: bool, **remote: Any) -> None:
+def toc_cmd(blob: str, digest: bool, toc_blob: str | None, **remote: Any) -> None:
     """Print the TOC JSON of eStargz BLOB, byte for byte."""
     def body() -> None:
-        with _open_blob(blob, **remote) as src:
-            reader = open_layer(src)
+        with _open_layer(blob, toc_blob, remote) as (src, toc):
+            reader = open_layer(src, toc_source=toc)
         if digest:
             click.echo(reader.toc_digest)
         else:
@@ -197,13 +256,14 @@ _MODE_CHAR = {"dir": "d", "reg": "-", "symlink": "l", "hardlink": "h", "char": "
 
 @layer.command("ls")
 @_remote_options
+@_toc_option
 @click.argument("blob")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
-def ls_cmd(blob: str, as_json: bool, **remote: Any) -> None:
+def ls_cmd(blob: str, as_json: bool, toc_blob: str | None, **remote: Any) -> None:
     """List the entries of eStargz BLOB (from its TOC)."""
     def body() -> None:
-        with _open_blob(blob, **remote) as src:
-            reader = open_layer(src)
+        with _open_layer(blob, toc_blob, remote) as (src, toc):
+            reader = open_layer(src, toc_source=toc)
         for e in reader.entries:
             if e.type == "chunk":
                 continue
@@ -223,14 +283,16 @@ def ls_cmd(blob: str, as_json: bool, **remote: Any) -> None:
 
 @layer.command("extract")
 @_remote_options
+@_toc_option
 @click.argument("blob")
 @click.argument("path")
 @click.option("-o", "--output", default=None, help="Write here instead of standard output.")
-def extract_cmd(blob: str, path: str, output: str | None, **remote: Any) -> None:
+def extract_cmd(blob: str, path: str, output: str | None, toc_blob: str | None,
+                **remote: Any) -> None:
     """Write file PATH of eStargz BLOB, verified, reading only its chunks."""
     def body() -> None:
-        with _open_blob(blob, **remote) as src:
-            reader = open_layer(src)
+        with _open_layer(blob, toc_blob, remote) as (src, toc):
+            reader = open_layer(src, toc_source=toc)
             if output is None:
                 # Verify before printing anything: a file is at most one
                 # layer's worth, spooled through a temporary file.

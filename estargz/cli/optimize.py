@@ -25,7 +25,7 @@ from ..image.reference import DockerName, parse_docker_name
 from ..layer.order import read_prioritized_list
 from ..registry.client import client_for
 from ..registry.records import RecordPush, push_record
-from .base import _json_list, _read_text_lines, _run, main
+from .base import EXIT_USAGE, _fail, _json_list, _read_text_lines, _run, main
 from .image import _image_convert_options, _image_options, _print_image_result, _Seconds
 from .progress import ProgressDisplay
 
@@ -106,6 +106,9 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
         if kw["env_file"]:
             env += [line.strip() for line in _read_text_lines(kw["env_file"])
                     if line.strip() and not line.lstrip().startswith("#")]
+        if kw["keep_diff_id"] and not kw["no_optimize"]:
+            _fail("--keep-diff-id keeps each layer's order, so the files the workload "
+                  "reads cannot be put first (add --no-optimize to only record)", EXIT_USAGE)
         prefetch = None
         if kw["prefetch_list"]:
             prefetch = tuple(read_prioritized_list(_read_text_lines(kw["prefetch_list"])))

@@ -54,9 +54,12 @@ from .descriptor import (
     Platform,
     sha256_digest,
 )
+from .reference import ImageRef
 from .store import ImageDestination, ImageSource, TransportOptions
 from .transport import open_destination, open_source, parse_reference
 
+#: On a TOC image's layer: the digest of the eStargz layer whose TOC it is.
+TOC_LAYER_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/layer.digest"
 _MAX_JSON = 16 << 20  # manifests and configs are small; a bigger one is hostile
 #: Seconds a cancelled run waits for a layer job blocked in I/O before it
 #: cleans up anyway (the CLI then exits without waiting for it).
@@ -163,6 +166,9 @@ class ImageResult:
     dropped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: With an external TOC: the "TOC image" written beside the image, and its digest.
+    toc_image: str = ""
+    toc_image_digest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -232,6 +238,8 @@ class _Run:
         self.pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="estargz-layer")
         self._lock = threading.Lock()
         self._converted: dict[tuple[str, tuple[str, ...]], Future[_LayerJob]] = {}
+        #: External TOCs: (layer descriptor, TOC blob file) of each converted layer.
+        self.toc_blobs: list[tuple[Descriptor, str, LayerResult]] = []
 
     def stop(self, cancelled: bool) -> None:
         """Stop the layer jobs after an error. Cancelled (Ctrl-C), each job
@@ -283,8 +291,12 @@ class _Run:
         opts = replace(self.layer_options,
                        prioritized_files=list(prioritized) if prioritized else None,
                        allow_missing=True)
+        toc_out = None
+        if opts.external_toc:
+            fd, toc_out = tempfile.mkstemp(dir=self.work, prefix=".estargz-", suffix=".toc")
+            os.close(fd)
         try:
-            res = convert_layer(src_path, out, opts, tmpdir=self.work)
+            res = convert_layer(src_path, out, opts, tmpdir=self.work, toc_dst=toc_out)
         except BaseException:
             unlink_quietly(out)
             raise
@@ -302,9 +314,46 @@ class _Run:
                 TOC_DIGEST_ANNOTATION: res.toc_digest,
                 UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
         self.dest.put_blob_file(desc, out)
+        if toc_out is not None:
+            with self._lock:
+                self.toc_blobs.append((desc, toc_out, res))
         if src_path.startswith(self.work):
             os.unlink(src_path)
         return desc, res, "converted", time.monotonic() - started
+
+    def write_toc_image(self, ref: ImageRef) -> Descriptor:
+        """Store the TOC blobs as the reference's "TOC image": one gzip
+        layer per TOC blob, each naming its eStargz layer in the
+        ``containerd.io/snapshot/stargz/layer.digest`` annotation, an empty
+        config, sorted by digest (as nativeconverter/estargz/externaltoc)."""
+        dest = open_destination(ref, self.options.dst)
+        try:
+            layers = {}
+            for desc, path, res in self.toc_blobs:
+                toc = Descriptor(OCI_LAYER_GZIP, res.toc_blob_digest, res.toc_blob_size,
+                                 {TOC_LAYER_DIGEST_ANNOTATION: desc.digest})
+                if toc.digest not in layers:
+                    dest.put_blob(toc, path)
+                layers[toc.digest] = toc
+            config = b"{}"
+            config_desc = Descriptor(OCI_CONFIG, sha256_digest(config), len(config))
+            cpath = os.path.join(self.work, "toc-image-config.json")
+            with open(cpath, "wb") as f:
+                f.write(config)
+            dest.put_blob(config_desc, cpath)
+            manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                        "config": config_desc.to_json(),
+                        "layers": [layers[d].to_json() for d in sorted(layers)]}
+            raw = _dump(manifest)
+            root = Descriptor(OCI_MANIFEST, sha256_digest(raw), len(raw))
+            dest.put_manifest(raw, root)
+            dest.commit(root, raw)
+        except BaseException:
+            dest.abort()
+            raise
+        finally:
+            dest.close()
+        return root
 
     def _blob_file(self, desc: Descriptor) -> str:
         local = self.source.local_blob_path(desc)
@@ -491,6 +540,18 @@ class _Run:
         return new_desc, raw
 
 
+def toc_image_reference(ref: ImageRef) -> ImageRef:
+    """Where the TOC image of an image at ``ref`` goes: the same repository
+    or layout, tag ``TAG-esgztoc`` (the reference's name, which the Stargz
+    Snapshotter looks up)."""
+    if ref.name is not None and ref.transport == "docker" and not ref.name.digest:
+        return replace(ref, name=replace(ref.name, tag=(ref.name.tag or "latest") + "-esgztoc"))
+    if ref.transport == "oci" and ref.tag:
+        return replace(ref, tag=ref.tag + "-esgztoc")
+    raise InvalidInput(f"{ref}: an external TOC needs a tagged docker:// or oci:PATH:TAG "
+                       "destination, beside which the TOC image is named TAG-esgztoc")
+
+
 def convert_image(src: str, dst: str, options: ImageConvertOptions = ImageConvertOptions(),
                   progress: ProgressFn | None = None) -> ImageResult:
     """Convert image ``src`` to eStargz at ``dst`` (both skopeo-style references).
@@ -516,6 +577,8 @@ def convert_source(source: ImageSource, dst: str,
     """
     started = time.monotonic()
     dref = parse_reference(dst)
+    # Named before any work: a destination without a tag cannot have one.
+    toc_ref = toc_image_reference(dref) if options.layer.external_toc else None
     result = ImageResult(source_name or source.name, str(dref))
     # In TMPDIR, named so that the next run removes it if this one is killed.
     with owned_tempdir("convert") as owned:
@@ -533,6 +596,9 @@ def convert_source(source: ImageSource, dst: str,
             else:
                 new_root, raw = run.manifest(root, data)
             dest.commit(new_root, raw)
+            if toc_ref is not None:
+                result.toc_image = str(toc_ref)
+                result.toc_image_digest = run.write_toc_image(toc_ref).digest
         except BaseException as e:
             run.stop(cancelled=isinstance(e, (KeyboardInterrupt, Cancelled)))
             dest.abort()

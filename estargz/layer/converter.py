@@ -7,6 +7,11 @@ How the output is built (see docs/format.md for the picture):
    optionally one chunk of a file's payload, followed by the tar padding and
    the headers of the entries up to the next payload. This is the layout
    the reference writes, so every payload chunk starts a gzip member.
+   With a minimum chunk size, the chunks that follow share the member until
+   it holds that many uncompressed bytes; their TOC entries carry the
+   member's offset and an ``innerOffset``. The plan is fixed before any
+   compression (it counts uncompressed bytes), so units still compress in
+   parallel and the output does not depend on the number of workers.
 3. Units are compressed independently by a thread pool (zlib releases the
    GIL), in bounded batches; the main thread writes them in order, hashing
    the compressed bytes (blob digest) and the uncompressed ones (diff_id).
@@ -40,7 +45,7 @@ from .._exceptions import (
 from .._fsutil import atomic_output
 from .._progress import Meter, progress_meter
 from .compression import DEFAULT_BACKEND, Backend, get_backend
-from .footer import footer_bytes
+from .footer import external_toc_footer_bytes, footer_bytes
 from .layerinput import open_tar
 from .order import Landmark, Planned, dedupe, plan_order
 from .tarstream import index_tar, printable
@@ -49,6 +54,7 @@ from .toc import (
     PREFETCH_LANDMARK,
     TOC_TAR_NAME,
     TOCEntry,
+    clean_name,
     encode_entry,
     encode_toc,
 )
@@ -96,6 +102,17 @@ class ConvertOptions:
     allow_missing: bool = False
     #: Deflate implementation: ``"zlib-ng"`` (default), ``"zlib"`` or ``"isal"``.
     backend: str = DEFAULT_BACKEND
+    #: Chunks share a gzip member until it holds this many uncompressed
+    #: bytes (0: every chunk starts its own, as without the option).
+    #: Landmarks and prioritized files always start their own.
+    min_chunk_size: int = 0
+    #: Write the TOC to a separate TOC blob, not into the layer (the
+    #: reference's external TOC; ``convert_layer``'s ``toc_dst``).
+    external_toc: bool = False
+    #: Lossless: the uncompressed layer is the input tar byte for byte, so
+    #: the diff_id stays; nothing is reordered and no landmark is added.
+    #: Needs ``external_toc`` (the TOC cannot be inside the tar).
+    keep_diff_id: bool = False
     #: Output format: ``"estargz"`` or ``"zstd:chunked"`` (see ``zstdchunked.py``).
     format: str = "estargz"
     #: zstd level (1-22) for ``zstd:chunked``; ``compression_level`` is gzip's.
@@ -104,6 +121,14 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise InvalidInput(f"chunk size must be positive, not {self.chunk_size}")
+        if self.min_chunk_size < 0:
+            raise InvalidInput(f"min chunk size must be 0 or more, not {self.min_chunk_size}")
+        if self.keep_diff_id and not self.external_toc:
+            raise InvalidInput("keep_diff_id needs external_toc: a TOC inside the layer "
+                               "would change its uncompressed bytes")
+        if self.keep_diff_id and self.prioritized_files:
+            raise InvalidInput("keep_diff_id keeps the input's order, so it cannot put "
+                               "prioritized files first")
         if not 0 <= self.compression_level <= 9:
             raise InvalidInput(f"compression level must be 0-9, not {self.compression_level}")
         if not 0 <= self.workers <= MAX_WORKERS:
@@ -111,6 +136,13 @@ class ConvertOptions:
                                f"not {self.workers}")
         if self.format not in FORMATS:
             raise InvalidInput(f"unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
+        if self.format != "estargz" and (self.min_chunk_size or self.external_toc
+                                         or self.keep_diff_id):
+            # Shared gzip members and a gzip TOC blob are eStargz's layout;
+            # another format's writer would silently ignore them.
+            raise InvalidInput(f"min_chunk_size, external_toc and keep_diff_id are for "
+                               f"eStargz; {self.format} has no streams to share or TOC "
+                               "to move")
         if not 1 <= self.zstd_level <= 22:
             raise InvalidInput(f"zstd compression level must be 1-22, not {self.zstd_level}")
 
@@ -132,8 +164,12 @@ class LayerResult:
     #: prefetches (0 for a layer converted without prioritized files).
     prefetch_size: int = 0
     #: Compressed bytes of the TOC member and the footer, which a lazy
-    #: puller reads before anything else.
+    #: puller reads before anything else (with an external TOC: the TOC
+    #: blob and the footer).
     toc_size: int = 0
+    #: With an external TOC: digest and size of the TOC blob.
+    toc_blob_digest: str = ""
+    toc_blob_size: int = 0
     #: Layer descriptor annotations the format needs besides the TOC digest
     #: (zstd:chunked's ``io.github.containers.zstd-chunked.*``).
     annotations: dict[str, str] = field(default_factory=dict)
@@ -165,32 +201,67 @@ def available_cores() -> int:
 
 
 def convert_layer(src: str, dst: str, options: ConvertOptions = ConvertOptions(),
-                  *, tmpdir: str | None = None) -> LayerResult:
+                  *, tmpdir: str | None = None, toc_dst: str | None = None) -> LayerResult:
     """Convert the layer at ``src`` (tar, tar+gzip or tar+zstd; ``"-"`` for
     stdin) into an eStargz blob at ``dst``.
 
-    ``dst`` appears atomically when the conversion succeeds and is left
-    untouched otherwise. Raises :class:`MissingPrioritizedFiles` for
-    prioritized paths not in the layer unless ``options.allow_missing``.
+    ``dst`` (and ``toc_dst``, the TOC blob, required with
+    ``options.external_toc``) appear atomically when the conversion succeeds
+    and are left untouched otherwise. Raises :class:`MissingPrioritizedFiles`
+    for prioritized paths not in the layer unless ``options.allow_missing``.
     """
     started = time.monotonic()
+    if options.external_toc != (toc_dst is not None):
+        raise InvalidInput("an external TOC needs a TOC blob destination, and only it")
     backend = get_backend(options.backend, options.compression_level)
     with open_tar(src, tmpdir) as tar:
-        members = dedupe(index_tar(tar))
-        planned, missing = plan_order(members, options.prioritized_files)
+        indexed = list(index_tar(tar))
+        missing: list[str] = []
+        if options.keep_diff_id:
+            members = indexed
+            planned: list[Planned] = list(_lossless_members(indexed))
+        else:
+            members = dedupe(indexed)
+            planned, missing = plan_order(members, options.prioritized_files)
         if missing and not options.allow_missing:
             raise MissingPrioritizedFiles(missing)
         check_toc_fits(planned, options.chunk_size)
         with atomic_output(dst) as out:
             writer = FORMATS[options.format]
-            if writer is None:
+            if writer is not None:
+                result = writer(tar.fileno(), planned, out, options)
+            elif toc_dst is None:
                 result = write_estargz(tar.fileno(), planned, out, options, backend)
             else:
-                result = writer(tar.fileno(), planned, out, options)
-    prioritized = planned.index(next(p for p in planned if isinstance(p, Landmark)))
-    return LayerResult(**{**result, "entries": len(members), "prioritized": prioritized,
+                with atomic_output(toc_dst) as toc_out:
+                    result = write_estargz(tar.fileno(), planned, out, options, backend,
+                                           toc_out=toc_out)
+    # A lossless (keep_diff_id) layer has no landmark: nothing is put first.
+    landmarks = [i for i, p in enumerate(planned) if isinstance(p, Landmark)]
+    return LayerResult(**{**result, "entries": len(members),
+                          "prioritized": landmarks[0] if landmarks else 0,
                           "missing": tuple(missing),
                           "seconds": round(time.monotonic() - started, 3)})
+
+
+def _lossless_members(members: Sequence[tarfile.TarInfo]) -> Iterator[tarfile.TarInfo]:
+    """The input's entries as they are, refusing what a lossless layer
+    cannot describe: a TOC of its own, a name twice (the TOC could not tell
+    them apart), sparse data (stored bytes differ from the file's)."""
+    seen: set[str] = set()
+    for m in members:
+        name = clean_name(m.name)
+        if name == TOC_TAR_NAME:
+            raise UnsupportedEntry(TOC_TAR_NAME, "is already in the layer; --keep-diff-id "
+                                   "cannot replace it without changing the layer")
+        if name in seen and not m.isdir():
+            raise UnsupportedEntry(printable(m.name), "occurs twice in the layer, which "
+                                   "--keep-diff-id cannot record in a TOC")
+        if m.sparse:
+            raise UnsupportedEntry(printable(m.name), "is a sparse file, whose stored bytes "
+                                   "--keep-diff-id cannot keep")
+        seen.add(name)
+        yield m
 
 
 # Lower bounds of a TOC entry's JSON: any entry has a name, a type and
@@ -275,47 +346,116 @@ def _padding(size: int) -> bytes:
 
 # --- units: the gzip members of the output --------------------------------
 
-class _Unit:
-    """One output gzip member: an optional payload chunk, then header bytes."""
+class _Data:
+    """A payload chunk in a unit: bytes ``[start, start+length)`` of
+    ``member``'s data, at uncompressed offset ``inner`` of the unit."""
 
-    __slots__ = ("member", "start", "length", "tail", "entries")
+    __slots__ = ("member", "start", "length", "entry", "inner")
 
-    def __init__(self, member: Planned | None = None, start: int = 0,
-                 length: int = 0) -> None:
+    def __init__(self, member: Planned, start: int, length: int, entry: TOCEntry,
+                 inner: int) -> None:
         self.member = member
         self.start = start
         self.length = length
-        self.tail = bytearray()
-        # TOC entries in TOC order; a payload's own entry comes first.
+        self.entry = entry
+        self.inner = inner
+
+
+class _Unit:
+    """One output gzip member: payload chunks and the header bytes between
+    them, in order. Without a minimum chunk size it holds at most one
+    chunk, first; the first unit of a layer holds none."""
+
+    __slots__ = ("pieces", "entries", "size", "tail_size")
+
+    def __init__(self) -> None:
+        self.pieces: list[_Data | bytearray] = []
+        # TOC entries in TOC order.
         self.entries: list[TOCEntry] = []
+        self.size = 0  # uncompressed bytes
+        self.tail_size = 0  # uncompressed bytes since the last chunk
+
+    def add_bytes(self, data: bytes) -> None:
+        last = self.pieces[-1] if self.pieces else None
+        if isinstance(last, bytearray):
+            last += data
+        else:
+            self.pieces.append(bytearray(data))
+        self.size += len(data)
+        self.tail_size += len(data)
+
+    def add_data(self, m: Planned, start: int, length: int, entry: TOCEntry) -> None:
+        self.pieces.append(_Data(m, start, length, entry, self.size))
+        self.entries.append(entry)
+        self.size += length
+        self.tail_size = 0
+
+    @property
+    def tail(self) -> bytes | bytearray:
+        """The header bytes after the unit's last chunk (all of them, for a
+        unit without one)."""
+        last = self.pieces[-1] if self.pieces else None
+        return last if isinstance(last, bytearray) else b""
+
+    @property
+    def has_data(self) -> bool:
+        return any(isinstance(p, _Data) for p in self.pieces)
 
 
 def _plan_units(planned: Sequence[Planned], chunk_size: int,
-                make_header: Callable[[Planned], tuple[bytes, TOCEntry, int]] = entry_header,
-                ) -> Iterator[_Unit]:
+                header_of: Callable[[Planned], tuple[bytes, TOCEntry, int]] = entry_header,
+                min_chunk_size: int = 0, *, fresh: int = -1, fd: int = -1,
+                trailer: bytes = b"") -> Iterator[_Unit]:
+    """Cut ``planned`` into units, each entry's header and TOC entry made by
+    ``header_of``. A chunk starts a new unit unless the current one holds a
+    chunk and fewer than ``min_chunk_size`` bytes; the chunks of
+    ``planned[:fresh + 1]`` (prioritized files and the landmark) always
+    start one, so the prefetched range ends exactly at the landmark. With
+    ``fd``, headers and padding are the input's own bytes (read from ``fd``:
+    lossless); ``trailer`` ends the last unit."""
     unit = _Unit()
-    for m in planned:
-        header, entry, size = make_header(m)
-        unit.tail += header
+    pos = 0  # lossless: input bytes consumed
+    for i, m in enumerate(planned):
+        header, entry, size = header_of(m)
+        if fd >= 0:
+            assert isinstance(m, tarfile.TarInfo)
+            header = _pread_all(fd, pos, m.offset_data - pos, m)
+            pos = m.offset_data + size
+        unit.add_bytes(header)
         if not size:
             if entry.type == "reg":
                 entry.digest = _EMPTY_DIGEST
             unit.entries.append(entry)
         for start in range(0, size, chunk_size):
             n = min(chunk_size, size - start)
-            yield unit
+            if not unit.has_data or unit.size >= min_chunk_size or i <= fresh:
+                yield unit
+                unit = _Unit()
             e = entry if start == 0 else TOCEntry(name=entry.name, type="chunk")
             e.chunk_offset = start
             if n == chunk_size:
                 e.chunk_size = n  # as the reference: omitted for a short last chunk
-            unit = _Unit(m, start, n)
-            unit.entries.append(e)
+            unit.add_data(m, start, n, e)
         if size:
-            unit.tail += _padding(size)
-        if len(unit.tail) > _MAX_TAIL:
+            padding = _padding(size)
+            if fd >= 0:
+                assert isinstance(m, tarfile.TarInfo)
+                padding = _pread_all(fd, pos, len(padding), m)
+                pos += len(padding)
+            unit.add_bytes(padding)
+        if unit.tail_size > _MAX_TAIL:
             yield unit
             unit = _Unit()
+    if fd >= 0:
+        trailer = _pread_all(fd, pos, os.fstat(fd).st_size - pos, None)
+    unit.add_bytes(trailer)
     yield unit
+
+
+def _pread_all(fd: int, offset: int, length: int, m: tarfile.TarInfo | None) -> bytes:
+    """Input bytes ``[offset, offset+length)``: headers and padding, small."""
+    parts = list(_pread(fd, offset, length, m))
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
@@ -363,11 +503,13 @@ def _zeros(n: int) -> Iterator[bytes]:
         n -= k
 
 
-def _pread(fd: int, offset: int, length: int, m: tarfile.TarInfo) -> Iterator[bytes]:
+def _pread(fd: int, offset: int, length: int,
+           m: tarfile.TarInfo | None) -> Iterator[bytes]:
     while length:
         got = os.pread(fd, min(length, _READ), offset)
         if not got:
-            raise InvalidInput(f"input tar is truncated in the data of {printable(m.name)!r}")
+            where = f"the data of {printable(m.name)!r}" if m is not None else "its end"
+            raise InvalidInput(f"input tar is truncated in {where}")
         yield got
         offset += len(got)
         length -= len(got)
@@ -376,13 +518,13 @@ def _pread(fd: int, offset: int, length: int, m: tarfile.TarInfo) -> Iterator[by
 class _Compressed:
     """A unit's compressed bytes, in memory or spilled to a temporary file."""
 
-    __slots__ = ("parts", "size", "spill", "chunk_digest")
+    __slots__ = ("parts", "size", "spill", "chunk_digests")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.size = 0
         self.spill: BinaryIO | None = None
-        self.chunk_digest = ""
+        self.chunk_digests: list[str] = []
 
     def add(self, data: bytes) -> None:
         if not data:
@@ -416,14 +558,16 @@ def _compress_task(fd: int, units: list[_Unit], backend: Backend) -> list[_Compr
     for u in units:
         c = _Compressed()
         z = backend.compressobj()
-        if u.member is not None:
-            h = hashlib.sha256()
-            for piece in read_payload(fd, u.member, u.start, u.length):
-                check_cancelled()
-                h.update(piece)
-                c.add(z.compress(piece))
-            c.chunk_digest = "sha256:" + h.hexdigest()
-        c.add(z.compress(bytes(u.tail)))
+        for p in u.pieces:
+            if isinstance(p, _Data):
+                h = hashlib.sha256()
+                for piece in read_payload(fd, p.member, p.start, p.length):
+                    check_cancelled()
+                    h.update(piece)
+                    c.add(z.compress(piece))
+                c.chunk_digests.append("sha256:" + h.hexdigest())
+            else:
+                c.add(z.compress(bytes(p)))
         c.add(z.flush())
         results.append(c)
     return results
@@ -434,7 +578,7 @@ def _batches(units: Iterator[_Unit]) -> Iterator[list[_Unit]]:
     size = 0
     for u in units:
         batch.append(u)
-        size += u.length + len(u.tail)
+        size += u.size
         if size >= _TASK_BYTES or len(batch) >= _TASK_UNITS:
             yield batch
             batch, size = [], 0
@@ -460,14 +604,6 @@ class _Writer:
         self._file_entry: TOCEntry | None = None
         self.landmark_offset = 0
 
-    def write(self, data: bytes) -> None:
-        try:
-            self.out.write(data)
-        except OSError as e:
-            raise StorageError(f"cannot write output: {e.strerror or e}") from None
-        self.blob.update(data)
-        self.offset += len(data)
-
     #: How a TOC entry is written (a format may add fields).
     encode_entry = staticmethod(encode_entry)
 
@@ -477,38 +613,29 @@ class _Writer:
     def file_done(self, entry: TOCEntry) -> None:
         """Called once the last chunk of ``entry``'s payload is written."""
 
+    def write(self, data: bytes) -> None:
+        try:
+            self.out.write(data)
+        except OSError as e:
+            raise StorageError(f"cannot write output: {e.strerror or e}") from None
+        self.blob.update(data)
+        self.offset += len(data)
+
     def unit(self, u: _Unit, c: _Compressed) -> None:
-        reg: TOCEntry | None = None  # the file whose payload this unit holds
-        if u.member is not None:
-            e = u.entries[0]
-            reg = e if u.start == 0 else self._file_entry
-            e.offset = self.offset
-            if e.name == PREFETCH_LANDMARK:
-                self.landmark_offset = self.offset
-            e.chunk_digest = c.chunk_digest
-            size = e.size if e.type == "reg" else 0
-            whole = u.start == 0 and u.length == size
-            if whole:
-                e.digest = c.chunk_digest
-            elif u.start == 0:
-                self._file_hash, self._file_entry = hashlib.sha256(), e
-            for piece in read_payload(self.fd, u.member, u.start, u.length):
-                self.diff.update(piece)
-                self.payload_piece(piece)
-                if self._file_hash is not None:
-                    self._file_hash.update(piece)
-            self.usize += u.length
-            entry = self._file_entry
-            if self._file_hash is not None and entry is not None \
-                    and u.start + u.length == entry.size:
-                entry.digest = "sha256:" + self._file_hash.hexdigest()
-                self._file_hash = self._file_entry = None
-        self.diff.update(u.tail)
-        self.usize += len(u.tail)
+        digests = iter(c.chunk_digests)
+        done: list[TOCEntry] = []  # files whose last chunk is in this unit
+        for p in u.pieces:
+            if isinstance(p, _Data):
+                file = self._chunk(p, next(digests))
+                if file is not None:
+                    done.append(file)
+            else:
+                self.diff.update(p)
+                self.usize += len(p)
         for data in c.chunks():
             self.write(data)
-        if reg is not None and u.start + u.length == reg.size:
-            self.file_done(reg)
+        for file in done:
+            self.file_done(file)
         self._held.extend(u.entries)
         if self._file_hash is None:  # every held entry is complete now
             try:
@@ -518,18 +645,57 @@ class _Writer:
                 raise TOCError("TOC contains a name that is not valid UTF-8") from None
             self._held.clear()
 
+    def _chunk(self, d: _Data, chunk_digest: str) -> TOCEntry | None:
+        """Fill in the TOC entry of chunk ``d`` of the unit starting here,
+        and hash its payload into the diff_id (and its file's digest).
+        Returns the file's entry if this was its last chunk."""
+        e = d.entry
+        file = e if d.start == 0 else self._file_entry
+        e.offset = self.offset
+        e.inner_offset = d.inner
+        if e.name == PREFETCH_LANDMARK:
+            self.landmark_offset = self.offset
+        e.chunk_digest = chunk_digest
+        size = e.size if e.type == "reg" else 0
+        if d.start == 0 and d.length == size:
+            e.digest = chunk_digest
+        elif d.start == 0:
+            self._file_hash, self._file_entry = hashlib.sha256(), e
+        for piece in read_payload(self.fd, d.member, d.start, d.length):
+            self.diff.update(piece)
+            self.payload_piece(piece)
+            if self._file_hash is not None:
+                self._file_hash.update(piece)
+        self.usize += d.length
+        entry = self._file_entry
+        if self._file_hash is not None and entry is not None \
+                and d.start + d.length == entry.size:
+            entry.digest = "sha256:" + self._file_hash.hexdigest()
+            self._file_hash = self._file_entry = None
+        return file if file is not None and d.start + d.length == file.size else None
+
 
 def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
-                  options: ConvertOptions, backend: Backend) -> dict[str, Any]:
+                  options: ConvertOptions, backend: Backend,
+                  toc_out: BinaryIO | None = None) -> dict[str, Any]:
     """Write the eStargz blob for ``planned`` entries (payloads read from
-    ``fd``) to ``out``. Returns the digests and sizes as a dict."""
+    ``fd``) to ``out``, and with ``options.external_toc`` its TOC blob to
+    ``toc_out``. Returns the digests and sizes as a dict."""
     workers = options.workers or available_cores()
     writer = _Writer(out, fd)
     written = payload_meter(planned)
     pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]] = deque()
+    landmarks = [i for i, p in enumerate(planned) if isinstance(p, Landmark)]
+    # An external TOC leaves the layer's tar without its last entry: end it
+    # with the two zero blocks every tar reader expects (lossless: the
+    # input's own end, read with the headers).
+    units = _plan_units(planned, options.chunk_size, entry_header, options.min_chunk_size,
+                        fresh=landmarks[0] if landmarks else -1,
+                        fd=fd if options.keep_diff_id else -1,
+                        trailer=bytes(2 * tarfile.BLOCKSIZE) if options.external_toc else b"")
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:
-        for batch in _batches(_plan_units(planned, options.chunk_size)):
+        for batch in _batches(units):
             check_cancelled()
             while len(pending) >= 3 * workers:
                 _drain_one(pending, writer, written)
@@ -555,11 +721,23 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     for piece in (toc_header.tobuf(tarfile.USTAR_FORMAT), toc_json,
                   _padding(len(toc_json)) + bytes(2 * tarfile.BLOCKSIZE)):
         member.append(z.compress(piece))
-        writer.diff.update(piece)
-        writer.usize += len(piece)
+        if toc_out is None:
+            writer.diff.update(piece)
+            writer.usize += len(piece)
     member.append(z.flush())
-    writer.write(b"".join(member))
-    writer.write(footer_bytes(toc_offset))
+    toc_blob: dict[str, Any] = {}
+    if toc_out is None:
+        writer.write(b"".join(member))
+        writer.write(footer_bytes(toc_offset))
+    else:
+        data = b"".join(member)
+        try:
+            toc_out.write(data)
+        except OSError as e:
+            raise StorageError(f"cannot write the TOC blob: {e.strerror or e}") from None
+        writer.write(external_toc_footer_bytes())
+        toc_blob = {"toc_blob_digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                    "toc_blob_size": len(data)}
     return {
         "blob_digest": "sha256:" + writer.blob.hexdigest(),
         "blob_size": writer.offset,
@@ -567,7 +745,8 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
         "toc_digest": "sha256:" + hashlib.sha256(toc_json).hexdigest(),
         "uncompressed_size": writer.usize,
         "prefetch_size": writer.landmark_offset,
-        "toc_size": writer.offset - toc_offset,
+        "toc_size": writer.offset - toc_offset + toc_blob.get("toc_blob_size", 0),
+        **toc_blob,
     }
 
 
@@ -576,7 +755,7 @@ def _drain_one(pending: deque[tuple[list[_Unit], Future[list[_Compressed]]]],
     batch, future = pending.popleft()
     for u, c in zip(batch, future.result(), strict=True):
         writer.unit(u, c)
-        written.add(u.length)
+        written.add(sum(p.length for p in u.pieces if isinstance(p, _Data)))
 
 
 def payload_meter(planned: Sequence[Planned]) -> Meter:

@@ -11,6 +11,10 @@ Layout of the 51-byte footer (all of it one valid, empty RFC 1952 member)::
 
 The older stargz format used a 47-byte footer whose extra field holds the
 22-byte payload directly, without the subfield header; readers accept both.
+
+A blob whose TOC is kept outside it (``--external-toc``, the reference's
+``estargz/externaltoc``) ends in a 46-byte footer instead: the same empty
+member whose "SG" subfield holds just ``STARGZEXTERNALTOC`` and no offset.
 Pure functions on bytes only.
 """
 
@@ -27,6 +31,8 @@ _MAGIC = b"STARGZ"
 _PAYLOAD_LEN = 16 + len(_MAGIC)
 # An empty, final, stored deflate block followed by CRC32 and ISIZE of b"".
 _EMPTY_DEFLATE_TRAILER = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
+EXTERNAL_TOC_FOOTER_SIZE = 46
+_EXTERNAL_MAGIC = b"STARGZEXTERNALTOC"
 
 
 def _gzip_with_extra(extra: bytes) -> bytes:
@@ -46,6 +52,22 @@ def footer_bytes(toc_offset: int) -> bytes:
     out = _gzip_with_extra(extra)
     assert len(out) == FOOTER_SIZE
     return out
+
+
+def external_toc_footer_bytes() -> bytes:
+    """Return the 46-byte footer of a blob whose TOC is external.
+
+    Byte-identical to the reference's ``externaltoc`` footer.
+    """
+    extra = b"SG" + struct.pack("<H", len(_EXTERNAL_MAGIC)) + _EXTERNAL_MAGIC
+    out = _gzip_with_extra(extra)
+    assert len(out) == EXTERNAL_TOC_FOOTER_SIZE
+    return out
+
+
+def is_external_toc_footer(tail: bytes) -> bool:
+    """True if ``tail`` (a blob's last bytes) ends in the external-TOC footer."""
+    return tail[-EXTERNAL_TOC_FOOTER_SIZE:] == external_toc_footer_bytes()
 
 
 def _extra_field(footer: bytes) -> bytes:

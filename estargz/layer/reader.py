@@ -3,16 +3,23 @@
 :class:`LayerReader` needs only a :class:`~estargz.source.RangeSource`. To
 list a layer it reads the footer and the TOC; to extract one file it then
 reads just that file's chunks -- what a lazy-pulling snapshotter does with
-HTTP range requests.
+HTTP range requests. A blob written with an external TOC is read with its
+TOC blob as a second source.
 """
 
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections.abc import Iterator
 
 from .._exceptions import DigestMismatch, FooterError, InvalidBlob, NotFound, TOCError
-from .footer import FOOTER_SIZE, parse_footer
+from .footer import (
+    EXTERNAL_TOC_FOOTER_SIZE,
+    FOOTER_SIZE,
+    is_external_toc_footer,
+    parse_footer,
+)
 from .gzipstream import GzipMembersReader
 from .source import RangeSource, SequentialReader
 from .tarstream import PeekableStream, iter_headers
@@ -22,21 +29,41 @@ _PIECE = 1 << 20
 
 
 class LayerReader:
-    """An opened eStargz blob: its footer, TOC and TOC digest, checked."""
+    """An opened eStargz blob: its footer, TOC and TOC digest, checked.
 
-    def __init__(self, source: RangeSource, *,
+    ``toc_source`` is the TOC blob of a blob whose TOC is external (footer
+    ``STARGZEXTERNALTOC``); it is required for such a blob and refused for
+    any other. Then :attr:`external` is true and :attr:`toc_offset` is the
+    end of the payload: data offsets lie below it either way.
+    """
+
+    def __init__(self, source: RangeSource, *, toc_source: RangeSource | None = None,
                  max_toc_size: int = MAX_TOC_JSON_SIZE) -> None:
         self.source = source
         size = source.size
         tail = source.read_at(max(0, size - FOOTER_SIZE), min(size, FOOTER_SIZE))
-        self.toc_offset, self.footer_size = parse_footer(tail)
-        self.payload_end = size - self.footer_size
-        if not 0 <= self.toc_offset < self.payload_end:
-            raise FooterError(f"footer points at TOC offset {self.toc_offset}, "
-                              f"outside the {size}-byte blob")
-        self._toc_stream = GzipMembersReader(
-            SequentialReader(source, self.toc_offset, self.payload_end).read,
-            base=self.toc_offset, error=TOCError, track_members=False)
+        self.external = is_external_toc_footer(tail)
+        if self.external:
+            if toc_source is None:
+                raise FooterError("the blob's TOC is external (footer STARGZEXTERNALTOC); "
+                                  "give its TOC blob (--toc FILE)")
+            self.footer_size = EXTERNAL_TOC_FOOTER_SIZE
+            self.payload_end = self.toc_offset = size - self.footer_size
+            toc_read = SequentialReader(toc_source, 0, toc_source.size).read
+            toc_base = 0
+        else:
+            if toc_source is not None:
+                raise FooterError("the blob holds its own TOC; a TOC blob is only for a "
+                                  "blob whose TOC is external")
+            self.toc_offset, self.footer_size = parse_footer(tail)
+            self.payload_end = size - self.footer_size
+            if not 0 <= self.toc_offset < self.payload_end:
+                raise FooterError(f"footer points at TOC offset {self.toc_offset}, "
+                                  f"outside the {size}-byte blob")
+            toc_read = SequentialReader(source, self.toc_offset, self.payload_end).read
+            toc_base = self.toc_offset
+        self._toc_stream = GzipMembersReader(toc_read, base=toc_base, error=TOCError,
+                                             track_members=False)
         stream = PeekableStream(self._toc_stream, error=_toc_error)
         headers = iter_headers(stream, error=_toc_error)
         head = next(headers, None)
@@ -58,11 +85,19 @@ class LayerReader:
         toc = decode_toc(self.toc_json)
         check_toc(toc, self.toc_offset)
         toc.digest = self.toc_digest
+        self._index_toc(toc)
+
+    def _index_toc(self, toc: TOC) -> None:
+        """Keep the checked ``toc`` and index it: entries by name, and where
+        the members (or frames) holding data start."""
         self.toc: TOC = toc
         self._by_name: dict[str, int] = {}
         for i, e in enumerate(toc.entries):
             if e.type != "chunk":
                 self._by_name[clean_name(e.name)] = i
+        # A chunk is read from its member's start to the next one (chunks
+        # may share a member).
+        self._starts = sorted({e.offset for e in toc.entries if e.is_data()})
 
     @property
     def entries(self) -> list[TOCEntry]:
@@ -96,19 +131,15 @@ class LayerReader:
         while j < len(entries) and (j == i or entries[j].type == "chunk"):
             c = entries[j]
             size = c.chunk_size or (e.size - c.chunk_offset)
-            nxt = self._next_offset(j)
+            nxt = self._next_offset(c.offset)
             out.append((c, size, nxt))
             j += 1
         return out
 
-    def _next_offset(self, j: int) -> int:
-        # By index, not by slicing: a slice would copy the rest of the TOC for
-        # every chunk, quadratic in a file of many chunks.
-        entries = self.entries
-        for k in range(j + 1, len(entries)):
-            if entries[k].offset:
-                return entries[k].offset
-        return self.toc_offset
+    def _next_offset(self, offset: int) -> int:
+        """Where the gzip member after the one at ``offset`` starts."""
+        k = bisect_right(self._starts, offset)
+        return self._starts[k] if k < len(self._starts) else self.toc_offset
 
     def iter_file(self, path: str) -> Iterator[bytes]:
         """Yield the contents of regular file ``path``, reading only its chunks.
@@ -122,7 +153,8 @@ class LayerReader:
         whole = hashlib.sha256()
         for c, size, nxt in self.chunks(path):
             h = hashlib.sha256()
-            for piece in read_member_prefix(self.source, c.offset, nxt, size, e.name):
+            for piece in read_member_prefix(self.source, c.offset, nxt, size, e.name,
+                                            skip=c.inner_offset):
                 h.update(piece)
                 whole.update(piece)
                 yield piece
@@ -134,14 +166,21 @@ class LayerReader:
 
 
 def read_member_prefix(source: RangeSource, start: int, end: int, size: int,
-                       name: str | None = None) -> Iterator[bytes]:
-    """Yield the first ``size`` uncompressed bytes of the gzip data at
-    ``[start, end)`` of ``source``, reading no byte outside that range."""
+                       name: str | None = None, *, skip: int = 0) -> Iterator[bytes]:
+    """Yield ``size`` uncompressed bytes, after the first ``skip``, of the
+    gzip data at ``[start, end)`` of ``source``, reading no byte outside
+    that range."""
     def error(message: str, offset: int | None = None) -> InvalidBlob:
         return InvalidBlob(message, entry=name, offset=offset)
 
     reader = GzipMembersReader(SequentialReader(source, start, end).read, base=start,
                                error=error, track_members=False)
+    while skip:
+        piece = reader.read(min(skip, _PIECE))
+        if not piece:
+            raise InvalidBlob(f"gzip member ends {skip} bytes before the chunk's "
+                              "innerOffset", entry=name, offset=start)
+        skip -= len(piece)
     left = size
     while left:
         piece = reader.read(min(left, _PIECE))

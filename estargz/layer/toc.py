@@ -34,8 +34,8 @@ MAX_TOC_JSON_SIZE = 128 << 20
 ENTRY_TYPES = frozenset(
     {"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_INT_FIELDS = ("size", "mode", "uid", "gid", "offset", "devMajor", "devMinor",
-               "chunkOffset", "chunkSize", "endOffset")
+_INT_FIELDS = ("size", "mode", "uid", "gid", "offset", "innerOffset", "endOffset",
+               "devMajor", "devMinor", "chunkOffset", "chunkSize")
 # Narrower ranges: the reference keeps a mode as a 32-bit os.FileMode.
 _INT_LIMITS = {"mode": 1 << 32}
 _STR_FIELDS = ("name", "type", "modtime", "linkName", "userName", "groupName",
@@ -66,6 +66,9 @@ class TOCEntry:
     user_name: str = ""
     group_name: str = ""
     offset: int = 0
+    #: Uncompressed offset of the chunk inside the gzip member at ``offset``,
+    #: when small files share one (``--min-chunk-size``); 0 when it starts it.
+    inner_offset: int = 0
     dev_major: int = 0
     dev_minor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
@@ -87,7 +90,8 @@ _FIELDS = (
     ("name", "name"), ("type", "type"), ("size", "size"),
     ("modtime", "modtime"), ("link_name", "linkName"), ("mode", "mode"),
     ("uid", "uid"), ("gid", "gid"), ("user_name", "userName"),
-    ("group_name", "groupName"), ("offset", "offset"), ("end_offset", "endOffset"),
+    ("group_name", "groupName"), ("offset", "offset"),
+    ("inner_offset", "innerOffset"), ("end_offset", "endOffset"),
     ("dev_major", "devMajor"), ("dev_minor", "devMinor"), ("xattrs", "xattrs"),
     ("digest", "digest"), ("chunk_offset", "chunkOffset"),
     ("chunk_size", "chunkSize"), ("chunk_digest", "chunkDigest"),
@@ -230,11 +234,14 @@ def check_toc(toc: TOC, toc_offset: int) -> None:
     """Check the TOC's internal consistency, as a reader relies on it.
 
     Every non-empty file has its chunks contiguous from 0 to its size, each
-    with a ``sha256`` chunk digest and a strictly increasing blob offset
-    below ``toc_offset``; hardlinks name an entry; no name repeats.
+    with a ``sha256`` chunk digest and a blob offset below ``toc_offset``
+    (the end of the payload, for an external TOC); hardlinks name an entry;
+    no name repeats. A chunk either starts a later gzip member, or (with an
+    ``innerOffset``) shares the previous chunk's member and starts after it.
     """
     seen: set[str] = set()
     last_offset = 0
+    inner_end = 0  # uncompressed end of the last chunk in its member
     pending: TOCEntry | None = None  # the file whose chunks are being read
     next_chunk = 0
 
@@ -261,7 +268,7 @@ def check_toc(toc: TOC, toc_offset: int) -> None:
                 raise TOCError(f"hardlink target {e.link_name!r} is not an earlier entry",
                                entry=e.name)
             if not e.is_data():
-                if e.offset or e.chunk_digest:
+                if e.offset or e.inner_offset or e.chunk_digest:
                     raise TOCError("entry without data has an offset or chunk digest",
                                    entry=e.name)
                 continue
@@ -281,8 +288,14 @@ def check_toc(toc: TOC, toc_offset: int) -> None:
         next_chunk += size
         if not _DIGEST_RE.match(e.chunk_digest):
             raise TOCError("chunk has no valid chunkDigest", entry=e.name, offset=e.offset)
-        if not last_offset < e.offset < toc_offset:
+        if e.offset > last_offset:
+            inner_end = 0  # a new member
+        # The first member may start at 0 only with its tar header before the data.
+        shared = e.offset == last_offset and (e.offset or e.inner_offset)
+        if not (e.offset > last_offset or shared) or e.inner_offset < inner_end \
+                or e.offset >= toc_offset:
             raise TOCError("data offset is out of order or outside the blob",
                            entry=e.name, offset=e.offset)
         last_offset = e.offset
+        inner_end = e.inner_offset + size
     close_file(toc_offset)

@@ -50,10 +50,12 @@ class VerifyReport:
     uncompressed_size: int
 
 
-def verify_blob(source: RangeSource, toc_digest: str | None = None) -> VerifyReport:
-    """Verify the whole blob in ``source``; raise :class:`InvalidBlob` (or a
-    subclass) naming the first problem found, with entry and offset."""
-    layer = LayerReader(source)
+def verify_blob(source: RangeSource, toc_digest: str | None = None, *,
+                toc_source: RangeSource | None = None) -> VerifyReport:
+    """Verify the whole blob in ``source`` (with its TOC blob ``toc_source``
+    if its TOC is external); raise :class:`InvalidBlob` (or a subclass)
+    naming the first problem found, with entry and offset."""
+    layer = LayerReader(source, toc_source=toc_source)
     if toc_digest is not None and toc_digest != layer.toc_digest:
         raise DigestMismatch(f"TOC digest is {layer.toc_digest}, expected {toc_digest}")
     _check_toc_tail(layer)
@@ -98,7 +100,9 @@ def verify_blob(source: RangeSource, toc_digest: str | None = None) -> VerifyRep
         files += 1
         pos, n = _verify_file(stream, ti, entries, pos, member_offsets_at)
         chunks += n
-    if not toc_seen:
+    if toc_seen and layer.external:
+        raise InvalidBlob("blob with an external TOC holds a TOC entry too")
+    if not toc_seen and not layer.external:
         raise InvalidBlob("tar archive ends without the TOC entry")
     if pos != len(entries):
         raise InvalidBlob("TOC entry has no tar entry", entry=entries[pos].name)
@@ -110,8 +114,11 @@ def verify_blob(source: RangeSource, toc_digest: str | None = None) -> VerifyRep
 
 def _check_end(layer: LayerReader, stream: PeekableStream, gz: GzipMembersReader) -> None:
     """After the TOC entry: its padding, end-of-archive blocks (a record's
-    worth at most), then the end of the gzip stream right at the footer."""
-    trailing = stream.read(padded(layer.toc_header.size) + 20 * BLOCK)
+    worth at most), then the end of the gzip stream right at the footer.
+    An external TOC's blob ends with its last entry instead, and no more
+    than a record of zero blocks (the input's, when converted losslessly)."""
+    toc = 0 if layer.external else padded(layer.toc_header.size)
+    trailing = stream.read(toc + 21 * BLOCK)
     if trailing.strip(b"\x00") or stream.read(1) or not gz.at_member_end():
         raise InvalidBlob("data follows the TOC before the footer", offset=layer.toc_offset)
     if gz.compressed_offset != layer.payload_end:
@@ -138,9 +145,12 @@ def _verify_file(stream: PeekableStream, ti: tarfile.TarInfo, entries: list[TOCE
             piece = stream.read(min(left, _PIECE))
             if not piece:
                 raise InvalidBlob("file data is truncated", entry=e.name, offset=c.offset)
-            if left == size and c.offset not in member_offsets_at(upos):
-                raise InvalidBlob("chunk offset does not start the gzip member "
-                                  "holding the chunk", entry=e.name, offset=c.offset)
+            # The member at the chunk's offset starts innerOffset bytes before it.
+            if left == size and c.offset not in member_offsets_at(upos - c.inner_offset):
+                raise InvalidBlob("chunk offset does not start the gzip member holding "
+                                  "the chunk" if not c.inner_offset else "chunk offset "
+                                  "and innerOffset do not point at the chunk",
+                                  entry=e.name, offset=c.offset)
             h.update(piece)
             whole.update(piece)
             left -= len(piece)

@@ -23,12 +23,12 @@ from collections.abc import Callable, Container, Iterator
 from dataclasses import replace
 from typing import Any
 
-from .._exceptions import DigestMismatch, EstargzError, InvalidBlob, TOCError
+from .._exceptions import DigestMismatch, EstargzError, InvalidBlob, InvalidInput, TOCError
 from .converter import format_modtime
 from .reader import LayerReader
 from .source import RangeSource, SequentialReader
 from .tarstream import BLOCK, PeekableStream, iter_headers
-from .toc import MAX_TOC_JSON_SIZE, TOC, check_toc, clean_name, decode_toc
+from .toc import MAX_TOC_JSON_SIZE, check_toc, clean_name, decode_toc
 from .verify import VerifyReport, _compare, _verify_file, verify_blob
 from .zstdchunked import (
     SKIPPABLE_MAGIC,
@@ -75,12 +75,8 @@ class ZstdChunkedReader(LayerReader):
         toc = decode_toc(self.toc_json)
         check_toc(toc, self.toc_offset)
         toc.digest = self.toc_digest
-        self.toc: TOC = toc
+        self._index_toc(toc)
         self.tar_split_digest = _tar_split_digest(self.toc_json)
-        self._by_name: dict[str, int] = {}
-        for i, e in enumerate(toc.entries):
-            if e.type != "chunk":
-                self._by_name[clean_name(e.name)] = i
 
     def iter_file(self, path: str) -> Iterator[bytes]:
         """Yield regular file ``path``, reading only its frames; every chunk
@@ -109,11 +105,23 @@ def _tar_split_digest(toc_json: bytes) -> str:
     return value
 
 
-def open_layer(source: RangeSource) -> LayerReader:
-    """A reader for eStargz or zstd:chunked ``source``, told apart by its footer."""
+def open_layer(source: RangeSource, *, toc_source: RangeSource | None = None,
+               ) -> LayerReader:
+    """A reader for eStargz or zstd:chunked ``source``, told apart by its
+    footer; ``toc_source`` is the TOC blob of an eStargz blob whose TOC is
+    external."""
     if is_zstdchunked(source):
+        _no_toc_blob(toc_source)
         return ZstdChunkedReader(source)
-    return LayerReader(source)
+    return LayerReader(source, toc_source=toc_source)
+
+
+def _no_toc_blob(toc_source: RangeSource | None) -> None:
+    # A zstd:chunked TOC is always inside the blob; a TOC blob given with
+    # one is a mistake to report, not a thing to ignore.
+    if toc_source is not None:
+        raise InvalidInput("a zstd:chunked blob holds its own TOC; a TOC blob is only "
+                           "for an eStargz blob with an external TOC")
 
 
 def read_frames_prefix(source: RangeSource, start: int, end: int, size: int,
@@ -220,11 +228,14 @@ class ZstdFramesReader:
         return len(self._in) > 0
 
 
-def verify_layer(source: RangeSource, toc_digest: str | None = None) -> VerifyReport:
-    """Verify an eStargz or zstd:chunked blob (told apart by its footer)."""
+def verify_layer(source: RangeSource, toc_digest: str | None = None, *,
+                 toc_source: RangeSource | None = None) -> VerifyReport:
+    """Verify an eStargz or zstd:chunked blob (told apart by its footer);
+    ``toc_source`` is the TOC blob of an eStargz blob whose TOC is external."""
     if is_zstdchunked(source):
+        _no_toc_blob(toc_source)
         return verify_zstdchunked(source, toc_digest)
-    return verify_blob(source, toc_digest)
+    return verify_blob(source, toc_digest, toc_source=toc_source)
 
 
 def verify_zstdchunked(source: RangeSource, toc_digest: str | None = None) -> VerifyReport:

@@ -47,7 +47,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
-from urllib.parse import quote, urlencode, urljoin, urlsplit
+from urllib.parse import quote, urlencode, urljoin
 
 import requests
 
@@ -59,7 +59,7 @@ from .._exceptions import (
     RegistryError,
     StorageError,
 )
-from .._progress import Meter, progress_meter
+from .._progress import progress_meter
 from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
 from ..image.reference import DockerName
 from ..image.store import TransportOptions
@@ -72,10 +72,10 @@ from .http import (
     DEFAULT_MIN_RATE,
     DEFAULT_READ_TIMEOUT,
     DEFAULT_TIMEOUT,
-    Body,
     RegistryHTTP,
     parse_content_range,
 )
+from .upload import upload_once
 
 __all__ = ["RegistryClient", "RegistryBlobSource", "client_for", "open_registry_blob"]
 
@@ -98,32 +98,6 @@ def _check_repo(repo: str) -> str:
 
 def _is_digest(reference: str) -> bool:
     return ":" in reference
-
-
-class _FileSlice:
-    """``length`` bytes of a file from ``offset``, as a request body; the
-    bytes read (sent) are counted on ``sent``."""
-
-    def __init__(self, path: str, offset: int, length: int, sent: Meter | None = None) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115  (a request body: requests closes it)
-        self._f.seek(offset)
-        self._left = length
-        self._sent = sent
-
-    def __len__(self) -> int:
-        return self._left
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0 or n > self._left:
-            n = self._left
-        data = self._f.read(n)
-        self._left -= len(data)
-        if self._sent is not None:
-            self._sent.add(len(data))
-        return data
-
-    def close(self) -> None:
-        self._f.close()
 
 
 class RegistryClient(RegistryHTTP):
@@ -444,58 +418,11 @@ class RegistryClient(RegistryHTTP):
             # its answer was lost, and the blob may be there already anyway.
             if self._head(repo, digest, scopes, dl) is not None:
                 return
-            self._upload_once(repo, digest, size, src_path, chunk_size, mount_from, scopes, dl)
+            upload_once(self, repo, digest, size, src_path, chunk_size, mount_from,
+                        scopes, dl)
 
         with self._deadline(f"upload of blob {digest} to {repo}", size) as dl:
             self._retrying(attempt, dl)
-
-    def _upload_once(self, repo: str, digest: str, size: int, src_path: str,
-                     chunk_size: int | None, mount_from: str | None,
-                     scopes: list[str], dl: Deadline) -> None:
-        what = f"upload of blob {digest} to {repo}"
-        start = f"/v2/{repo}/blobs/uploads/"
-        resp = None
-        if mount_from:
-            query = urlencode({"mount": digest, "from": mount_from})
-            resp = self._request("POST", f"{start}?{query}", scopes=scopes, repo=repo,
-                                 what=f"mount of blob {digest} from {mount_from} into {repo}",
-                                 ok=(201, 202), body=b"", deadline=dl)
-            resp.close()
-            if resp.status_code == 201:
-                return  # mounted: no bytes needed
-        if resp is None:
-            resp = self._request("POST", start, scopes=scopes, repo=repo, what=what,
-                                 ok=(202,), body=b"", deadline=dl)
-            resp.close()
-        location = self._location(resp, what)
-        # Per attempt: a restarted upload counts from zero again.
-        sent = progress_meter("upload", size)
-        if chunk_size is None:
-            put_body: Body = lambda: _FileSlice(src_path, 0, size, sent)  # noqa: E731
-        else:
-            # OCI distribution lets a registry demand a minimum chunk size.
-            minimum = resp.headers.get("OCI-Chunk-Min-Length", "")
-            if minimum.isdigit():
-                chunk_size = max(chunk_size, int(minimum))
-            offset = 0
-            while offset < size:
-                n = min(chunk_size, size - offset)
-                resp = self._request(
-                    "PATCH", location, scopes=scopes, repo=repo, what=what, ok=(202,),
-                    deadline=dl,
-                    headers={"Content-Type": "application/octet-stream",
-                             "Content-Range": f"{offset}-{offset + n - 1}"},
-                    body=lambda o=offset, n=n: _FileSlice(src_path, o, n, sent))
-                resp.close()
-                location = self._location(resp, what)
-                offset += n
-            put_body = b""
-        sep = "&" if urlsplit(location).query else "?"
-        resp = self._request("PUT", f"{location}{sep}{urlencode({'digest': digest})}",
-                             scopes=scopes, repo=repo, what=what, ok=(201, 204),
-                             headers={"Content-Type": "application/octet-stream"},
-                             body=put_body, deadline=dl)
-        resp.close()
 
     @staticmethod
     def _pull(repo: str) -> list[str]:
