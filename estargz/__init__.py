@@ -39,11 +39,14 @@ from ._exceptions import (
     UnsupportedEntry,
 )
 from ._fsutil import atomic_output
+from ._progress import ProgressSink, progress_meter, reporting_to
 from ._version import __version__
 from .image.convert import (
     ImageConvertOptions,
     ImageResult,
+    LayerProgress,
     LayerReport,
+    ProgressFn,
     convert_image,
     convert_source,
     host_platform_default,
@@ -110,6 +113,8 @@ __all__ = [
     # cancellation (Ctrl-C): one signal guard, checks in every long loop
     "cancel_requested", "check_cancelled", "interrupt_on_signals", "request_cancel",
     "reset_cancel",
+    # progress: per-thread sinks fed by the same loops, at chunk granularity
+    "ProgressSink", "progress_meter", "reporting_to",
     # layer format: conversion, reading, verifying
     "BACKENDS", "DEFAULT_BACKEND", "get_backend",
     "ConvertOptions", "LayerResult", "convert_layer",
@@ -134,6 +139,8 @@ __all__ = [
     "ImageDestination", "ImageSource", "StagedSource", "Transport", "TransportOptions",
     "copy_verified",
     "open_destination", "open_source", "register_transport", "transport_names",
-    "ImageConvertOptions", "ImageResult", "LayerReport", "convert_image", "convert_source",
+    "ImageConvertOptions", "ImageResult", "LayerProgress", "LayerReport", "ProgressFn",
+    "convert_image",
+    "convert_source",
     "host_platform_default", "read_records",
 ]

@@ -39,6 +39,7 @@ from estargz import (
     ImageSource,
     InvalidInput,
     PeekableStream,
+    ProgressFn,
     StagedSource,
     atomic_output,
     check_member,
@@ -90,6 +91,10 @@ class OptimizeOptions:
     report_html: str | None = None
     quiet: bool = False
     output: Callable[[str], None] | None = None
+    #: Told about the conversion's layers as ``convert_image``'s is; the
+    #: staging (fetch, decompress) and the profile (phase ``profile``, no
+    #: byte counts) go to the calling thread's sink (``estargz.reporting_to``).
+    progress: ProgressFn | None = None
     #: What the workload may write, in bytes (a tmpfs under the overlay as
     #: root; room on the tmpfs rootless).  Writes past it fail with ENOSPC
     #: and the report says so.
@@ -272,7 +277,8 @@ def optimize_image(src: str, dst: str | None,
             if from_index and (convert.all_platforms or len(convert.platforms) > 1):
                 notes.append("only this machine's platform was profiled; other platforms get "
                              "the same files prioritized by path")
-            image = convert_source(source, dst, convert, source_name=str(sref))
+            image = convert_source(source, dst, convert, options.progress,
+                                   source_name=str(sref))
     layer_reports = [r for r in (image.layers if image else []) if r.manifest == desc.digest]
     report = Report(image=str(sref), workload=list(workload), accesses=accesses,
                     layers=layer_reports, seconds=round(run.duration if run else 0.0, 2),

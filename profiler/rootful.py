@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from estargz import Descriptor, ImageSource
+from estargz import Descriptor, ImageSource, progress_meter
 
 from .record import Access, map_accesses
 from .rootfs import assemble_rootfs, layer_blob, scratch_full_note
@@ -54,6 +54,7 @@ def profile_as_root(source: ImageSource, layers: Sequence[Descriptor], process: 
                replace(options, output=None, workdir=work), os.path.join(work, "root"),
                scratch_bytes)
     show = emit or options.output or (lambda line: print(line, file=sys.stderr, flush=True))
+    progress_meter("profile")  # staged: extraction and the run, no byte counts
     accesses, run, full = call_in_namespaces(_job, job, on_message=show, user_namespace=False)
     return accesses, run, [scratch_full_note(scratch_bytes)] if full else []
 

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,6 @@ from .. import (
     ConvertOptions,
     ImageConvertOptions,
     ImageResult,
-    LayerReport,
     Platform,
     TransportOptions,
     convert_image,
@@ -45,6 +43,7 @@ from .base import (
     resolve_format,
 )
 from .layer import check_layout_options
+from .progress import ProgressDisplay
 
 
 class _Seconds(click.ParamType):
@@ -274,13 +273,7 @@ def image_convert_cmd(src: str, dst: str, record_in: str | None, record_from_ref
         if not quiet:
             for note in notes:
                 click.echo(f"estargz: note: {note}", err=True)
-        show = not quiet and not as_json and sys.stderr.isatty()
-
-        def progress(event: str, report: LayerReport) -> None:
-            if show:
-                click.echo(f"layer {report.index} {report.old_digest[:19]} "
-                           f"{report.old_size:>12,} -> {report.new_size:>12,}  "
-                           f"{report.action} {report.seconds:.1f}s", err=True)
-
-        _print_image_result(convert_image(src, dst, options, progress), as_json, quiet)
+        with ProgressDisplay.for_stderr(quiet=quiet, as_json=as_json) as progress:
+            result = convert_image(src, dst, options, progress)
+        _print_image_result(result, as_json, quiet)
     _run(body)

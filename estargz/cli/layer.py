@@ -22,6 +22,7 @@ from .. import (
     RangeSource,
     atomic_output,
     convert_layer,
+    reporting_to,
 )
 from ..image.reference import parse_docker_name
 from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
@@ -40,6 +41,7 @@ from .base import (
     main,
     resolve_format,
 )
+from .progress import ProgressDisplay
 
 
 def _remote_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,7 +141,9 @@ def convert_cmd(src: str, dst: str, chunk_size: int, workers: int,
                                  min_chunk_size=min_chunk_size,
                                  external_toc=toc_dst is not None, keep_diff_id=keep_diff_id,
                                  **fmt)
-        result = convert_layer(src, dst, options, toc_dst=toc_dst)
+        with ProgressDisplay.for_stderr(quiet=quiet, as_json=as_json) as progress, \
+                reporting_to(progress.sink("layer")):
+            result = convert_layer(src, dst, options, toc_dst=toc_dst)
         if result.missing and not quiet:
             click.echo("estargz: warning: prioritized files not in the layer: "
                        + ", ".join(result.missing), err=True)

@@ -20,13 +20,14 @@ from profiler.report import render_text
 from profiler.rootfs import SCRATCH_BYTES
 from profiler.sandbox import BindMount, parse_http_url
 
-from .. import TransportOptions
+from .. import TransportOptions, reporting_to
 from ..image.reference import DockerName, parse_docker_name
 from ..layer.order import read_prioritized_list
 from ..registry.client import client_for
 from ..registry.records import RecordPush, push_record
 from .base import EXIT_USAGE, _fail, _json_list, _read_text_lines, _run, main
 from .image import _image_convert_options, _image_options, _print_image_result, _Seconds
+from .progress import ProgressDisplay
 
 #: The longest ``--period``: a day is longer than any start-up worth
 #: profiling, and keeps the deadline arithmetic far from float limits.
@@ -120,6 +121,9 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
                 raise click.BadParameter("a record is pushed to docker://HOST/REPO[:TAG], "
                                          "not to a digest", param_hint="--record-out")
             record_out = None
+        period = "until Ctrl-C" if kw["wait_on_signal"] else f"{kw['period']:g}s"
+        display = ProgressDisplay.for_stderr(quiet=quiet, as_json=as_json,
+                                             labels={"profile": f"profile ({period})"})
         options = OptimizeOptions(
             convert=_image_convert_options(kw), runtime=kw["runtime"], period=kw["period"],
             wait_on_line=kw["wait_on_line"], wait_on_signal=kw["wait_on_signal"],
@@ -129,9 +133,10 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
             cwd=kw["cwd"], mounts=tuple(BindMount.parse(m) for m in kw["mounts"]),
             net_host=kw["net_host"], record_out=record_out, prefetch_list=prefetch,
             no_optimize=kw["no_optimize"], report_html=kw["report_html"], quiet=quiet or as_json,
-            output=(lambda line: click.echo(line, err=True)),
+            output=display.echo, progress=display,
             scratch_bytes=kw["scratch_size"] << 20)
-        result = optimize_image(src, dst, options)
+        with display, reporting_to(display.sink("image")):
+            result = optimize_image(src, dst, options)
         pushed = _push_record(result, push_to, options.convert.dst) if push_to else None
         if as_json:
             out = {"manifest": result.manifest_digest, "seconds": result.seconds,

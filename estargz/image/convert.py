@@ -30,6 +30,7 @@ from typing import Any
 from .._cancel import cancel_requested, request_cancel
 from .._exceptions import Cancelled, EstargzError, InvalidInput, NotFound
 from .._fsutil import owned_tempdir, unlink_quietly
+from .._progress import reporting_to
 from ..layer.converter import ConvertOptions, LayerResult, available_cores, convert_layer
 from ..layer.jsondoc import load_json_object
 from ..layer.reader import LayerReader
@@ -180,7 +181,24 @@ class ImageResult:
         return d
 
 
-ProgressFn = Callable[[str, LayerReport], None]
+@dataclass(frozen=True)
+class LayerProgress:
+    """A ``"bytes"`` progress event: source layer ``digest`` is in ``phase``
+    (``fetch``, ``decompress``, ``compress``, ``upload``; see
+    :mod:`estargz._progress`) with ``done`` of ``total`` bytes (``None``:
+    unknown). Sent from the layer's worker thread, at most every 0.1 s per
+    phase, so a callback must be thread-safe and cheap."""
+
+    digest: str
+    phase: str
+    done: int
+    total: int | None
+
+
+#: ``progress("layer", LayerReport)`` when a layer is done (in the main
+#: thread, in manifest order); ``progress("bytes", LayerProgress)`` while it
+#: is worked on (from worker threads).
+ProgressFn = Callable[[str, "LayerReport | LayerProgress"], None]
 #: A layer job's outcome: the new descriptor, the conversion (``None`` when
 #: reused), what was done and how long it took.
 _FORMAT_ANNOTATIONS = frozenset(
@@ -240,6 +258,17 @@ class _Run:
 
     def _layer_job(self, layer: Descriptor, prioritized: tuple[str, ...], by_path: bool,
                    ) -> _LayerJob:
+        progress = self.progress
+        if progress is None:
+            return self._convert_layer(layer, prioritized, by_path)
+
+        def sink(phase: str, done: int, total: int | None) -> None:
+            progress("bytes", LayerProgress(layer.digest, phase, done, total))
+        with reporting_to(sink):
+            return self._convert_layer(layer, prioritized, by_path)
+
+    def _convert_layer(self, layer: Descriptor, prioritized: tuple[str, ...], by_path: bool,
+                       ) -> _LayerJob:
         started = time.monotonic()
         if self.options.reuse and self._reusable(layer):
             origin = self.source.origin

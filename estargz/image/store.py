@@ -20,6 +20,7 @@ from typing import IO, BinaryIO
 from .._cancel import check_cancelled
 from .._exceptions import DigestMismatch
 from .._fsutil import unlink_quietly
+from .._progress import progress_meter
 from ..layer.source import RangeSource
 from .descriptor import Descriptor
 
@@ -134,6 +135,7 @@ def copy_verified(src: IO[bytes], dst: IO[bytes], desc: Descriptor, where: str) 
     """Copy ``src`` to ``dst`` checking it against ``desc``'s digest and size."""
     h = hashlib.sha256()
     n = 0
+    fetched = progress_meter("fetch", desc.size)
     while True:
         check_cancelled()
         piece = src.read(1 << 20)
@@ -144,6 +146,7 @@ def copy_verified(src: IO[bytes], dst: IO[bytes], desc: Descriptor, where: str) 
             break
         h.update(piece)
         dst.write(piece)
+        fetched.add(len(piece))
     if n != desc.size or "sha256:" + h.hexdigest() != desc.digest:
         got = "" if n > desc.size else ", sha256:" + h.hexdigest()
         raise DigestMismatch(f"{where}: blob {desc.digest} does not match its descriptor "

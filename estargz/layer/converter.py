@@ -42,6 +42,7 @@ from .._exceptions import (
     UnsupportedEntry,
 )
 from .._fsutil import atomic_output
+from .._progress import Meter, progress_meter
 from .compression import DEFAULT_BACKEND, Backend, get_backend
 from .footer import external_toc_footer_bytes, footer_bytes
 from .layerinput import open_tar
@@ -453,6 +454,7 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     ``toc_out``. Returns the digests and sizes as a dict."""
     workers = options.workers or available_cores()
     writer = _Writer(out, fd)
+    written = payload_meter(planned)
     pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
     landmarks = [i for i, p in enumerate(planned) if isinstance(p, Landmark)]
     # An external TOC leaves the layer's tar without its last entry: end it
@@ -467,10 +469,10 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
         for batch in _batches(units):
             check_cancelled()
             while len(pending) >= 3 * workers:
-                _drain_one(pending, writer)
+                _drain_one(pending, writer, written)
             pending.append((batch, pool.submit(_compress_task, fd, batch, backend)))
         while pending:
-            _drain_one(pending, writer)
+            _drain_one(pending, writer, written)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -520,7 +522,16 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
 
 
 def _drain_one(pending: deque[tuple[list[Unit], Future[list[_Compressed]]]],
-               writer: _Writer) -> None:
+               writer: _Writer, written: Meter) -> None:
     batch, future = pending.popleft()
     for u, c in zip(batch, future.result(), strict=True):
         writer.unit(u, c)
+        written.add(sum(p.length for p in u.pieces if isinstance(p, Data)))
+
+
+def payload_meter(planned: Sequence[Planned]) -> Meter:
+    """The ``compress`` phase's meter: payload bytes (landmarks' included)
+    against all of them."""
+    return progress_meter("compress", sum(
+        len(m.contents) if isinstance(m, Landmark) else m.size if m.isreg() else 0
+        for m in planned))

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from .._cancel import check_cancelled
 from .._exceptions import InvalidInput, StorageError
+from .._progress import Meter, progress_meter
 from .gzipstream import GzipMembersReader
 from .inputfile import check_stdin, open_input
 
@@ -113,19 +114,33 @@ class _Chain:
 
 class _Cancellable:
     """A reader that stops at the next read once cancellation is requested
-    (copy loops that run in C, like zstandard's copy_stream, call it)."""
+    (copy loops that run in C, like zstandard's copy_stream, call it), and
+    counts the compressed bytes read on ``counted``."""
 
-    def __init__(self, src: BinaryIO) -> None:
+    def __init__(self, src: BinaryIO, counted: Meter) -> None:
         self._src = src
+        self._counted = counted
 
     def read(self, n: int = -1) -> bytes:
         check_cancelled()
-        return self._src.read(n)
+        data = self._src.read(n)
+        self._counted.add(len(data))
+        return data
+
+
+def _input_size(src: BinaryIO) -> int | None:
+    """The size of ``src`` when it is a regular file (not a pipe)."""
+    try:
+        st = os.fstat(src.fileno())
+    except (OSError, AttributeError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _decompress_into(kind: str, head: bytes, src: BinaryIO, dst: BinaryIO) -> None:
     raw: BinaryIO = src if hasattr(src, "peek") else _Chain(head, src)  # type: ignore
-    raw = _Cancellable(raw)  # type: ignore[assignment]
+    counted = progress_meter("decompress", _input_size(src))
+    raw = _Cancellable(raw, counted)  # type: ignore[assignment]
     if kind == "tar":
         shutil.copyfileobj(raw, dst, 1 << 20)
     elif kind == "gzip":

@@ -45,6 +45,7 @@ from .converter import (
     _drain_one,
     _Writer,
     available_cores,
+    payload_meter,
     register_format,
 )
 from .order import Landmark, Planned
@@ -279,6 +280,7 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
     workers = options.workers or available_cores()
     writer = _ZstdWriter(out, fd, backend)
     planned = _storage_exact(planned, writer.modtimes)
+    written = payload_meter(planned)
     pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:
@@ -286,12 +288,12 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
                                           writer.record_header)):
             check_cancelled()
             while len(pending) >= 3 * workers:
-                _drain_one(pending, writer)
+                _drain_one(pending, writer, written)
             # The converter's task only calls compressobj(): duck-typed.
             pending.append((batch, pool.submit(_compress_task, fd, batch,
                                                cast("Backend", backend))))
         while pending:
-            _drain_one(pending, writer)
+            _drain_one(pending, writer, written)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -59,6 +59,7 @@ from .._exceptions import (
     RegistryError,
     StorageError,
 )
+from .._progress import progress_meter
 from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
 from ..image.reference import DockerName
 from ..image.store import TransportOptions
@@ -279,6 +280,7 @@ class RegistryClient(RegistryHTTP):
         got = 0
         failures = 0       # consecutive failures without progress
         total_failures = 0  # bounded even when every attempt makes some progress
+        fetched = progress_meter("fetch", size)
         while True:
             headers = {"Accept-Encoding": "identity"}
             if got:
@@ -302,6 +304,7 @@ class RegistryClient(RegistryHTTP):
                         h.update(piece)
                         _write(dst, piece, digest)
                         got += len(piece)
+                        fetched.add(len(piece))
                     if expected_end is not None and got < expected_end:
                         # The connection closed early without urllib3 noticing.
                         raise Transient(f"registry {self.host} closed the connection "

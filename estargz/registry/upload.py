@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import urlencode, urlsplit
 
+from .._progress import Meter, progress_meter
 from .deadline import Deadline
 from .http import Body, RegistryHTTP
 
@@ -18,12 +19,14 @@ __all__ = ["FileSlice", "upload_once"]
 
 
 class FileSlice:
-    """``length`` bytes of a file from ``offset``, as a request body."""
+    """``length`` bytes of a file from ``offset``, as a request body; the
+    bytes read (sent) are counted on ``sent``."""
 
-    def __init__(self, path: str, offset: int, length: int) -> None:
+    def __init__(self, path: str, offset: int, length: int, sent: Meter | None = None) -> None:
         self._f = open(path, "rb")  # noqa: SIM115  (a request body: requests closes it)
         self._f.seek(offset)
         self._left = length
+        self._sent = sent
 
     def __len__(self) -> int:
         return self._left
@@ -33,6 +36,8 @@ class FileSlice:
             n = self._left
         data = self._f.read(n)
         self._left -= len(data)
+        if self._sent is not None:
+            self._sent.add(len(data))
         return data
 
     def close(self) -> None:
@@ -61,8 +66,11 @@ def upload_once(client: RegistryHTTP, repo: str, digest: str, size: int, src_pat
                                ok=(202,), body=b"", deadline=dl)
         resp.close()
     location = client._location(resp, what)
+    # Per attempt: a restarted upload counts from zero again. The whole
+    # PUT's body is a FileSlice too, so that its bytes are counted as sent.
+    sent = progress_meter("upload", size)
     if chunk_size is None:
-        put_body: Body = lambda: open(src_path, "rb")  # noqa: E731, SIM115  (closed as above)
+        put_body: Body = lambda: FileSlice(src_path, 0, size, sent)  # noqa: E731
     else:
         # OCI distribution lets a registry demand a minimum chunk size.
         minimum = resp.headers.get("OCI-Chunk-Min-Length", "")
@@ -76,7 +84,7 @@ def upload_once(client: RegistryHTTP, repo: str, digest: str, size: int, src_pat
                 deadline=dl,
                 headers={"Content-Type": "application/octet-stream",
                            "Content-Range": f"{offset}-{offset + n - 1}"},
-                body=lambda o=offset, n=n: FileSlice(src_path, o, n))
+                body=lambda o=offset, n=n: FileSlice(src_path, o, n, sent))
             resp.close()
             location = client._location(resp, what)
             offset += n

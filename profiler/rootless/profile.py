@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from estargz import Descriptor, ImageSource
+from estargz import Descriptor, ImageSource, progress_meter
 
 from ..capabilities import probe_rootless
 from ..errors import ProfilingError
@@ -193,6 +193,7 @@ def profile_rootless(source: ImageSource, layers: Sequence[Descriptor], process:
     if why_none:
         notes.append(why_none)
     try:
+        progress_meter("profile")  # staged: extraction and the run, no byte counts
         accesses, run, full = call_in_userns(_job, job, on_message=show, cgroups=cgroups)
     finally:
         left = remove_cgroups(cgroups)
