@@ -43,10 +43,6 @@ from ._progress import ProgressSink, progress_meter, reporting_to
 from ._version import __version__
 from .image.convert import (
     ImageConvertOptions,
-    ImageResult,
-    LayerProgress,
-    LayerReport,
-    ProgressFn,
     convert_image,
     convert_source,
     host_platform_default,
@@ -73,6 +69,7 @@ from .image.descriptor import (
 )
 from .image.records import read_records
 from .image.reference import ImageRef
+from .image.results import ImageResult, LayerProgress, LayerReport, ProgressFn
 from .image.staged import StagedSource
 from .image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from .image.transport import (
