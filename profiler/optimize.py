@@ -218,6 +218,8 @@ def _list_only(source: ImageSource, layers: list[Descriptor], patterns: tuple[st
 def optimize_image(src: str, dst: str | None,
                    options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
     """Profile image ``src`` and write the optimized eStargz image to ``dst``."""
+    # Over 60 lines: the steps of optimize in order (sweep, stage, profile,
+    # record, convert), each one call, inside the cleanup that must span them.
     started = time.monotonic()
     if options.scratch_bytes < 1 << 20:  # a tmpfs of size 0 would have no limit at all
         raise InvalidInput(f"the scratch size must be at least 1 MiB, not "

@@ -452,6 +452,9 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     """Write the eStargz blob for ``planned`` entries (payloads read from
     ``fd``) to ``out``, and with ``options.external_toc`` its TOC blob to
     ``toc_out``. Returns the digests and sizes as a dict."""
+    # Over 60 lines: one pipeline (plan the units, compress them in a pool,
+    # write them in order, then the TOC and the footer) whose pool and error
+    # path span all of it; split, the pool's lifetime would cross functions.
     workers = options.workers or available_cores()
     writer = _Writer(out, fd)
     written = payload_meter(planned)

@@ -242,6 +242,8 @@ def verify_zstdchunked(source: RangeSource, toc_digest: str | None = None) -> Ve
     """Verify every byte of zstd:chunked ``source``; raise :class:`InvalidBlob`
     (or a subclass) naming the first problem. ``toc_digest`` may be the TOC
     JSON's digest or the manifest checksum (the compressed TOC's)."""
+    # Over 60 lines: the checks follow the blob's layout (footer, TOC,
+    # tar-split, every frame), each using what the one before established.
     layer = ZstdChunkedReader(source)
     if toc_digest is not None and toc_digest not in (layer.toc_digest,
                                                       layer.manifest_checksum):
