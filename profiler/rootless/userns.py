@@ -115,9 +115,9 @@ def call_in_namespaces(fn: Callable[..., Any], *args: Any,
     Raises :class:`ProfilingError` when the namespaces cannot be created
     or the helper cannot join ``cgroups``.
     """
-    # Over 60 lines: both sides of one fork (the child sets up its namespaces
-    # and answers over the pipe, the parent maps ids, waits and relays) read
-    # best together; the child side must not return into the caller.
+    # Over 60 lines: the whole conversation with the helper process (start
+    # it, move it into the cgroups, send the job, relay its messages, reap
+    # it on every path, Ctrl-C included) reads best as one sequence.
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         proc = subprocess.Popen(
