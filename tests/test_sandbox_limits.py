@@ -281,6 +281,8 @@ def test_rootless_limits_where_cgroups_are_delegated_and_a_sigkill_is_swept(
     p, lines = start_until(argv, cwd="/", env=rootless_user.env(TMPDIR=str(user_tmp)))
     try:
         assert any("workload: started" in ln for ln in lines), lines
+        # The echo runs before the exec: wait for the sleep itself.
+        assert until(lambda: pids_running("10454"))
         [sleeper] = pids_running("10454")
         # Ours, in the delegated one; the runtime's nested in it.
         mem, pids = (Path("/sys/fs/cgroup", c, *cgroup_of(sleeper, c).split("/")[1:3])
