@@ -153,8 +153,7 @@ class LayerReader:
         whole = hashlib.sha256()
         for c, size, nxt in self.chunks(path):
             h = hashlib.sha256()
-            for piece in read_member_prefix(self.source, c.offset, nxt, size, e.name,
-                                            skip=c.inner_offset):
+            for piece in self._chunk_pieces(c, size, nxt, e.name):
                 h.update(piece)
                 whole.update(piece)
                 yield piece
@@ -163,6 +162,12 @@ class LayerReader:
                                      entry=e.name, offset=c.offset)
         if e.digest and "sha256:" + whole.hexdigest() != e.digest:
             raise DigestMismatch("file does not match its digest", entry=e.name)
+
+    def _chunk_pieces(self, c: TOCEntry, size: int, nxt: int, name: str) -> Iterator[bytes]:
+        """The uncompressed bytes of chunk ``c`` (``size`` of them, its member
+        ending at ``nxt``), read by range: the one step that differs between
+        formats (a gzip member here; zstd frames in zstdreader)."""
+        return read_member_prefix(self.source, c.offset, nxt, size, name, skip=c.inner_offset)
 
 
 def read_member_prefix(source: RangeSource, start: int, end: int, size: int,

@@ -27,7 +27,7 @@ from .._exceptions import DigestMismatch, EstargzError, InvalidBlob, InvalidInpu
 from .reader import LayerReader
 from .source import RangeSource, SequentialReader
 from .tarstream import BLOCK, PeekableStream, iter_headers
-from .toc import MAX_TOC_JSON_SIZE, check_toc, clean_name, decode_toc
+from .toc import MAX_TOC_JSON_SIZE, TOCEntry, check_toc, clean_name, decode_toc
 from .units import format_modtime
 from .verify import VerifyReport, _compare, _verify_file, verify_blob
 from .zstdchunked import (
@@ -78,23 +78,9 @@ class ZstdChunkedReader(LayerReader):
         self._index_toc(toc)
         self.tar_split_digest = _tar_split_digest(self.toc_json)
 
-    def iter_file(self, path: str) -> Iterator[bytes]:
-        """Yield regular file ``path``, reading only its frames; every chunk
-        is checked against its ``chunkDigest`` and the file against its
-        ``digest`` (a mismatch raises after the chunk's bytes)."""
-        e = self.lookup(path)
-        whole = hashlib.sha256()
-        for c, size, nxt in self.chunks(path):
-            h = hashlib.sha256()
-            for piece in read_frames_prefix(self.source, c.offset, nxt, size, e.name):
-                h.update(piece)
-                whole.update(piece)
-                yield piece
-            if "sha256:" + h.hexdigest() != c.chunk_digest:
-                raise DigestMismatch("chunk does not match its chunkDigest",
-                                     entry=e.name, offset=c.offset)
-        if e.digest and "sha256:" + whole.hexdigest() != e.digest:
-            raise DigestMismatch("file does not match its digest", entry=e.name)
+    def _chunk_pieces(self, c: TOCEntry, size: int, nxt: int, name: str) -> Iterator[bytes]:
+        # zstd:chunked: every chunk starts a frame (no innerOffset).
+        return read_frames_prefix(self.source, c.offset, nxt, size, name)
 
 
 def _tar_split_digest(toc_json: bytes) -> str:
