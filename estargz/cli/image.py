@@ -89,35 +89,9 @@ class _Rate(click.ParamType):
 
 ROOT_TYPES = (*INDEX_TYPES, *MANIFEST_TYPES)
 
-_IMAGE_OPTIONS = [
-    # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
-    # digest annotation, and snapshotters then fall back to a full pull
-    # without saying so. --oci stays accepted, as ctr-remote and nerdctl spell it.
-    click.option("--oci/--docker-media-types", "oci", default=True,
-                 help="Media types of the output: OCI (default; layers carry the TOC "
-                      "digest) or, for a Docker schema 2 source, keep Docker's (lazy "
-                      "pulling then needs allow_no_verification)."),
-    click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
-                 help="Platform to convert from an index (repeatable; default: this host's)."),
-    click.option("--all-platforms", is_flag=True, help="Convert every platform of an index."),
-    click.option("--reuse", is_flag=True,
-                 help="Keep layers that already are eStargz with a verifying TOC digest."),
-    click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE),
-                 default=DEFAULT_CHUNK_SIZE, show_default=True,
-                 help="Largest payload chunk, in bytes."),
-    *FORMAT_OPTIONS,
-    click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
-                 help="Compression threads per layer (default: cores shared among layers)."),
-    click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
-                 show_default=True, help="Deflate implementation."),
-    click.option("--min-chunk-size", type=click.IntRange(min=0), default=0, metavar="BYTES",
-                 help="Chunks share a gzip member until it holds this many bytes "
-                      "(smaller layers; 0: one member a chunk)."),
-    click.option("--external-toc", is_flag=True,
-                 help="Keep each layer's TOC out of it, in a TOC image beside DST "
-                      "(tag TAG-esgztoc), as the reference does."),
-    click.option("--keep-diff-id", is_flag=True,
-                 help="Keep each layer's uncompressed bytes (diff_id); needs --external-toc."),
+#: Registry connection and output options of every command that reads an
+#: image from one transport and writes to another.
+_CONNECTION_OPTIONS = [
     click.option("--src-creds", default=None, metavar="USER:PASS",
                  help="Source registry credentials."),
     click.option("--dest-creds", default=None, metavar="USER:PASS",
@@ -152,9 +126,50 @@ _IMAGE_OPTIONS = [
 ]
 
 
+_IMAGE_OPTIONS = [
+    # OCI by default: a Docker schema 2 eStargz layer cannot carry the TOC
+    # digest annotation, and snapshotters then fall back to a full pull
+    # without saying so. --oci stays accepted, as ctr-remote and nerdctl spell it.
+    click.option("--oci/--docker-media-types", "oci", default=True,
+                 help="Media types of the output: OCI (default; layers carry the TOC "
+                      "digest) or, for a Docker schema 2 source, keep Docker's (lazy "
+                      "pulling then needs allow_no_verification)."),
+    click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
+                 help="Platform to convert from an index (repeatable; default: this host's)."),
+    click.option("--all-platforms", is_flag=True, help="Convert every platform of an index."),
+    click.option("--reuse", is_flag=True,
+                 help="Keep layers that already are eStargz with a verifying TOC digest."),
+    click.option("--chunk-size", type=click.IntRange(min=MIN_CHUNK_SIZE),
+                 default=DEFAULT_CHUNK_SIZE, show_default=True,
+                 help="Largest payload chunk, in bytes."),
+    *FORMAT_OPTIONS,
+    click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0,
+                 help="Compression threads per layer (default: cores shared among layers)."),
+    click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
+                 show_default=True, help="Deflate implementation."),
+    click.option("--min-chunk-size", type=click.IntRange(min=0), default=0, metavar="BYTES",
+                 help="Chunks share a gzip member until it holds this many bytes "
+                      "(smaller layers; 0: one member a chunk)."),
+    click.option("--external-toc", is_flag=True,
+                 help="Keep each layer's TOC out of it, in a TOC image beside DST "
+                      "(tag TAG-esgztoc), as the reference does."),
+    click.option("--keep-diff-id", is_flag=True,
+                 help="Keep each layer's uncompressed bytes (diff_id); needs --external-toc."),
+    *_CONNECTION_OPTIONS,
+]
+
+
 def _image_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options ``convert`` and ``optimize`` share."""
     for opt in reversed(_IMAGE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The registry connection options and ``--json``/``--quiet``, as
+    ``convert`` spells them."""
+    for opt in reversed(_CONNECTION_OPTIONS):
         f = opt(f)
     return f
 
@@ -177,8 +192,7 @@ def _image_convert_options(kw: dict[str, Any],
     if external_toc and kw["reuse"]:
         _fail("--reuse cannot go with --external-toc: a reused layer has no TOC blob "
               "for the TOC image", EXIT_USAGE)
-    limits = {"timeout": kw.pop("timeout"), "read_timeout": kw.pop("read_timeout"),
-              "min_transfer_rate": kw.pop("min_transfer_rate")}
+    src, dst = transport_options(kw, cert_dir, authfile)
     return ImageConvertOptions(
         layer=ConvertOptions(chunk_size=kw.pop("chunk_size"), **fmt,
                              workers=kw.pop("workers"), backend=kw.pop("backend"),
@@ -186,10 +200,21 @@ def _image_convert_options(kw: dict[str, Any],
                              external_toc=external_toc, keep_diff_id=keep_diff_id),
         oci=oci, platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
         all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"), records=records or {},
-        src=TransportOptions(tls_verify=kw.pop("src_tls_verify"), cert_dir=cert_dir,
+        src=src, dst=dst)
+
+
+def transport_options(kw: dict[str, Any], cert_dir: str | None = None,
+                      authfile: str | None = None) -> tuple[TransportOptions, TransportOptions]:
+    """``(source, destination)`` options from the shared connection options (popped
+    from ``kw``; ``cert_dir`` and ``authfile`` if already popped)."""
+    cert_dir = kw.pop("cert_dir", cert_dir)
+    authfile = kw.pop("authfile", authfile)
+    limits = {"timeout": kw.pop("timeout"), "read_timeout": kw.pop("read_timeout"),
+              "min_transfer_rate": kw.pop("min_transfer_rate")}
+    return (TransportOptions(tls_verify=kw.pop("src_tls_verify"), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("src_creds"), "--src-creds"),
                              auth_file=authfile, **limits),
-        dst=TransportOptions(tls_verify=kw.pop("dest_tls_verify"), cert_dir=cert_dir,
+            TransportOptions(tls_verify=kw.pop("dest_tls_verify"), cert_dir=cert_dir,
                              credentials=_creds(kw.pop("dest_creds"), "--dest-creds"),
                              auth_file=authfile, **limits))
 

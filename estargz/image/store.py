@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO
 
 from .._cancel import check_cancelled
-from .._exceptions import DigestMismatch
+from .._exceptions import DigestMismatch, InvalidInput
 from .._fsutil import unlink_quietly
 from .._progress import progress_meter
 from ..layer.source import RangeSource
@@ -68,6 +68,11 @@ class ImageSource(ABC):
     def local_blob_path(self, desc: Descriptor) -> str | None:
         """A local file already holding the blob, to convert without a copy."""
         return None
+
+    def referrers(self, subject: Descriptor, artifact_type: str) -> list[Descriptor]:
+        """Manifests of ``artifact_type`` that refer to ``subject`` (OCI 1.1
+        ``subject``), where the transport can list them; none by default."""
+        return []
 
     def range_source(self, desc: Descriptor) -> RangeSource | None:
         """Random access to a blob without fetching it all, where possible."""
@@ -123,6 +128,16 @@ class ImageDestination(ABC):
     @abstractmethod
     def commit(self, root: Descriptor, root_data: bytes) -> None:
         """Make ``root`` (already stored) the image the reference names."""
+
+    #: Whether :meth:`put_referrer` works here.
+    holds_referrers: bool = False
+
+    def put_referrer(self, data: bytes, desc: Descriptor, subject: Descriptor) -> str:
+        """Store artifact manifest ``data`` (``desc`` carries its
+        ``artifactType``; its blobs stored already) so that readers find it
+        from ``subject``, already here; returns how they will find it."""
+        raise InvalidInput(f"{self.name} cannot hold artifacts that refer to an image "
+                           "(referrers); use a docker:// destination")
 
     def abort(self) -> None:  # noqa: B027  (an optional hook: nothing to undo by default)
         """Undo whatever is not visible yet; called on any error or Ctrl-C."""

@@ -6,25 +6,21 @@ whose ``subject`` is the profiled image, as cosign signatures, SBOMs and SOCI
 indexes do, so that a pipeline that profiles once converts anywhere:
 ``convert --record-from-referrers`` finds it by the source image's digest.
 
-Registries without the referrers API (OCI distribution 1.1; Distribution
-2.x, Debian's ``docker-registry`` 2.8 among them) get the spec's *referrers
-tag schema*: the client keeps an image index under the tag ``sha256-HEX``
-(the subject's digest) listing the referrers, and readers fall back to it
-when ``GET /v2/REPO/referrers/DIGEST`` answers 404.
+How a referrer is stored and found, with or without the registry's
+referrers API, is :mod:`.referrers`.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
-import json
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import InvalidInput, NotFound
-from ..image.descriptor import OCI_INDEX, OCI_MANIFEST, Descriptor, sha256_digest
+from ..image.descriptor import OCI_MANIFEST, Descriptor, sha256_digest
 from ..image.records import (
     CREATED,
     EMPTY_JSON,
@@ -36,6 +32,7 @@ from ..image.records import (
 from ..layer.jsondoc import load_json_object
 from ..layer.toc import clean_name
 from .client import RegistryClient
+from .referrers import fallback_tag, push_referrer, referrers
 
 __all__ = ["RecordPush", "fallback_tag", "fetch_record", "find_record", "push_record",
            "referrers"]
@@ -43,16 +40,6 @@ __all__ = ["RecordPush", "fallback_tag", "fetch_record", "find_record", "push_re
 #: Largest record read (a record is about 150 bytes a file).
 RECORD_LIMIT = 64 << 20
 _ARTIFACT_ACCEPT = (OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json")
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def fallback_tag(digest: str) -> str:
-    """The referrers tag schema's tag for ``digest``: ``sha256-HEX``."""
-    algorithm, _, hex_part = digest.partition(":")
-    return f"{algorithm}-{hex_part}"
 
 
 @dataclass(frozen=True)
@@ -79,50 +66,12 @@ def push_record(client: RegistryClient, repo: str, record: bytes, subject: Descr
             f.write(blob)
             f.flush()
             client.upload_blob(repo, sha256_digest(blob), len(blob), f.name)
-    digest, indexed = client.put_referrer(repo, manifest, OCI_MANIFEST)
-    found_by = "referrers API"
-    # OCI-Subject alone is not trusted: some registries send it without
-    # serving the API (sigstore-js found ECR doing so), and readers fall
-    # back to the tag only on a 404.
-    if not indexed or client.get_referrers(repo, subject.digest, RECORD_ARTIFACT_TYPE) is None:
-        found_by = f"tag {_add_to_fallback_index(client, repo, subject.digest, desc)}"
+    found_by = push_referrer(client, repo, manifest, desc, subject.digest,
+                             RECORD_ARTIFACT_TYPE)
+    digest = desc.digest
     if tag:
         client.put_manifest(repo, tag, manifest, OCI_MANIFEST)
     return RecordPush(f"{client.host}/{repo}@{digest}", digest, subject.digest, found_by)
-
-
-def _add_to_fallback_index(client: RegistryClient, repo: str, subject: str,
-                           desc: Descriptor) -> str:
-    tag = fallback_tag(subject)
-    try:
-        data, _, _ = client.get_manifest(repo, tag, (OCI_INDEX,))
-    except NotFound:
-        index: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    else:
-        index = load_json_object(data, f"referrers index {client.host}/{repo}:{tag}")
-    manifests = [m for m in _list(index.get("manifests")) if isinstance(m, dict)]
-    if not any(m.get("digest") == desc.digest for m in manifests):
-        index["manifests"] = [*manifests, desc.to_json()]
-        client.put_manifest(repo, tag, json.dumps(index, indent=2).encode(), OCI_INDEX)
-    return tag
-
-
-def referrers(client: RegistryClient, repo: str, subject: str,
-              artifact_type: str | None = None) -> tuple[list[dict[str, Any]], str]:
-    """The manifests in ``repo`` that refer to ``subject`` (of
-    ``artifact_type`` if given): ``(descriptors, how they were found)``,
-    by the referrers API or, where it is missing, the tag schema."""
-    found = client.get_referrers(repo, subject, artifact_type)
-    if found is not None:
-        return found, "referrers API"
-    tag = fallback_tag(subject)
-    try:
-        data, _, _ = client.get_manifest(repo, tag, (OCI_INDEX,))
-    except NotFound:
-        return [], f"tag {tag}"
-    index = load_json_object(data, f"referrers index {client.host}/{repo}:{tag}")
-    return [m for m in _list(index.get("manifests")) if isinstance(m, dict)
-            and (artifact_type is None or m.get("artifactType") == artifact_type)], f"tag {tag}"
 
 
 def fetch_record(client: RegistryClient, repo: str, reference: str) -> bytes:

@@ -16,6 +16,7 @@ from ..image.store import ImageDestination, ImageSource, TransportOptions
 from ..image.transport import Transport, register_transport
 from ..layer.source import RangeSource
 from ..registry.client import RegistryClient, client_for
+from ..registry.referrers import push_referrer, referrers
 
 ACCEPT = (*INDEX_TYPES, *MANIFEST_TYPES)
 
@@ -54,6 +55,10 @@ class RegistrySource(ImageSource):
         """Read a blob by HTTP range requests (e.g. an eStargz layer's TOC)."""
         return self.client.blob_source(self.repo, desc.digest, desc.size)
 
+    def referrers(self, subject: Descriptor, artifact_type: str) -> list[Descriptor]:
+        found, _ = referrers(self.client, self.repo, subject.digest, artifact_type)
+        return [Descriptor.from_json(d) for d in found]
+
     def close(self) -> None:
         self.client.close()
 
@@ -83,6 +88,12 @@ class RegistryDestination(ImageDestination):
 
     def commit(self, root: Descriptor, root_data: bytes) -> None:
         self.client.put_manifest(self.repo, self.ref.tag or "latest", root_data, root.media_type)
+
+    holds_referrers = True
+
+    def put_referrer(self, data: bytes, desc: Descriptor, subject: Descriptor) -> str:
+        return push_referrer(self.client, self.repo, data, desc, subject.digest,
+                             str(desc.extra.get("artifactType", "")))
 
     def close(self) -> None:
         self.client.close()
