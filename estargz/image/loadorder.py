@@ -231,8 +231,8 @@ def _list(value: object, where: str) -> list[Any]:
 def _check_path(value: object, where: str) -> str:
     if not isinstance(value, str) or "\x00" in value:
         raise InvalidInput(f"{where} {str(value)[:80]!r} is not a path string")
-    path = clean_name(value)
-    if not path or path == ".." or path.startswith("../"):
+    path = clean_name(value)  # cleaned from "/", so ".." cannot climb out
+    if not path:
         raise InvalidInput(f"{where} {value[:200]!r} names no file in the layer")
     return path
 
@@ -340,7 +340,7 @@ def layer_prefetch(layer: LayerLoad, ztoc: ZtocView) -> LayerPrefetch:
     spans: dict[int, None] = {}
     missing: list[str] = []
     for f in layer.files:
-        found = by_name.get(f.path)
+        found = by_name.get(clean_name(f.path))
         if found is None:
             missing.append(f.path)
             continue
