@@ -79,7 +79,7 @@ ZTOC = Ztoc(
         Entry("usr/lib/big.so", 1536, 5000),   # spans 1..3 (last byte 6535)
         Entry("usr/bin/app", 7100, 300),       # span 5
         Entry("empty", 7000, 0),               # no bytes at all
-        Entry("edge", 2000, 500),              # last byte 2499: span 1 only, although 2500 starts span 2
+        Entry("edge", 2000, 500),              # last byte 2499: span 1 only (2500 starts span 2)
         Entry("dup", 512, 10),                 # replaced by the later entry of that name
         Entry("./dup", 7050, 10),              # span 4
     ),
@@ -116,8 +116,8 @@ RECORD_LINES = [
 
 def test_record_to_document_keeps_first_access_order_per_layer() -> None:
     records = read_records(RECORD_LINES)
-    lo = load_order_from_record(records, MANIFEST, [L0, L1, L2, L0], "web",
-                                ranges={"usr/lib/big.so": [ByteRange(4096, 100), ByteRange(0, 512)]})
+    parts = {"usr/lib/big.so": [ByteRange(4096, 100), ByteRange(0, 512)]}
+    lo = load_order_from_record(records, MANIFEST, [L0, L1, L2, L0], "web", ranges=parts)
     assert lo.workload == "web" and lo.manifest == MANIFEST
     # Layers in manifest order; L1 read nothing; L0 (twice in the manifest) once.
     assert [layer.digest for layer in lo.layers] == [L0, L2]
@@ -129,10 +129,8 @@ def test_record_to_document_keeps_first_access_order_per_layer() -> None:
 
 
 def test_document_bytes_are_documented_and_round_trip() -> None:
-    lo = LoadOrder("web", MANIFEST, (
-        LayerLoad(L0, (FileLoad("etc/passwd"),
-                       FileLoad("data/model.bin", (ByteRange(0, 4096), ByteRange(1 << 30, 65536))))),
-    ))
+    model = FileLoad("data/model.bin", (ByteRange(0, 4096), ByteRange(1 << 30, 65536)))
+    lo = LoadOrder("web", MANIFEST, (LayerLoad(L0, (FileLoad("etc/passwd"), model)),))
     data = dump_load_order(lo)
     assert json.loads(data) == {
         "mediaType": LOAD_ORDER_MEDIA_TYPE,
@@ -168,8 +166,10 @@ def test_bad_record_input(records: dict[tuple[str, int], list[str]], layers: lis
 
 
 def test_prefetch_files_json_for_soci_create() -> None:
-    lo = LoadOrder("web", MANIFEST, (LayerLoad(L0, (FileLoad("etc/passwd"), FileLoad("b"))),
-                                     LayerLoad(L1, (FileLoad("b"), FileLoad("c", (ByteRange(0, 1),))))))
+    lo = LoadOrder("web", MANIFEST, (
+        LayerLoad(L0, (FileLoad("etc/passwd"), FileLoad("b"))),
+        LayerLoad(L1, (FileLoad("b"), FileLoad("c", (ByteRange(0, 1),)))),
+    ))
     assert json.loads(prefetch_files_json(lo)) == ["/etc/passwd", "/b", "/c"]
 
 
@@ -242,7 +242,8 @@ def test_soci_prefetch_per_layer() -> None:
 
 def test_go_written_artifact_parses() -> None:
     # As soci create writes it: sorted, merged, no priority.
-    data = b'{"version":"1.0","prefetch_spans":[{"start_span":0,"end_span":3},{"start_span":5,"end_span":5}]}'
+    data = (b'{"version":"1.0","prefetch_spans":'
+            b'[{"start_span":0,"end_span":3},{"start_span":5,"end_span":5}]}')
     assert parse_soci_prefetch(data) == [(0, 3, 0), (5, 5, 0)]
 
 
