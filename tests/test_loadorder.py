@@ -53,11 +53,23 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A zTOC hard-link entry: no bytes of its own (``type``/``linkname`` as
+    soci's FileMetadata)."""
+
+    name: str
+    linkname: str
+    uncompressed_offset: int = 7500
+    uncompressed_size: int = 0
+    type: str = "hardlink"
+
+
+@dataclass(frozen=True)
 class Ztoc:
     """Span ``i`` starts at uncompressed ``starts[i]`` and compressed ``comp[i]``;
     the last span ends at compressed ``comp[-1]``."""
 
-    files: tuple[Entry, ...]
+    files: tuple[Entry | Link, ...]
     starts: tuple[int, ...]
     comp: tuple[int, ...]
 
@@ -82,6 +94,8 @@ ZTOC = Ztoc(
         Entry("edge", 2000, 500),              # last byte 2499: span 1 only (2500 starts span 2)
         Entry("dup", 512, 10),                 # replaced by the later entry of that name
         Entry("./dup", 7050, 10),              # span 4
+        Link("usr/bin/app-link", "./usr/bin/app"),   # app's bytes: span 5
+        Link("loop", "loop"),
     ),
     starts=STARTS,
     comp=COMP,
@@ -218,6 +232,11 @@ def test_layer_prefetch_first_access_order_dedup_and_bytes() -> None:
         (SOCI_PREFETCH_MEDIA_TYPE, sha256_digest(p.data), len(p.data))
     assert desc.to_json()["annotations"] == {SOCI_LAYER_DIGEST: L0}
     assert parse_soci_prefetch(p.data, max_span=5) == [(5, 5, 0), (0, 4, 1)]
+
+
+def test_hard_links_fetch_their_targets_bytes() -> None:
+    p = layer_prefetch(doc(FileLoad("usr/bin/app-link"), FileLoad("loop")).layers[0], ZTOC)
+    assert p.spans == (5,) and p.missing == ()
 
 
 def test_partial_reads_fetch_only_their_spans() -> None:

@@ -344,7 +344,7 @@ def layer_prefetch(layer: LayerLoad, ztoc: ZtocView) -> LayerPrefetch:
         if found is None:
             missing.append(f.path)
             continue
-        for span in file_spans(ztoc, found, f.ranges):
+        for span in file_spans(ztoc, _link_target(found, by_name), f.ranges):
             spans.setdefault(span, None)
     order = tuple(spans)
     compressed = 0
@@ -353,6 +353,25 @@ def layer_prefetch(layer: LayerLoad, ztoc: ZtocView) -> LayerPrefetch:
         compressed += end - start
     return LayerPrefetch(layer.digest, order, soci_prefetch_bytes(order) if order else None,
                          compressed, tuple(missing))
+
+
+#: Hard links followed at most (a link to itself must not loop).
+_MAX_LINK_HOPS = 40
+
+
+def _link_target(entry: ZtocFile, by_name: Mapping[str, ZtocFile]) -> ZtocFile:
+    """The entry holding a hard link's bytes (a zTOC entry of type
+    ``hardlink`` has none; soci's file system reads its ``linkname``'s, as
+    metadata/reader.go does).  ``type`` and ``linkname`` are optional in
+    :class:`ZtocFile`: an entry without them is its own data."""
+    for _ in range(_MAX_LINK_HOPS):
+        if getattr(entry, "type", "") != "hardlink":
+            break
+        target = by_name.get(clean_name(str(getattr(entry, "linkname", ""))))
+        if target is None:
+            break
+        entry = target
+    return entry
 
 
 def soci_prefetch(doc: LoadOrder, ztocs: Mapping[str, ZtocView]) -> list[LayerPrefetch]:
