@@ -44,6 +44,14 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Member(Entry):
+    """An entry with soci's FileMetadata ``type`` and ``linkname``."""
+
+    type: str
+    linkname: str
+
+
+@dataclass(frozen=True)
 class TarZtoc:
     """A tar layer's zTOC as soci builds it: spans every SPAN bytes."""
 
@@ -163,3 +171,34 @@ def test_file_ending_on_a_span_boundary(soci: Path, tmp_path: Path) -> None:
     # soci also fetches the span after the file's last byte; ours does not.
     assert parse_soci_prefetch(theirs["data"]) == [(9, 10, 0)]
     assert ours.spans == (9,) and ours.compressed_bytes == SPAN
+
+
+def test_dot_slash_names_and_hard_links(soci: Path, tmp_path: Path) -> None:
+    bio = io.BytesIO()
+    with tarfile.open(fileobj=bio, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name, size in [("./x.bin", 9000), ("./y", 100)]:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            t.addfile(info, io.BytesIO(b"z" * size))
+        link = tarfile.TarInfo("./hl")
+        link.type, link.linkname = tarfile.LNKTYPE, "./x.bin"
+        t.addfile(link)
+        link = tarfile.TarInfo("hl2")
+        link.type, link.linkname = tarfile.LNKTYPE, "./x.bin"
+        t.addfile(link)
+    layer = bio.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(layer)) as t:
+        members = t.getmembers()
+    theirs = soci_prefetch_of(soci, tmp_path, layer, ["/x.bin", "hl", "hl2"])
+    ztoc = TarZtoc(tuple(Member(m.name, m.offset_data, m.size,
+                                "hardlink" if m.islnk() else "reg", m.linkname)
+                         for m in members), len(layer))
+    ours = layer_prefetch(LayerLoad(sha(layer), (FileLoad("hl2"),)), ztoc)
+    # soci compares raw tar names ("./x.bin", "./hl": not found) and takes a
+    # link's own entry: only the span where hl2's header sits.
+    hl2 = members[-1]
+    assert parse_soci_prefetch(theirs["data"]) == [(hl2.offset_data // SPAN,) * 2 + (0,)]
+    # Ours: the bytes of x.bin, which hl2 is.
+    assert ours.spans == (0, 1, 2)
+    assert layer_prefetch(LayerLoad(sha(layer), (FileLoad("/x.bin"), FileLoad("hl"))),
+                          ztoc).spans == (0, 1, 2)

@@ -361,8 +361,9 @@ _MAX_LINK_HOPS = 40
 
 def _link_target(entry: ZtocFile, by_name: Mapping[str, ZtocFile]) -> ZtocFile:
     """The entry holding a hard link's bytes (a zTOC entry of type
-    ``hardlink`` has none; soci's file system reads its ``linkname``'s, as
-    metadata/reader.go does).  ``type`` and ``linkname`` are optional in
+    ``hardlink`` has none; soci's file system reads its ``linkname``'s,
+    metadata/reader.go, while ``soci create`` prefetches the span where the
+    link's entry sits).  ``type`` and ``linkname`` are optional in
     :class:`ZtocFile`: an entry without them is its own data."""
     for _ in range(_MAX_LINK_HOPS):
         if getattr(entry, "type", "") != "hardlink":
