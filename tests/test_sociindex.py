@@ -90,7 +90,7 @@ def test_v2_image_index_lists_manifest_then_soci_index():
 
 def test_layer_kinds():
     assert ztoc_layer_kind("application/vnd.docker.image.rootfs.diff.tar.gzip") == "gzip"
-    assert ztoc_layer_kind("application/vnd.oci.image.layer.v1.tar") == "tar"
+    assert ztoc_layer_kind("application/vnd.oci.image.layer.v1.tar") == "uncompressed"
     assert ztoc_layer_kind("application/vnd.oci.image.layer.v1.tar+zstd") is None
     with pytest.raises(InvalidInput, match="not a layer media type"):
         ztoc_layer_kind("application/vnd.oci.image.config.v1+json")

@@ -103,13 +103,14 @@ _ZSTD_LAYERS = ("application/vnd.oci.image.layer.v1.tar+zstd",
 
 
 def ztoc_layer_kind(media_type: str) -> str | None:
-    """How soci treats a layer of ``media_type``: ``"gzip"`` or ``"tar"``
-    (indexed), ``None`` for a layer it skips (zstd); anything that is not
-    a layer at all is :class:`InvalidInput`, as in ``soci create``."""
+    """How soci treats a layer of ``media_type``: ``"gzip"`` or
+    ``"uncompressed"`` (indexed, the zTOC's compression algorithm), ``None``
+    for a layer it skips (zstd); anything that is not a layer at all is
+    :class:`InvalidInput`, as in ``soci create``."""
     if media_type in _GZIP_LAYERS:
         return "gzip"
     if media_type in _TAR_LAYERS:
-        return "tar"
+        return "uncompressed"
     if media_type in _ZSTD_LAYERS:
         return None
     raise InvalidInput(f"{media_type!r} is not a layer media type soci knows")
@@ -283,8 +284,3 @@ def v2_image_index(original: Mapping[str, Any] | None, entries: Sequence[Descrip
         if isinstance(ann, dict) and ann:
             out["annotations"] = dict(sorted(ann.items()))
     return go_json(out)
-
-
-def docker_or_oci_manifest(media_type: str) -> bool:
-    """True for the two image manifest media types a SOCI index can index."""
-    return media_type in (OCI_MANIFEST, DOCKER_MANIFEST)
