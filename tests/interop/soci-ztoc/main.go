@@ -194,6 +194,11 @@ func cmdExtract(path, layer string) {
 		die(1, "layer is %d bytes, the zTOC says %d", st.Size(), z.CompressedArchiveSize)
 	}
 	sr := io.NewSectionReader(f, 0, st.Size())
+	zi, err := z.Zinfo()
+	if err != nil {
+		die(1, "%s: checkpoints: %v", path, err)
+	}
+	defer zi.Close()
 	for _, m := range z.FileMetadata {
 		if m.Type != "reg" {
 			continue
@@ -201,7 +206,7 @@ func cmdExtract(path, layer string) {
 		// ExtractFile looks files up by name and follows links; a layer
 		// may hold a name twice (whiteouts, rewrites): extract the entry
 		// itself through its spans, as the snapshotter's span manager does.
-		data, err := extractEntry(z, sr, m)
+		data, err := extractEntry(z, zi, sr, m)
 		if err != nil {
 			die(1, "%s: %v", m.Name, err)
 		}
@@ -213,15 +218,10 @@ func cmdExtract(path, layer string) {
 // extractEntry is ztoc.ExtractFile for one metadata entry: fetch the
 // compressed bytes of the spans holding it, inflate from the first span's
 // checkpoint.
-func extractEntry(z *ztoc.Ztoc, sr *io.SectionReader, m ztoc.FileMetadata) ([]byte, error) {
+func extractEntry(z *ztoc.Ztoc, zi compression.Zinfo, sr *io.SectionReader, m ztoc.FileMetadata) ([]byte, error) {
 	if m.UncompressedSize == 0 {
 		return []byte{}, nil
 	}
-	zi, err := z.Zinfo()
-	if err != nil {
-		return nil, err
-	}
-	defer zi.Close()
 	first := zi.UncompressedOffsetToSpanID(m.UncompressedOffset)
 	last := zi.UncompressedOffsetToSpanID(m.UncompressedOffset + m.UncompressedSize)
 	start := zi.StartCompressedOffset(first)
