@@ -341,9 +341,7 @@ def _b(text: str) -> bytes:
 def marshal_ztoc(z: Ztoc) -> bytes:
     """The zTOC's flatbuffer bytes, built exactly as soci's ztocToFlatbuffer
     builds them (same order of objects, same omitted defaults)."""
-    if z.compression_algorithm not in ALGORITHMS:
-        raise InvalidInput(f"compression algorithm {z.compression_algorithm!r} "
-                           "is not one a zTOC can hold")
+    _check_fits(z)
     b = flatbuffers.Builder(0)
     version = b.CreateString(_b(z.version))
     tool = b.CreateString(_b(z.build_tool_identifier))
@@ -369,6 +367,30 @@ def marshal_ztoc(z: Ztoc) -> bytes:
     b.PrependUOffsetTRelativeSlot(5, info, 0)
     b.Finish(b.EndObject())
     return bytes(b.Output())
+
+
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_UINT32 = (0, (1 << 32) - 1)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _check_fits(z: Ztoc) -> None:
+    """Raise :class:`InvalidInput` unless every number fits its field."""
+    if z.compression_algorithm not in ALGORITHMS:
+        raise InvalidInput(f"compression algorithm {z.compression_algorithm!r} "
+                           "is not one a zTOC can hold")
+    values = [("max_span_id", z.max_span_id, _INT32),
+              ("compressed_archive_size", z.compressed_archive_size, _INT64),
+              ("uncompressed_archive_size", z.uncompressed_archive_size, _INT64)]
+    for m in z.files:
+        values += [("uncompressed_offset", m.uncompressed_offset, _INT64),
+                   ("uncompressed_size", m.uncompressed_size, _INT64),
+                   ("mode", m.mode, _INT64), ("uid", m.uid, _UINT32),
+                   ("gid", m.gid, _UINT32), ("devmajor", m.devmajor, _INT64),
+                   ("devminor", m.devminor, _INT64)]
+    for what, value, (low, high) in values:
+        if not low <= value <= high:
+            raise InvalidInput(f"zTOC {what} {value} does not fit its field")
 
 
 def _toc(b: flatbuffers.Builder, files: tuple[FileMetadata, ...]) -> int:
@@ -523,7 +545,8 @@ def unmarshal_ztoc(data: bytes) -> Ztoc:
     Checked beyond the flatbuffer's structure: a known compression
     algorithm; checkpoints that decode, one per span; one ``sha256:``
     digest per span; non-negative sizes and offsets; file entries that do
-    not overlap (soci's check, on the entries in offset order).
+    not overlap (soci's check, on the entries in offset order), each after
+    a header block and inside the archive.
     """
     if len(data) > MAX_ZTOC_SIZE:
         raise _ztoc_error(f"{len(data)} bytes is more than {MAX_ZTOC_SIZE}")
@@ -614,10 +637,14 @@ def _check(z: Ztoc) -> None:
         if not _DIGEST.match(d):
             raise _ztoc_error(f"span digest {i} {printable(d[:80])!r} is not a sha256 digest")
     # soci's flatbufferToTOC: in offset order, no entry starts before the
-    # end of the previous one's data.
+    # end of the previous one's data; and, as in any tar, a header block
+    # before each entry's data, and all of it before the archive's end.
     next_header = 0
     for m in sorted(z.files, key=lambda m: m.uncompressed_offset):
-        if m.uncompressed_offset < next_header:
+        if m.uncompressed_offset < next_header + BLOCK:
             raise _ztoc_error(f"file entry {printable(m.name)!r} overlaps the one before it")
+        if m.uncompressed_offset + m.uncompressed_size > z.uncompressed_archive_size:
+            raise _ztoc_error(f"file entry {printable(m.name)!r} ends beyond the "
+                              f"{z.uncompressed_archive_size}-byte archive")
         next_header = padded(m.uncompressed_offset + m.uncompressed_size)
 
