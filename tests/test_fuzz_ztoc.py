@@ -140,7 +140,7 @@ def exercise(data: bytes) -> None:
         assert "\n" not in str(e), repr(str(e))
         return
     try:
-        z.decoded_checkpoints
+        assert len(z.decoded_checkpoints) <= z.max_span_id + 1
         for span in range(z.max_span_id + 1):
             z.span_range(span)
             z.span_of(z.span_uncompressed_start(span))

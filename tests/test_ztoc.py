@@ -82,7 +82,11 @@ def extract(soci_ztoc: Path, ztoc: Path, layer: Path) -> dict[str, str]:
     p = subprocess.run([soci_ztoc, "extract", ztoc, layer], capture_output=True, text=True,
                        errors="surrogateescape")
     assert p.returncode == 0, p.stderr
-    return dict(reversed(line.split("  ", 1)) for line in p.stdout.splitlines())
+    out = {}
+    for line in p.stdout.splitlines():
+        digest, name = line.split("  ", 1)
+        out[name] = digest
+    return out
 
 
 def tar_files(tar: bytes) -> dict[str, str]:
