@@ -61,6 +61,10 @@ needs_build() {
 
 GO=${GO_MODULES:-go}
 command -v "$GO" >/dev/null 2>&1 || die "no Go toolchain '$GO' on PATH"
+# soci-snapshotter v0.16.1's go.mod says go 1.26.0.
+go_minor=$("$GO" env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+[ "${go_minor:-0}" -ge 26 ] 2>/dev/null ||
+    die "$GO is $("$GO" env GOVERSION 2>/dev/null); soci v0.16.1 needs Go >= 1.26 (set GO_MODULES)"
 if [ "$cgo" = 1 ]; then
     command -v "${CC:-gcc}" >/dev/null 2>&1 ||
         die "cgo needs a C compiler; install one with: apt-get install gcc zlib1g-dev"

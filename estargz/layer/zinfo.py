@@ -228,8 +228,9 @@ class GzipCheckpointWalk:
 
     def close(self) -> None:
         """Free zlib's state (also done at the end of the stream)."""
-        if self._strm.state:
-            _zlib.inflateEnd(ctypes.byref(self._strm))
+        strm = getattr(self, "_strm", None)  # None: __init__ failed early
+        if strm is not None and strm.state:
+            _zlib.inflateEnd(ctypes.byref(strm))
 
     def __del__(self) -> None:
         self.close()

@@ -158,6 +158,16 @@ class Ztoc:
                else points[span_id + 1].compressed_offset)
         return points[span_id].start, end
 
+    def file_spans(self, entry: FileMetadata) -> range:
+        """The spans a file's data needs, as soci's extraction computes them
+        (``span_of`` its start to ``span_of`` its end offset); none for an
+        empty file, which soci never reads."""
+        if entry.uncompressed_size <= 0:
+            return range(0)
+        first = self.span_of(entry.uncompressed_offset)
+        return range(first, self.span_of(entry.uncompressed_offset
+                                          + entry.uncompressed_size) + 1)
+
     def span_uncompressed_start(self, span_id: int) -> int:
         """Uncompressed offset where span ``span_id`` begins."""
         if not 0 <= span_id <= self.max_span_id:
@@ -274,10 +284,12 @@ def _metadata(ti: tarfile.TarInfo, raw: list[bytes]) -> FileMetadata:
     pax = ti.pax_headers
     if any(k.startswith("GNU.sparse.") for k in pax):
         raise UnsupportedEntry(printable(ti.name), "sparse files are not supported in a zTOC")
-    name = pax.get("path", name)
-    linkname = pax.get("linkpath", linkname)
-    name = gnu_name or name
-    linkname = gnu_link or linkname
+    # Go's mergePAX: an empty record keeps the header's value; then GNU
+    # long names win over both.
+    name = gnu_name or pax.get("path") or name
+    linkname = gnu_link or pax.get("linkpath") or linkname
+    uname = pax.get("uname") or ("" if v7 else _cstr(block[265:297]))
+    gname = pax.get("gname") or ("" if v7 else _cstr(block[297:329]))
     flag = block[156:157]
     if flag == tarfile.AREGTYPE:
         flag = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
@@ -289,7 +301,7 @@ def _metadata(ti: tarfile.TarInfo, raw: list[bytes]) -> FileMetadata:
         name=name, type=kind_name, uncompressed_offset=ti.offset_data,
         uncompressed_size=ti.size, linkname=linkname, mode=ti.mode,
         uid=ti.uid, gid=ti.gid,
-        uname="" if v7 else ti.uname, gname="" if v7 else ti.gname,
+        uname=uname, gname=gname,
         mod_time=_go_time(pax.get("mtime"), ti.mtime),
         devmajor=0 if v7 else ti.devmajor, devminor=0 if v7 else ti.devminor,
         pax_headers=dict(pax))
