@@ -287,6 +287,19 @@ def test_uncompressed_layer(soci_ztoc, tmp_path):
     assert got == tar_files(tar)
 
 
+def test_readers_returning_more_than_asked(tmp_path):
+    """A stream whose read returns more than asked (a pipe wrapper, a test
+    double) gives the same zTOC: the walk never copies past its buffer."""
+    blob = gzip.compress(crafted_tar(), mtime=0)
+
+    class Greedy(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            return super().read(-1 if n is None or n < 0 else 3 * n + 7)
+
+    assert build_ztoc(Greedy(blob), span_size=4096) == build_ztoc(io.BytesIO(blob),
+                                                                   span_size=4096)
+
+
 def test_the_caller_can_hash_the_stream(tmp_path):
     """build_ztoc reads the blob once, all of it: a wrapper sees every byte."""
     blob = gzip.compress(crafted_tar(), mtime=0)
@@ -327,6 +340,10 @@ def refused_layers() -> dict[str, tuple[bytes, type[EstargzError]]]:
                           InvalidInput),
         "sparse": (gzip.compress(sparse, mtime=0), UnsupportedEntry),
         "zlib-raw": (zlib.compress(crafted_tar())[2:-4], InvalidInput),
+        "zlib-wrapped": (zlib.compress(crafted_tar()), InvalidInput),
+        # Go's gzip reader meets the zlib member while the tar needs its data.
+        "zlib-member": (gzip.compress(crafted_tar()[:5000], mtime=0)
+                        + zlib.compress(crafted_tar()[5000:]), InvalidInput),
     }
 
 
@@ -341,6 +358,15 @@ def test_refused_like_soci(soci_ztoc, tmp_path, name):
     with open(layer, "rb") as f, pytest.raises(error) as e:
         build_ztoc(f, span_size=65536)
     assert "\n" not in str(e.value)
+
+
+def test_zlib_after_the_tar_end(soci_ztoc, tmp_path):
+    """soci's checkpoint walk inflates zlib streams too, and its tar reader
+    stops at the end blocks: a zlib member after them is accepted, by both."""
+    layer = write(tmp_path / "z.gz", gzip.compress(crafted_tar(), mtime=0)
+                  + zlib.compress(pattern(100_000, 4)))
+    z = unmarshal_ztoc(check_same(soci_ztoc, tmp_path, layer, 8192))
+    assert z.span_range(z.max_span_id)[1] == layer.stat().st_size
 
 
 def test_zstd_gets_no_ztoc():

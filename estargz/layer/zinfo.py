@@ -54,8 +54,11 @@ _OUT_CHUNK = 1 << 16
 _Z_OK, _Z_STREAM_END, _Z_NEED_DICT = 0, 1, 2
 _Z_BUF_ERROR = -5
 _Z_BLOCK = 5
-# 32 + 15: a gzip or zlib header, detected; what soci's init_flate(47) asks.
+# 32 + 15: a gzip or zlib header, detected, as soci's init_flate(47) asks.
+# Its file table comes from Go's gzip reader, which takes gzip only: see
+# GzipCheckpointWalk.members.
 _AUTO_HEADER = 47
+_GZIP_MAGIC = 0x1F
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,9 @@ class GzipCheckpointWalk:
         self._span = span_size
         self._error = error
         self.checkpoints: list[Checkpoint] = []
+        #: ``(uncompressed offset, is gzip)`` of each member: soci's walk
+        #: also inflates zlib streams, its tar reader does not.
+        self.members: list[tuple[int, bool]] = []
         self._hashes = SpanHashes([])
         self._strm = _ZStream()
         self._in = ctypes.create_string_buffer(_IN_CHUNK)
@@ -215,6 +221,7 @@ class GzipCheckpointWalk:
         self._tail = bytes(WINDOW)  # the last WINDOW bytes of output
         self._done = False
         self._pending = b""
+        self._spill = b""
         self.compressed_size = 0
         ret = _zlib.inflateInit2_(ctypes.byref(self._strm), _AUTO_HEADER, _zlib.zlibVersion(),
                                   ctypes.sizeof(_ZStream))
@@ -253,21 +260,32 @@ class GzipCheckpointWalk:
     def _fill(self) -> bool:
         """Load the next compressed chunk; False at the end of the input."""
         check_cancelled()
-        chunk = self._read(_IN_CHUNK)
+        if not self._spill:
+            self._spill = self._read(_IN_CHUNK)
+            self.compressed_size += len(self._spill)
+        # A reader may return more than asked: the rest waits its turn.
+        chunk, self._spill = self._spill[:_IN_CHUNK], self._spill[_IN_CHUNK:]
         if not chunk:
             return False
         ctypes.memmove(self._in, chunk, len(chunk))
         self._chunk, self._chunk_at = chunk, 0
-        self.compressed_size += len(chunk)
         self._strm.next_in = ctypes.addressof(self._in)
         self._strm.avail_in = len(chunk)
         return True
+
+    def _member_starts(self) -> None:
+        """Note a member starting at the next input byte (a gzip member's
+        first byte is 0x1f; a zlib stream's never is)."""
+        first = self._chunk[self._chunk_at]
+        self.members.append((self._totout, first == _GZIP_MAGIC))
 
     def _step(self) -> bytes:
         """One ``inflate(Z_BLOCK)`` call, as in soci's generate_zinfo_from_fp."""
         s = self._strm
         if s.avail_in == 0 and not self._fill():
             raise self._error(f"gzip stream is truncated at offset {self._totin}")
+        if not self.members:
+            self._member_starts()
         s.next_out = ctypes.addressof(self._out)
         s.avail_out = _OUT_CHUNK
         before = s.avail_in
@@ -294,6 +312,7 @@ class GzipCheckpointWalk:
             # for the next member, and fails on anything after the last).
             if s.avail_in or self._fill():
                 _zlib.inflateReset2(ctypes.byref(s), _AUTO_HEADER)
+                self._member_starts()
             else:
                 self._hashes.finish()
                 self._done = True

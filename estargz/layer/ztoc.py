@@ -211,6 +211,11 @@ def build_ztoc(stream: BinaryIO, *, span_size: int = DEFAULT_SPAN_SIZE,
     while walk.read(1 << 20):
         pass  # the checkpoints and digests need the whole blob
     if isinstance(walk, GzipCheckpointWalk):
+        # soci reads the tar through Go's gzip reader, which opens the
+        # first member at once and each later one when the tar needs its data.
+        for i, (start, is_gzip) in enumerate(walk.members):
+            if not is_gzip and (i == 0 or start < end):
+                raise InvalidInput(f"compressed member {i + 1} is a zlib stream, not gzip")
         checkpoints = encode_gzip_zinfo(walk.checkpoints, span_size)
         max_span = len(walk.checkpoints) - 1
     else:
