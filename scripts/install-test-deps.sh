@@ -24,6 +24,8 @@ APT_PACKAGES=(
   docker-registry skopeo umoci containerd runc crun docker.io busybox-static
   # Docker's default seccomp profile, which container/seccomp.json extends
   golang-github-docker-docker-dev
+  # soci's zTOC code is cgo over zlib (scripts/build-soci.sh ztoc-check)
+  gcc libc6-dev zlib1g-dev
   # podman pulls our zstd:chunked images partially (tests/test_podman_zstdchunked.py)
   podman
   # the profiling report is checked in a real browser

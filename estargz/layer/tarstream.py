@@ -202,6 +202,7 @@ class _Ctx:
 
 def iter_headers(stream: PeekableStream,
                  error: Callable[[str], EstargzError] = InvalidInput,
+                 raw: list[bytes] | None = None,
                  ) -> Iterator[tarfile.TarInfo]:
     """Yield each member of the tar archive in ``stream``.
 
@@ -212,6 +213,12 @@ def iter_headers(stream: PeekableStream,
     blocks is accepted, as Go's reader does. A header whose numbers are out
     of range or not numbers, or whose names hold a NUL, is an error
     (:func:`header_problem`), in every walk: converting, verifying, extracting.
+
+    When ``raw`` is given, it holds, at each yield, what was read for that
+    member: each extended header block followed by its record, then the
+    member's own header block. ``tarfile`` drops trailing slashes from
+    directory names; a consumer that must reproduce names exactly as Go's
+    archive/tar reports them (the zTOC, :mod:`.ztoc`) reads them from there.
     """
     ctx = _Ctx(_HeaderReader(stream))
     while True:
@@ -243,6 +250,8 @@ def iter_headers(stream: PeekableStream,
         if problem:
             raise error(f"invalid tar header at offset {at}"
                         f" ({printable(ti.name)!r}): {problem}")
+        if raw is not None:
+            raw[:] = ctx.fileobj.reads
         yield ti
 
 
