@@ -36,7 +36,6 @@ from .._exceptions import InvalidInput
 from ..layer.jsondoc import load_json_object
 from .descriptor import (
     DOCKER_LAYER_GZIP,
-    DOCKER_MANIFEST,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER,
