@@ -5,6 +5,7 @@
 #   scripts/build-soci.sh soci          # -> ~/.cache/estargz-dev/bin/soci-v016
 #   scripts/build-soci.sh snapshotter   # -> ~/.cache/estargz-dev/bin/soci-snapshotter-grpc-v016
 #   scripts/build-soci.sh rpull         # -> ~/.cache/estargz-dev/bin/soci-rpull-v016
+#   scripts/build-soci.sh containerd    # -> ~/.cache/estargz-dev/bin/containerd-v2/containerd
 #   ESTARGZ_CACHE=/tmp/c scripts/build-soci.sh soci
 #
 # soci         the `soci` CLI (create, convert, push, index/ztoc info) of
@@ -13,8 +14,14 @@
 # rpull        our puller (tests/lazypull/soci-v016/rpull): containerd's Go
 #              client pulling with the labels a remote snapshotter needs,
 #              as `soci image rpull` did before v0.10 removed it
+# containerd   containerd 2 (tests/lazypull/containerd-v2/go.mod: v2.4.2, the
+#              newest release when written): containerd, ctr and
+#              containerd-shim-runc-v2 side by side in bin/containerd-v2/.
+#              soci-snapshotter needs it: containerd 1.6 (Debian's) does not
+#              pass the namespace to a proxy snapshotter, and soci refuses
+#              to prepare a snapshot without one.  Pure Go, no cgo.
 #
-# All come from one module of ours, tests/lazypull/soci-v016, built through
+# The soci tools come from one module of ours, tests/lazypull/soci-v016, built through
 # the Go module proxy.  Why not `go install .../cmd/soci@v0.16.1`: the cmd
 # module is not tagged (the proxy serves the v0.16.1 commit as a
 # pseudo-version) and its go.mod needs `replace` directives, which Go only
@@ -25,8 +32,8 @@
 # linked with -l:libz.a): a C compiler and zlib's static library are needed
 # (apt: gcc libc6-dev zlib1g-dev, in scripts/install-test-deps.sh).
 #
-# Go >= 1.26 (the modules say go 1.26.0): the go on PATH if new enough, else
-# Go 1.26.0 fetched from the module proxy as golang.org/toolchain with
+# Go >= 1.26 (the modules say go 1.26.x): the go on PATH if new enough, else
+# Go 1.26.6 fetched from the module proxy as golang.org/toolchain with
 # Debian's go.  Modules and the build cache live under the cache dir, so only
 # the first build downloads.  A binary is only rebuilt when our sources are
 # newer than it, and runs are safe concurrently: each builds into its own
@@ -38,7 +45,7 @@ die() {
     exit 1
 }
 
-[ $# -eq 1 ] || die "usage: $0 soci|snapshotter|rpull"
+[ $# -eq 1 ] || die "usage: $0 soci|snapshotter|rpull|containerd"
 target=$1
 
 script=$(readlink -f -- "$0" 2>/dev/null) || script=$0
@@ -54,7 +61,10 @@ mkdir -p "$bin_dir" || die "cannot create cache dir $bin_dir (set ESTARGZ_CACHE 
 soci_version=v0.16.1
 soci_revision=61147fe7c929
 cgo=1
+tags=""
 sources="$src_dir/go.mod $src_dir/go.sum"
+ldflags="-X github.com/awslabs/soci-snapshotter/version.Version=$soci_version"
+ldflags="$ldflags -X github.com/awslabs/soci-snapshotter/version.Revision=$soci_revision"
 
 case "$target" in
     soci)
@@ -70,19 +80,34 @@ case "$target" in
         package=./rpull
         sources="$sources $src_dir/rpull/main.go"
         ;;
+    containerd)
+        # Three binaries in one directory: containerd finds its shim next to
+        # itself (when no other is on PATH; tests/socilazy.py puts this
+        # directory first on the daemon's PATH).
+        src_dir="$script_dir/../tests/lazypull/containerd-v2"
+        sources="$src_dir/go.mod $src_dir/go.sum"
+        name="containerd-v2/containerd containerd-v2/ctr containerd-v2/containerd-shim-runc-v2"
+        package=github.com/containerd/containerd/v2/cmd
+        cgo=0
+        # btrfs would need cgo and its headers; cli docs are not needed.
+        tags="urfave_cli_no_docs no_btrfs"
+        ldflags="-X github.com/containerd/containerd/v2/version.Version=$(
+            sed -n 's/^require github.com\/containerd\/containerd\/v2 //p' "$src_dir/go.mod")"
+        ;;
     *)
-        die "unknown target '$target' (expected soci, snapshotter or rpull)"
+        die "unknown target '$target' (expected soci, snapshotter, rpull or containerd)"
         ;;
 esac
 for f in $sources; do
     [ -f "$f" ] || die "missing $f"
 done
-bin="$bin_dir/$name"
-
+# $name: the binaries to build (paths below bin/; the first is printed).
 needs_build() {
-    [ -x "$bin" ] || return 0
-    for f in $sources; do
-        [ "$f" -nt "$bin" ] && return 0
+    for n in $name; do
+        [ -x "$bin_dir/$n" ] || return 0
+        for f in $sources; do
+            [ "$f" -nt "$bin_dir/$n" ] && return 0
+        done
     done
     return 1
 }
@@ -91,7 +116,7 @@ gomodcache="${GOMODCACHE:-$cache_dir/go-mod}"
 goproxy="${GOPROXY:-https://proxy.golang.org,direct}"
 GO=${GO_MODULES:-go}
 
-toolchain=go1.26.0
+toolchain=go1.26.6
 go_minor() { "$1" env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p'; }
 pick_module_go() {
     if command -v "$GO" >/dev/null 2>&1 && [ "$(go_minor "$GO")" -ge 26 ] 2>/dev/null; then
@@ -130,26 +155,32 @@ if needs_build; then
     }
     trap cleanup EXIT
     trap 'exit 130' INT TERM
-    # Temp file in the destination dir so the final mv is an atomic rename.
-    tmp_bin=$(mktemp "$bin_dir/.$name.XXXXXX")
-    echo "build-soci: building $bin" >&2
     gocache="${GOCACHE:-$cache_dir/go-build}"
     pick_module_go
-    # -mod=readonly: go fetches exactly what the committed go.mod/go.sum pin
-    # and never edits them; GOTOOLCHAIN=local: never download another Go;
-    # -modcacherw: a cache dir the user can simply delete.
-    ldflags="-X github.com/awslabs/soci-snapshotter/version.Version=$soci_version"
-    ldflags="$ldflags -X github.com/awslabs/soci-snapshotter/version.Revision=$soci_revision"
-    (
-        cd "$src_dir"
-        GOMODCACHE="$gomodcache" GOCACHE="$gocache" \
-            GOFLAGS="-mod=readonly -modcacherw -buildvcs=false" GO111MODULE=on \
-            GOTOOLCHAIN=local GOPROXY="$goproxy" CGO_ENABLED="$cgo" \
-            "$GO" build -trimpath -ldflags "$ldflags" -o "$tmp_bin" "$package"
-    ) >&2 || die "go build failed"
-    chmod 755 "$tmp_bin"
-    mv -f "$tmp_bin" "$bin"
-    tmp_bin=""
+    for n in $name; do
+        bin="$bin_dir/$n"
+        mkdir -p "$(dirname "$bin")" || die "cannot create $(dirname "$bin")"
+        # The containerd target builds .../cmd/NAME for each of its binaries.
+        pkg=$package
+        [ "$target" != containerd ] || pkg="$package/$(basename "$n")"
+        # Temp file in the destination dir so the final mv is an atomic rename.
+        tmp_bin=$(mktemp "$(dirname "$bin")/.$(basename "$n").XXXXXX")
+        echo "build-soci: building $bin" >&2
+        # -mod=readonly: go fetches exactly what the committed go.mod/go.sum
+        # pin and never edits them; GOTOOLCHAIN=local: never download another
+        # Go; -modcacherw: a cache dir the user can simply delete.
+        (
+            cd "$src_dir"
+            GOMODCACHE="$gomodcache" GOCACHE="$gocache" \
+                GOFLAGS="-mod=readonly -modcacherw -buildvcs=false" GO111MODULE=on \
+                GOTOOLCHAIN=local GOPROXY="$goproxy" CGO_ENABLED="$cgo" \
+                "$GO" build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$tmp_bin" "$pkg"
+        ) >&2 || die "go build failed"
+        chmod 755 "$tmp_bin"
+        mv -f "$tmp_bin" "$bin"
+        tmp_bin=""
+    done
 fi
 
-echo "$bin"
+set -- $name
+echo "$bin_dir/$1"
