@@ -82,6 +82,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -406,11 +407,15 @@ class Soci:
 
     def index_list(self) -> list[dict]:
         """``soci index list`` rows as dicts of its column titles."""
-        lines = self.soci("index", "list").stdout.splitlines()
+        lines = [line for line in self.soci("index", "list").stdout.splitlines() if line.strip()]
         if not lines:
             return []
-        titles = lines[0].split()
-        return [dict(zip(titles, line.split(), strict=False)) for line in lines[1:]]
+        # Titles hold single spaces ("IMAGE REF"); columns are 2+ apart.
+        starts = [m.start() for m in re.finditer(r"\S+(?: \S+)*", lines[0])]
+        spans = list(zip(starts, [*starts[1:], None], strict=True))
+        titles = [lines[0][a:b].strip() for a, b in spans]
+        return [{t: line[a:b].strip() for t, (a, b) in zip(titles, spans, strict=True)}
+                for line in lines[1:]]
 
     def index_info(self, digest: str) -> dict:
         """``soci index info DIGEST``: the SOCI index manifest."""
