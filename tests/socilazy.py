@@ -30,8 +30,8 @@ API
 ``build_soci(target) -> Path``: ``scripts/build-soci.sh TARGET`` (``soci``,
 ``snapshotter``, ``rpull``; cached under ``${ESTARGZ_CACHE}/bin``).
 
-``SociConfig(background_fetch=False, soci_v1=False, extra="")``: the
-daemon's config.toml.  Background fetch is off by default so that every
+``SociConfig(background_fetch=False, soci_v1=False, prefetch=False,
+extra="")``: the daemon's config.toml.  Background fetch is off by default so that every
 registry request after the mount is an on-demand span fetch a test (or
 benchmark) can attribute.
 
@@ -70,7 +70,11 @@ index_digest=None) -> LazyStart``: a cold snapshotter and containerd below
 ``base``, ``rpull`` ``ref`` (from ``proxy_host`` if given, e.g. a
 :class:`services.FaultProxy` counting bytes), ``ctr run`` ``cmd``, stop
 everything; returns the pull and run times (seconds), stdout and the
-FUSE mount count.  Needs root; raises ``AssertionError`` when a step fails.
+FUSE mount count (bytes: count them in the proxy's log, e.g.
+``FaultProxy.requests("GET", "/blobs/")``).  Needs root; raises
+``AssertionError`` when a step fails.  containerd 2 leaves empty directories
+in /run/containerd (shim sockets): wrap runs in a :class:`daemons.HostDirs`
+and ``cleanup()`` it, as the ``host_dirs`` fixture does.
 
 Fixtures: ``soci_binaries`` (session: the three binaries), ``make_soci_puller``
 (function: ``make(config=SociConfig()) -> SociLazyPuller`` started, stopped
@@ -143,6 +147,9 @@ class SociConfig:
     #: Look indexes up through the referrers of the image manifest (SOCI
     #: index manifest v1); off by default since v0.10.
     soci_v1: bool = False
+    #: Fetch the prefetch artifacts' spans of a layer before its mount is
+    #: ready (``[prefetch] enable``; off by default, as in soci).
+    prefetch: bool = False
     #: Further TOML, appended as is (after the tables: start it with one).
     extra: str = ""
 
@@ -156,6 +163,8 @@ class SociConfig:
             f"  enable = {str(self.soci_v1).lower()}",
             "[pull_modes.soci_v2]",
             "  enable = true",
+            "[prefetch]",
+            f"  enable = {str(self.prefetch).lower()}",
             self.extra, ""])
 
 

@@ -177,10 +177,10 @@ def assert_only_ranges(proxy: FaultProxy, layers: list[dict]) -> None:
 
 
 def lazy_pull_run_and_compare(puller: SociLazyPuller, proxy: FaultProxy, images: SociImages,
-                              ref: str, original_tree: dict) -> dict[str, int]:
+                              ref: str, original_tree: dict) -> dict[str, tuple[int, int]]:
     """The reference checks for a SOCI-indexed image at ``ref`` (no host):
-    lazy pull, run, compare the tree.  Returns bytes fetched per layer
-    while the workload ran."""
+    lazy pull, run, compare the tree.  Returns, per indexed layer, the
+    range requests and bytes fetched while the workload ran."""
     sn = puller.snapshotter
     indexed = images.indexed_layers()
     full = f"{proxy.host}/{ref}"
@@ -205,9 +205,10 @@ def lazy_pull_run_and_compare(puller: SociLazyPuller, proxy: FaultProxy, images:
     fetched = {}
     for layer in indexed:
         got = blob_requests(proxy, layer["digest"], layer["size"])
-        fetched[layer["digest"]] = sum(b - a for a, b in got)
+        fetched[layer["digest"]] = (len(got), sum(b - a for a, b in got))
         assert len(got) < images.ztocs[layer["digest"]]["num_spans"], (layer, got)
-    assert 0 < sum(fetched.values()) < sum(layer["size"] for layer in indexed) // 2, fetched
+    total = sum(n for _, n in fetched.values())
+    assert 0 < total < sum(layer["size"] for layer in indexed) // 2, fetched
 
     # Every file read through the lazy mounts is the image's.
     with puller.mounted(full) as root:
@@ -279,7 +280,7 @@ def test_soci_v2_image_loads_lazily_and_serves_the_original_tree(
     fetched = lazy_pull_run_and_compare(soci_puller, soci_proxy, soci_images, soci_images.v2,
                                         soci_original_tree)
     assert "using soci v2 index annotation" in soci_puller.snapshotter.index_lookups()
-    print(f"\nsoci v2: spans fetched while the workload ran: {fetched}")
+    print(f"\nsoci v2: (range requests, bytes) per layer while the workload ran: {fetched}")
 
 
 def test_soci_v1_index_is_found_through_the_tag_fallback_only_when_enabled(
@@ -356,4 +357,5 @@ def test_estargz_soci_index_loads_lazily_and_serves_the_original_tree(
     fetched = lazy_pull_run_and_compare(soci_puller, soci_proxy, soci_images, dst,
                                         soci_original_tree)
     assert "using soci v2 index annotation" in soci_puller.snapshotter.index_lookups()
-    print(f"\nestargz soci v2: spans fetched while the workload ran: {fetched}")
+    print(f"\nestargz soci v2: (range requests, bytes) per layer while the workload ran: "
+          f"{fetched}")
