@@ -1,12 +1,15 @@
 """Lazy loading with the real SOCI Snapshotter: the daemons and the client steps.
 
 Importable by tests and by benchmarks (put ``tests/`` on ``sys.path``); the
-pytest fixtures are at the bottom.  Needs root, /dev/fuse, containerd and
-runc (apt; Debian's containerd 1.6 serves soci v0.16.1 fine as long as the
-clients are containerd 2 clients, which ours are), and the binaries
-``scripts/build-soci.sh`` builds from soci-snapshotter v0.16.1 through the
-Go module proxy: ``soci`` (the CLI), ``snapshotter``
-(soci-snapshotter-grpc) and ``rpull`` (our puller, see below).
+pytest fixtures are at the bottom.  Needs root, /dev/fuse, runc (apt) and
+what ``scripts/build-soci.sh`` builds through the Go module proxy: from
+soci-snapshotter v0.16.1 ``soci`` (the CLI), ``snapshotter``
+(soci-snapshotter-grpc) and ``rpull`` (our puller, see below), and
+``containerd`` 2 (with its ``ctr`` and runc shim).  Debian's containerd 1.6
+cannot host the snapshotter: it does not pass the namespace on to a proxy
+snapshotter, and soci refuses to prepare a snapshot without one ("context
+has no namespace attached").  The ``soci`` CLI itself works against 1.6
+(the tests index images in the session's Debian containerd).
 
 What the SOCI Snapshotter needs from a pull
 -------------------------------------------
@@ -28,23 +31,30 @@ API
 ---
 
 ``build_soci(target) -> Path``: ``scripts/build-soci.sh TARGET`` (``soci``,
-``snapshotter``, ``rpull``; cached under ``${ESTARGZ_CACHE}/bin``).
+``snapshotter``, ``rpull``, ``containerd``; cached under
+``${ESTARGZ_CACHE:-~/.cache/estargz-dev}/bin``).  ``SociBinaries.build()``:
+all four.
 
 ``SociConfig(background_fetch=False, soci_v1=False, prefetch=False,
-extra="")``: the daemon's config.toml.  Background fetch is off by default so that every
-registry request after the mount is an on-demand span fetch a test (or
-benchmark) can attribute.
+extra="")``: the daemon's config.toml.  Background fetch is off by default
+so that every registry request after the mount is an on-demand span fetch
+a test (or benchmark) can attribute.
 
 ``SociSnapshotter(base, config=..., binary=None)``: a
-:class:`daemons.Daemon` (``start()``, ``stop()``: no mount or process left)
-with its own ``root``, ``address`` and JSON ``log`` below ``base``.
+:class:`daemons.Daemon` (``start()``, ``stop()``: no mount or process left;
+soci keeps its FUSE mounts when it gets SIGTERM, to take them up again on
+restart, so ``stop()`` always unmounts some by force) with its own
+``root``, ``address`` and JSON ``log`` below ``base``.
 ``fuse_mounts()``; ``log_records()``; ``prepared_remote_snapshots()``
 (``{snapshot key: True|False}``: mounted lazily, or left to containerd to
 pull whole), ``remote_snapshot_errors()``, ``index_lookups()`` (how the
 index was found).
 
+``Containerd2(base, binary, extra_config="")``: :class:`daemons.Containerd`
+with the containerd 2 binaries (NRI off, our shim first on its PATH).
+
 ``SociLazyPuller(base, config=..., binaries=None)``: a snapshotter plus a
-containerd with ``[proxy_plugins.soci]``, both on fresh state below
+containerd 2 with ``[proxy_plugins.soci]``, both on fresh state below
 ``base`` (a cold start).  ``start()``/``stop()`` or a context manager;
 ``.snapshotter``, ``.containerd``.  ``rpull(ref, index_digest=None)``:
 lazy pull (plain HTTP) with ``soci-rpull``; ``run(ref, *cmd)``: ``ctr run
@@ -76,7 +86,7 @@ FUSE mount count (bytes: count them in the proxy's log, e.g.
 in /run/containerd (shim sockets): wrap runs in a :class:`daemons.HostDirs`
 and ``cleanup()`` it, as the ``host_dirs`` fixture does.
 
-Fixtures: ``soci_binaries`` (session: the three binaries), ``make_soci_puller``
+Fixtures: ``soci_binaries`` (session: :class:`SociBinaries`), ``make_soci_puller``
 (function: ``make(config=SociConfig()) -> SociLazyPuller`` started, stopped
 after the test), ``soci_puller`` (a default one).
 """
@@ -124,7 +134,7 @@ def build_soci(target: str) -> Path:
 
 @dataclass(frozen=True)
 class SociBinaries:
-    """Paths of the three binaries of :func:`build_soci`."""
+    """Paths of the binaries of :func:`build_soci`."""
 
     soci: Path
     snapshotter: Path
@@ -300,8 +310,10 @@ class SociLazyPuller:
 
     def stop(self) -> None:
         """Stop containerd (removing its containers), then the snapshotter
-        (unmounting every layer); raises if a mount or process is left."""
+        (unmounting every layer, which soci leaves mounted on SIGTERM);
+        raises if a mount or process is left."""
         errors = []
+        # Views mounted by mounted() that a failed test left behind.
         unmount_all_under(self.mounts_dir)
         for daemon in (self.containerd, self.snapshotter):
             try:
@@ -469,7 +481,7 @@ def lazy_start(base: Path, ref: str, *cmd: str, proxy_host: str | None = None,
 
 @pytest.fixture(scope="session")
 def soci_binaries() -> SociBinaries:
-    """soci, soci-snapshotter-grpc and soci-rpull, built once."""
+    """soci, soci-snapshotter-grpc, soci-rpull and containerd 2, built once."""
     _require_fuse()
     try:
         return SociBinaries.build()
