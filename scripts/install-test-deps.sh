@@ -17,6 +17,8 @@ APT_PACKAGES=(
   golang-github-containerd-containerd-dev golang-github-burntsushi-toml-dev
   golang-google-grpc-dev golang-github-hashicorp-go-retryablehttp-dev
   golang-github-hanwen-go-fuse-dev
+  # the SOCI tools (scripts/build-soci.sh): their zTOC code is cgo over zlib
+  gcc libc6-dev zlib1g-dev
   # tools the tests and benchmarks run (setpriv, useradd and pgrep: the rootless
   # tests run estargz as an account they create)
   tar gzip zstd pigz debootstrap python3-venv util-linux passwd procps

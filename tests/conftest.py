@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 # Real daemons (registries, containerd, dockerd) as session fixtures.
-pytest_plugins = ("services", "daemons", "lazypull")
+pytest_plugins = ("services", "daemons", "lazypull", "socilazy")
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ESTARGZ_CACHE", Path.home() / ".cache" / "estargz-dev"))
