@@ -24,6 +24,7 @@ import pytest
 
 from conftest import REPO, Spec, build_tar, every_kind_specs, pattern, write
 from estargz._exceptions import EstargzError, InvalidInput, UnsupportedEntry
+from estargz.layer import zinfo
 from estargz.layer.ztoc import (
     DEFAULT_SPAN_SIZE,
     FileMetadata,
@@ -285,6 +286,19 @@ def test_uncompressed_layer(soci_ztoc, tmp_path):
     got = extract(soci_ztoc, write(tmp_path / "ours.ztoc",
                                    ours(layer, 4096, "uncompressed")), layer)
     assert got == tar_files(tar)
+
+
+@pytest.mark.parametrize("in_chunk,out_chunk", [(1, 1), (997, 4099), (1 << 20, 300)])
+def test_checkpoints_do_not_depend_on_buffer_sizes(monkeypatch, in_chunk, out_chunk):
+    """Where a block ends is in the data: the walk with other input and
+    output buffer sizes (one byte at a time included) finds the same
+    checkpoints, windows and span digests (docs/soci.md)."""
+    blob = gzip.compress(crafted_tar(), 9, mtime=0)
+    want = build_ztoc(io.BytesIO(blob), span_size=4096)
+    monkeypatch.setattr(zinfo, "_IN_CHUNK", in_chunk)
+    monkeypatch.setattr(zinfo, "_OUT_CHUNK", out_chunk)
+    assert build_ztoc(io.BytesIO(blob), span_size=4096) == want
+    assert want.max_span_id >= 5 and any(c.bits for c in want.decoded_checkpoints)
 
 
 def test_readers_returning_more_than_asked(tmp_path):

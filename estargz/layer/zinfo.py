@@ -222,6 +222,8 @@ class GzipCheckpointWalk:
         self._done = False
         self._pending = b""
         self._spill = b""
+        self._last_byte = b""
+        self._stalled = 0
         self.compressed_size = 0
         ret = _zlib.inflateInit2_(ctypes.byref(self._strm), _AUTO_HEADER, _zlib.zlibVersion(),
                                   ctypes.sizeof(_ZStream))
@@ -296,6 +298,14 @@ class GzipCheckpointWalk:
             self._hashes.update(memoryview(self._chunk)[self._chunk_at:self._chunk_at + used])
             self._chunk_at += used
             self._totin += used
+            # The byte a boundary inside a byte shares with the next span.
+            self._last_byte = self._chunk[self._chunk_at - 1:self._chunk_at]
+            self._stalled = 0
+        elif not produced and ret == _Z_OK:
+            # inflate always moves on; guard against looping if it did not.
+            self._stalled += 1
+            if self._stalled > 3:
+                raise self._error(f"invalid gzip data at offset {self._totin}: no progress")
         data = ctypes.string_at(self._out, produced) if produced else b""
         if produced:
             self._totout += produced
@@ -322,10 +332,7 @@ class GzipCheckpointWalk:
         if (kind & 128 and not kind & 64
                 and (self._totout == 0 or self._totout - self._last > self._span)):
             bits = kind & 7
-            seed = self._chunk[self._chunk_at - 1:self._chunk_at] if bits else b""
-            if bits and not seed:
-                raise self._error("gzip block boundary before the first byte")
-            self._hashes.start(seed)
+            self._hashes.start(self._last_byte if bits else b"")
             self.checkpoints.append(Checkpoint(self._totin, self._totout, bits, self._tail))
             self._last = self._totout
         return data
