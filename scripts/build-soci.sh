@@ -6,7 +6,6 @@
 #   scripts/build-soci.sh snapshotter   # -> ~/.cache/estargz-dev/bin/soci-snapshotter-grpc-v016
 #   scripts/build-soci.sh rpull         # -> ~/.cache/estargz-dev/bin/soci-rpull-v016
 #   scripts/build-soci.sh containerd    # -> ~/.cache/estargz-dev/bin/containerd-v2/containerd
-#   scripts/build-soci.sh ztoc-check    # -> ~/.cache/estargz-dev/bin/soci-ztoc
 #   ESTARGZ_CACHE=/tmp/c scripts/build-soci.sh soci
 #
 # soci         the `soci` CLI (create, convert, push, index/ztoc info) of
@@ -15,9 +14,6 @@
 # rpull        our puller (tests/lazypull/soci-v016/rpull): containerd's Go
 #              client pulling with the labels a remote snapshotter needs,
 #              as `soci image rpull` did before v0.10 removed it
-# ztoc-check   tests/interop/soci-ztoc: soci v0.16.1's ztoc packages (builder,
-#              marshaler, cgo zran code over the system zlib) as a checker
-#              for the zTOCs estargz writes
 # containerd   containerd 2 (tests/lazypull/containerd-v2/go.mod: v2.4.2, the
 #              newest release when written): containerd, ctr and
 #              containerd-shim-runc-v2 side by side in bin/containerd-v2/.
@@ -25,8 +21,8 @@
 #              pass the namespace to a proxy snapshotter, and soci refuses
 #              to prepare a snapshot without one.  Pure Go, no cgo.
 #
-# soci, snapshotter and rpull come from one module of ours,
-# tests/lazypull/soci-v016, built through the Go module proxy.  Why not `go install .../cmd/soci@v0.16.1`: the cmd
+# The soci tools come from one module of ours, tests/lazypull/soci-v016, built through
+# the Go module proxy.  Why not `go install .../cmd/soci@v0.16.1`: the cmd
 # module is not tagged (the proxy serves the v0.16.1 commit as a
 # pseudo-version) and its go.mod needs `replace` directives, which Go only
 # honours in the main module; our go.mod requires both modules and repeats
@@ -49,7 +45,7 @@ die() {
     exit 1
 }
 
-[ $# -eq 1 ] || die "usage: $0 soci|snapshotter|rpull|ztoc-check|containerd"
+[ $# -eq 1 ] || die "usage: $0 soci|snapshotter|rpull|containerd"
 target=$1
 
 script=$(readlink -f -- "$0" 2>/dev/null) || script=$0
@@ -84,15 +80,6 @@ case "$target" in
         package=./rpull
         sources="$sources $src_dir/rpull/main.go"
         ;;
-    ztoc-check)
-        # The zTOC checker of tests/interop/soci-ztoc (another module of
-        # ours): soci's ztoc packages as a checker for the zTOCs estargz
-        # writes (build / info / extract).
-        src_dir="$script_dir/../tests/interop/soci-ztoc"
-        name=soci-ztoc
-        package=.
-        sources="$src_dir/main.go $src_dir/go.mod $src_dir/go.sum"
-        ;;
     containerd)
         # Three binaries in one directory: containerd finds its shim next to
         # itself (when no other is on PATH; tests/socilazy.py puts this
@@ -108,7 +95,7 @@ case "$target" in
             sed -n 's/^require github.com\/containerd\/containerd\/v2 //p' "$src_dir/go.mod")"
         ;;
     *)
-        die "unknown target '$target' (expected soci, snapshotter, rpull, ztoc-check or containerd)"
+        die "unknown target '$target' (expected soci, snapshotter, rpull or containerd)"
         ;;
 esac
 for f in $sources; do
