@@ -252,8 +252,9 @@ class SociSnapshotter(Daemon):
         """How the SOCI index was found, in order: the debug lines of
         ``fs.getIndexDescriptor`` (e.g. ``using soci v2 index annotation``)."""
         return [r["msg"] for r in self.log_records()
-                if r.get("msg", "").startswith(("using soci", "index digest",
-                                                 "soci v", "checking for soci"))]
+                if r.get("msg", "").startswith(("using soci", "using provided soci",
+                                                 "index digest", "soci v",
+                                                 "checking for soci"))]
 
 
 class Containerd2(Containerd):

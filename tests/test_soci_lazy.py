@@ -294,11 +294,13 @@ def test_soci_v2_image_loads_lazily_and_serves_the_original_tree(
     print(f"\nsoci v2: (range requests, bytes) per layer while the workload ran: {fetched}")
 
 
-def test_soci_v1_index_is_found_through_the_tag_fallback_only_when_enabled(
+def test_soci_v1_index_is_used_when_named_or_found_through_the_tag_fallback_when_enabled(
         make_soci_puller, soci_proxy: FaultProxy, soci_images: SociImages):
     """The unchanged image with a v1 index: the default config (v2 only)
-    pulls it whole, with ``soci_v1`` the snapshotter asks the referrers API,
-    gets 404 from Debian's registry and reads the ``sha256-HEX`` tag."""
+    pulls it whole unless the pull names the index (the
+    ``soci.index.digest`` label); with ``soci_v1`` the snapshotter asks the
+    referrers API, gets 404 from Debian's registry and reads the
+    ``sha256-HEX`` tag."""
     ref = f"{soci_proxy.host}/{soci_images.original}"
     indexed = soci_images.indexed_layers()
 
@@ -310,6 +312,13 @@ def test_soci_v1_index_is_found_through_the_tag_fallback_only_when_enabled(
     whole = {layer["digest"]: [e.sent for e in soci_proxy.requests(
         "GET", f"/blobs/{layer['digest']}") if not e.range] for layer in indexed}
     assert whole == {layer["digest"]: [layer["size"]] for layer in indexed}
+
+    named = make_soci_puller()
+    soci_proxy.clear()
+    named.rpull(ref, index_digest=soci_images.v1_index)
+    assert len(named.snapshotter.fuse_mounts()) == len(indexed)
+    assert named.snapshotter.index_lookups() == ["using provided soci index digest"]
+    assert not [e for e in soci_proxy.requests("GET") if "/referrers/" in e.path]
 
     v1 = make_soci_puller(SociConfig(soci_v1=True))
     soci_proxy.clear()
