@@ -67,9 +67,21 @@ from .image.descriptor import (
     Platform,
     sha256_digest,
 )
+from .image.loadorder import (
+    LoadOrder,
+    dump_load_order,
+    load_order_from_record,
+    parse_load_order,
+)
 from .image.records import read_records
 from .image.reference import ImageRef
 from .image.results import ImageResult, LayerProgress, LayerReport, ProgressFn
+from .image.socicreate import (
+    SociOptions,
+    SociResult,
+    create_soci_index,
+    soci_index_source,
+)
 from .image.staged import StagedSource
 from .image.store import ImageDestination, ImageSource, TransportOptions, copy_verified
 from .image.transport import (
@@ -138,6 +150,9 @@ __all__ = [
     "open_destination", "open_source", "register_transport", "transport_names",
     "ImageConvertOptions", "ImageResult", "LayerProgress", "LayerReport", "ProgressFn",
     "convert_image",
+    # SOCI indexes and workload load orders (images left unchanged)
+    "LoadOrder", "SociOptions", "SociResult", "create_soci_index", "dump_load_order",
+    "load_order_from_record", "parse_load_order", "soci_index_source",
     "convert_source",
     "host_platform_default", "read_records",
 ]

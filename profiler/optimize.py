@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,20 +39,26 @@ from estargz import (
     ImageResult,
     ImageSource,
     InvalidInput,
+    LoadOrder,
     PeekableStream,
     ProgressFn,
+    SociOptions,
+    SociResult,
     StagedSource,
     atomic_output,
     check_member,
     clean_name,
     convert_source,
+    dump_load_order,
     host_platform_default,
     iter_headers,
     load_json_object,
+    load_order_from_record,
     open_source,
     open_tar,
     parse_reference,
     sha256_digest,
+    soci_index_source,
 )
 
 from .record import Access, by_path, per_layer, write_record
@@ -99,6 +106,15 @@ class OptimizeOptions:
     #: root; room on the tmpfs rootless).  Writes past it fail with ENOSPC
     #: and the report says so.
     scratch_bytes: int = SCRATCH_BYTES
+    #: Instead of converting: a SOCI index for the unchanged image whose
+    #: prefetch artifacts hold the spans the workload read, in the order it
+    #: read them (``optimize --soci``); ``platforms``, ``all_platforms`` and
+    #: ``reuse`` come from ``convert``, and so do the transport options.
+    soci: SociOptions | None = None
+    #: Write the workload's load-order document (docs/soci.md) here.
+    load_order_out: str | None = None
+    #: The document's workload name (default: from the entrypoint).
+    workload: str | None = None
 
 
 @dataclass
@@ -117,6 +133,9 @@ class OptimizeResult:
     #: The source's root manifest or index, as resolved (and pinned): what a
     #: record pushed to a registry refers to.
     source: Descriptor | None = None
+    #: ``--soci``: the SOCI index written instead of a converted image.
+    soci: SociResult | None = None
+    load_order: LoadOrder | None = None
 
 
 def _read_json(source: ImageSource, desc: Descriptor, what: str) -> dict[str, Any]:
@@ -229,12 +248,14 @@ def optimize_image(src: str, dst: str | None,
     sref = parse_reference(src)
     run = None
     image = None
+    soci_result = None
     # One pass over the source: the manifest is resolved once and pinned,
     # each layer fetched and decompressed once into work/staged; the root
     # filesystem and the converter both read those copies.
     with work_directory() as work, \
             open_source(sref, options.convert.src) as inner, \
-            StagedSource(inner, os.path.join(work, "staged")) as source:
+            StagedSource(inner, os.path.join(work, "staged"),
+                         keep_compressed=options.soci is not None) as source:
         desc, manifest, config, from_index = host_manifest(source)
         root_data, root_type = source.root()
         source_root = Descriptor(
@@ -271,7 +292,21 @@ def optimize_image(src: str, dst: str | None,
                 text = io.StringIO()
                 write_record(accesses, desc.digest, text)
                 f.write(text.getvalue().encode())
-        if not options.no_optimize:
+        load_order = None
+        if options.load_order_out or options.soci is not None:
+            load_order = _load_order(records, desc.digest, layers,
+                                     options.workload or _workload_name(workload))
+        if options.load_order_out and load_order is not None:
+            with atomic_output(options.load_order_out) as f:
+                f.write(dump_load_order(load_order))
+        if not options.no_optimize and options.soci is not None:
+            soci = replace(options.soci, load_order=load_order,
+                           platforms=options.convert.platforms,
+                           all_platforms=options.convert.all_platforms,
+                           reuse=options.convert.reuse, src=options.convert.src,
+                           dst=options.convert.dst)
+            soci_result = soci_index_source(source, sref, dst, soci, options.progress)
+        elif not options.no_optimize:
             if dst is None:
                 raise InvalidInput("optimize needs a destination unless --no-optimize")
             convert = replace(options.convert, records=records,
@@ -290,4 +325,21 @@ def optimize_image(src: str, dst: str | None,
         write_html(report, options.report_html)
     return OptimizeResult(desc.digest, accesses, report, image, notes,
                           round(time.monotonic() - started, 3),
-                          run.stopped_by.value if run else None, source_root)
+                          run.stopped_by.value if run else None, source_root,
+                          soci_result, load_order)
+
+
+def _workload_name(args: list[str]) -> str:
+    """A load-order document's default name: the program's file name."""
+    base = os.path.basename(args[0]) if args else ""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", base).lstrip("._-")[:128]
+    return name or "workload"
+
+
+def _load_order(records: dict[tuple[str, int], list[str]], manifest: str,
+                layers: list[Descriptor], workload: str) -> LoadOrder:
+    """The workload's load-order document; an empty one when it read nothing
+    from the image."""
+    if not any(digest == manifest for digest, _ in records):
+        return LoadOrder(workload, manifest, ())
+    return load_order_from_record(records, manifest, [x.digest for x in layers], workload)

@@ -379,3 +379,59 @@ def test_estargz_soci_index_loads_lazily_and_serves_the_original_tree(
     assert "using soci v2 index annotation" in soci_puller.snapshotter.index_lookups()
     print(f"\nestargz soci v2: (range requests, bytes) per layer while the workload ran: "
           f"{fetched}")
+
+
+def test_optimize_soci_prefetches_exactly_what_the_workload_reads(
+        make_soci_puller, soci_proxy: FaultProxy, soci_images: SociImages,
+        registry: RegistryDaemon, tmp_path: Path):
+    """``estargz optimize --soci`` (issue 14, point 3): the workload is
+    profiled, the image stays as it is, and the SOCI index carries one
+    prefetch artifact per layer read, the spans of the files read in
+    first-access order.  With ``[prefetch] enable`` the snapshotter fetches
+    those spans while it mounts the layers, and the workload then runs
+    without a single on-demand fetch.  ``soci create --load-order`` with the
+    document optimize wrote makes the same index."""
+    host = registry.host
+    plain = ("--src-tls-verify", "false", "--dest-tls-verify", "false")
+    doc = tmp_path / "python3.load-order.json"
+    r = run_cli("optimize", "--soci", "--period", "60", "--args", json.dumps(list(WORKLOAD)),
+                "--wait-on-line", EXPECT, "--load-order-out", doc, "--json", *plain,
+                f"docker://{host}/{soci_images.original}",
+                f"docker://{host}/{REPO_NAME}:optimized-soci")
+    assert r.code == 0, r.err
+    result = json.loads(r.out)["soci"]
+    (index,) = result["indexes"]
+    layers = {x["digest"]: x for x in index["layers"]}
+    indexed = soci_images.indexed_layers()
+    for layer in indexed:
+        got = layers[layer["digest"]]
+        assert got["prefetch"] and 0 < got["prefetch_spans"] <= got["spans"], got
+    loaded = json.loads(doc.read_bytes())
+    assert loaded["workload"] == "python3"
+    assert {x["digest"] for x in loaded["layers"]} >= {x["digest"] for x in indexed}
+
+    # The same document through soci create gives the same SOCI index.
+    r = run_cli("soci", "create", "--load-order", doc, "--json", *plain,
+                f"docker://{host}/{soci_images.original}",
+                f"docker://{host}/{REPO_NAME}:from-load-order")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["indexes"][0]["index"] == index["index"]
+
+    puller = make_soci_puller(SociConfig(prefetch=True))
+    full = f"{soci_proxy.host}/{REPO_NAME}:optimized-soci"
+    soci_proxy.clear()
+    puller.rpull(full)
+    before = layer_fetches(soci_proxy, indexed)
+    for layer in indexed:
+        want = layers[layer["digest"]]
+        spans = sum(b - a for a, b in before[layer["digest"]]) - PROBE_BYTES
+        # Every prefetched span was fetched at mount time (spans may share a byte).
+        assert want["prefetch_bytes"] - want["prefetch_spans"] <= spans <= \
+            want["prefetch_bytes"], (layer["digest"], before[layer["digest"]], want)
+    soci_proxy.clear()
+    result_run = puller.run(full, *WORKLOAD)
+    assert EXPECT in result_run.stdout, (result_run.stdout, result_run.stderr)
+    after = layer_fetches(soci_proxy, indexed)
+    assert all(not got for got in after.values()), after
+    print(f"\noptimize --soci: prefetched (spans, bytes) per layer: "
+          f"{ {d[:19]: (x['prefetch_spans'], x['prefetch_bytes']) for d, x in layers.items()} }")

@@ -21,6 +21,7 @@ from profiler.rootfs import SCRATCH_BYTES
 from profiler.sandbox import BindMount, parse_http_url
 
 from .. import TransportOptions, reporting_to
+from ..image.loadorder import check_workload
 from ..image.reference import DockerName, parse_docker_name
 from ..layer.order import read_prioritized_list
 from ..registry.client import client_for
@@ -28,6 +29,7 @@ from ..registry.records import RecordPush, push_record
 from .base import EXIT_USAGE, _fail, _json_list, _read_text_lines, _run, main
 from .image import _image_convert_options, _image_options, _print_image_result, _Seconds
 from .progress import ProgressDisplay
+from .soci import print_soci_result, soci_index_options, soci_options_from
 
 #: The longest ``--period``: a day is longer than any start-up worth
 #: profiling, and keeps the deadline arithmetic far from float limits.
@@ -96,6 +98,17 @@ def _push_record(result: OptimizeResult, to: DockerName,
 @click.option("--no-optimize", is_flag=True, help="Profile only; do not convert.")
 @click.option("--report", "report_html", default=None, type=click.Path(dir_okay=False),
               help="Write an HTML report.")
+@click.option("--soci", is_flag=True,
+              help="Leave the image unchanged and write a SOCI index for it instead, whose "
+                   "prefetch artifacts hold what the workload read, in that order (DST "
+                   "as for soci create; the --chunk-size and format options do not apply).")
+@soci_index_options
+@click.option("--load-order-out", default=None, type=click.Path(dir_okay=False),
+              metavar="FILE",
+              help="Write the workload's load-order document (files per layer in "
+                   "first-access order; for soci create --load-order).")
+@click.option("--workload", default=None, metavar="NAME",
+              help="The load-order document's name (default: the entrypoint's file name).")
 @_image_options
 def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
     """Profile image SRC's workload and convert it to eStargz at DST with the
@@ -109,6 +122,17 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
         if kw["keep_diff_id"] and not kw["no_optimize"]:
             _fail("--keep-diff-id keeps each layer's order, so the files the workload "
                   "reads cannot be put first (add --no-optimize to only record)", EXIT_USAGE)
+        soci = None
+        use_soci = kw.pop("soci")
+        if use_soci:
+            _refuse_conversion_options(kw)
+            soci = soci_options_from(kw)
+        else:
+            for name in ("span_size", "min_layer_size", "index_version",
+                         "build_tool_identifier"):
+                kw.pop(name)
+        if kw["workload"] is not None:
+            check_workload(kw["workload"])
         prefetch = None
         if kw["prefetch_list"]:
             prefetch = tuple(read_prioritized_list(_read_text_lines(kw["prefetch_list"])))
@@ -134,7 +158,8 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
             net_host=kw["net_host"], record_out=record_out, prefetch_list=prefetch,
             no_optimize=kw["no_optimize"], report_html=kw["report_html"], quiet=quiet or as_json,
             output=display.echo, progress=display,
-            scratch_bytes=kw["scratch_size"] << 20)
+            scratch_bytes=kw["scratch_size"] << 20, soci=soci,
+            load_order_out=kw["load_order_out"], workload=kw["workload"])
         with display, reporting_to(display.sink("image")):
             result = optimize_image(src, dst, options)
         pushed = _push_record(result, push_to, options.convert.dst) if push_to else None
@@ -143,16 +168,32 @@ def optimize_cmd(src: str, dst: str | None, **kw: Any) -> None:
                    "stopped_by": result.stopped_by, "profile_seconds": result.report.seconds,
                    "accessed": [a.__dict__ for a in result.accesses], "notes": result.notes,
                    "image": result.image.to_dict() if result.image else None,
+                   "soci": result.soci.to_dict() if result.soci else None,
                    "record": pushed.__dict__ if pushed else None}
             click.echo(json.dumps(out, indent=2))
         elif not quiet:
             click.echo(render_text(result.report))
             if result.image:
                 _print_image_result(result.image, False, False)
+            if result.soci:
+                print_soci_result(result.soci, False, False)
             if pushed:
                 click.echo(f"record: docker://{pushed.reference} (refers to {pushed.subject}; "
                            f"listed by {pushed.found_by})")
     _run(body)
+
+
+def _refuse_conversion_options(kw: dict[str, Any]) -> None:
+    """``--soci`` converts nothing: a conversion option set is a usage error."""
+    given = [flag for flag, key, default in (
+        ("--external-toc", "external_toc", False), ("--keep-diff-id", "keep_diff_id", False),
+        ("--min-chunk-size", "min_chunk_size", 0)) if kw.get(key) != default]
+    if kw.get("layer_format") is not None or kw.get("zstdchunked"):
+        given.append("--format")
+    if kw.get("compression_level") is not None:
+        given.append("--compression-level")
+    if given:
+        raise click.UsageError(f"--soci leaves the layers as they are: drop {', '.join(given)}")
 
 
 @main.command("doctor")

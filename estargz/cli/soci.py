@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from .. import ImageSource, InvalidInput, NotFound, Platform, TransportOptions
+from ..image.loadorder import MAX_DOCUMENT_SIZE, parse_load_order
 from ..image.socicreate import SociOptions, SociResult, create_soci_index
 from ..image.sociindex import (
     DEFAULT_MIN_LAYER_SIZE,
@@ -32,7 +34,8 @@ def soci_group() -> None:
     """SOCI indexes: lazy loading of unchanged images (the SOCI Snapshotter)."""
 
 
-def _print_result(result: SociResult, as_json: bool, quiet: bool) -> None:
+def print_soci_result(result: SociResult, as_json: bool, quiet: bool) -> None:
+    """``soci create``'s output: a JSON summary, or a line per index and one for DST."""
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -50,20 +53,43 @@ def _print_result(result: SociResult, as_json: bool, quiet: bool) -> None:
                f"{result.seconds:.1f}s)")
 
 
+#: The options of a SOCI index, shared by ``soci create`` and ``optimize --soci``.
+SOCI_INDEX_OPTIONS = [
+    click.option("--span-size", type=click.IntRange(1, 1 << 40), default=DEFAULT_SPAN_SIZE,
+                 show_default=True, metavar="BYTES",
+                 help="Uncompressed bytes between two zran checkpoints of a layer."),
+    click.option("--min-layer-size", type=click.IntRange(0, 1 << 50),
+                 default=DEFAULT_MIN_LAYER_SIZE, show_default=True, metavar="BYTES",
+                 help="Smaller layers get no zTOC (they are pulled whole)."),
+    click.option("--index-version", type=click.Choice(["v2", "v1"]), default="v2",
+                 show_default=True,
+                 help="v2: a new image index at DST binds manifest and index (what the "
+                      "SOCI Snapshotter looks for first); v1: the index refers to the "
+                      "unchanged manifest (referrers API or its sha256-HEX tag)."),
+    click.option("--build-tool-identifier", default=SociOptions.build_tool,
+                 show_default=True,
+                 help="Recorded in every zTOC and in the index's annotations."),
+]
+
+
+def soci_index_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``f`` with :data:`SOCI_INDEX_OPTIONS`."""
+    for opt in reversed(SOCI_INDEX_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def soci_options_from(kw: dict[str, Any], **more: Any) -> SociOptions:
+    """:class:`SociOptions` from the :data:`SOCI_INDEX_OPTIONS` (popped from ``kw``)."""
+    return SociOptions(span_size=kw.pop("span_size"), min_layer_size=kw.pop("min_layer_size"),
+                       version=kw.pop("index_version"),
+                       build_tool=kw.pop("build_tool_identifier"), **more)
+
+
 @soci_group.command("create")
 @click.argument("src")
 @click.argument("dst", required=False)
-@click.option("--span-size", type=click.IntRange(1, 1 << 40), default=DEFAULT_SPAN_SIZE,
-              show_default=True, metavar="BYTES",
-              help="Uncompressed bytes between two zran checkpoints of a layer.")
-@click.option("--min-layer-size", type=click.IntRange(0, 1 << 50),
-              default=DEFAULT_MIN_LAYER_SIZE, show_default=True, metavar="BYTES",
-              help="Smaller layers get no zTOC (they are pulled whole).")
-@click.option("--index-version", type=click.Choice(["v2", "v1"]), default="v2",
-              show_default=True,
-              help="v2: a new image index at DST binds manifest and index (what the "
-                   "SOCI Snapshotter looks for first); v1: the index refers to the "
-                   "unchanged manifest (referrers API or its sha256-HEX tag).")
+@soci_index_options
 @click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[/VARIANT]",
               help="Platform to index from an image index (repeatable; default: this "
                    "host's).")
@@ -71,10 +97,14 @@ def _print_result(result: SociResult, as_json: bool, quiet: bool) -> None:
 @click.option("--reuse", is_flag=True,
               help="Take zTOCs of the same layers and span size from SOCI indexes already "
                    "bound to SRC or DST instead of reading those layers.")
-@click.option("--build-tool-identifier", default=SociOptions.build_tool, show_default=True,
-              help="Recorded in every zTOC and in the index's annotations.")
+@click.option("--load-order", "load_order_file", default=None,
+              type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
+              help="A workload's load-order document (optimize --load-order-out): each "
+                   "layer it read from gets a SOCI prefetch artifact of those spans, in "
+                   "first-access order.")
 @connection_options
-def soci_create_cmd(src: str, dst: str | None, **kw: Any) -> None:
+def soci_create_cmd(src: str, dst: str | None, load_order_file: str | None,
+                    **kw: Any) -> None:
     """Write a SOCI index for image SRC, leaving its layers and config as they are.
 
     v2 (default) writes a new image index to DST (default: SRC's repository or
@@ -85,15 +115,17 @@ def soci_create_cmd(src: str, dst: str | None, **kw: Any) -> None:
     def body() -> None:
         as_json, quiet = kw.pop("as_json"), kw.pop("quiet")
         src_options, dst_options = transport_options(kw)
-        options = SociOptions(
-            span_size=kw.pop("span_size"), min_layer_size=kw.pop("min_layer_size"),
-            version=kw.pop("index_version"),
-            platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
+        load_order = None
+        if load_order_file is not None:
+            with open_input(load_order_file, "load-order document") as f:
+                load_order = parse_load_order(f.read(MAX_DOCUMENT_SIZE + 1), load_order_file)
+        options = soci_options_from(
+            kw, platforms=tuple(Platform.parse(p) for p in kw.pop("platforms")),
             all_platforms=kw.pop("all_platforms"), reuse=kw.pop("reuse"),
-            build_tool=kw.pop("build_tool_identifier"), src=src_options, dst=dst_options)
+            load_order=load_order, src=src_options, dst=dst_options)
         with ProgressDisplay.for_stderr(quiet=quiet, as_json=as_json) as progress:
             result = create_soci_index(src, dst, options, progress)
-        _print_result(result, as_json, quiet)
+        print_soci_result(result, as_json, quiet)
     _run(body)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,6 +43,7 @@ from .descriptor import (
     Platform,
     sha256_digest,
 )
+from .loadorder import LayerPrefetch, LoadOrder, layer_prefetch
 from .reference import ImageRef
 from .results import LayerProgress, ProgressFn
 from .sociindex import (
@@ -65,13 +66,9 @@ from .socilookup import find_soci_indexes
 from .store import ImageDestination, ImageSource, TransportOptions
 from .transport import open_destination, open_source, parse_reference
 
-__all__ = ["PrefetchFn", "SociIndexReport", "SociLayerReport", "SociOptions", "SociResult",
+__all__ = ["SociIndexReport", "SociLayerReport", "SociOptions", "SociResult",
            "create_soci_index", "soci_destination", "soci_index_source"]
 
-#: ``prefetch(layer digest, zTOC) -> prefetch artifact bytes or None``: how
-#: ``optimize --soci`` turns a workload's record into a layer's prefetch
-#: artifact once the layer's zTOC is known.
-PrefetchFn = Callable[[str, Ztoc], "bytes | None"]
 _MAX_ZTOC = 256 << 20  # a reused zTOC larger than this is not one
 
 
@@ -89,8 +86,9 @@ class SociOptions:
     #: bound to the source or the destination instead of building them.
     reuse: bool = False
     build_tool: str = f"estargz v{__version__}"
-    #: Prefetch artifacts from a workload's record (``optimize --soci``).
-    prefetch: PrefetchFn | None = None
+    #: A workload's load order: each indexed layer it read from gets a SOCI
+    #: prefetch artifact, the spans of those reads in first-access order.
+    load_order: LoadOrder | None = None
     #: Layer-indexing jobs at once (0: one per core, at most 4).
     parallel_layers: int = 0
     src: TransportOptions = TransportOptions()
@@ -113,6 +111,11 @@ class SociLayerReport:
     spans: int = 0
     files: int = 0
     prefetch: str = ""
+    #: Spans in the prefetch artifact, and the compressed bytes they cover.
+    prefetch_spans: int = 0
+    prefetch_bytes: int = 0
+    #: Load-order paths this layer's zTOC does not have.
+    missing: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -183,7 +186,7 @@ class _Built:
     data: bytes
     action: str
     seconds: float
-    prefetch: bytes | None = None
+    prefetch: LayerPrefetch | None = None
 
 
 class _Run:
@@ -207,7 +210,8 @@ class _Run:
 
     def _fetch(self, desc: Descriptor) -> tuple[str, bool]:
         """A file holding blob ``desc`` and whether it is our temporary copy."""
-        local = self.source.local_blob_path(desc)
+        local = (self.source.local_blob_path(desc)
+                 if self.source.verbatim_local_blobs else None)
         if local is not None:
             return local, False
         fd, path = tempfile.mkstemp(dir=self.work, suffix=".blob")
@@ -286,8 +290,10 @@ class _Run:
                 built = _Built(reused[0], reused[1], "reused", 0.0)
             else:
                 built = self._build(layer)
-        if self.options.prefetch is not None:
-            built.prefetch = self.options.prefetch(layer.digest, built.ztoc)
+        doc = self.options.load_order
+        wanted = [x for x in doc.layers if x.digest == layer.digest] if doc else []
+        if wanted:
+            built.prefetch = layer_prefetch(wanted[0], built.ztoc)
         built.seconds = round(time.monotonic() - started, 3)
         return built
 
@@ -533,6 +539,7 @@ def _collect(run: _Run, d: Descriptor,
     ztocs: list[Descriptor] = []
     prefetch: list[Descriptor] = []
     seen: set[str] = set()
+    seen_prefetch: set[str] = set()
     for layer, job in plan:
         check_cancelled()
         if isinstance(job, str):
@@ -550,12 +557,16 @@ def _collect(run: _Run, d: Descriptor,
                              spans=built.ztoc.max_span_id + 1, files=len(built.ztoc.files),
                              seconds=built.seconds)
         ztocs.append(desc)
-        if built.prefetch:
-            pdesc = Descriptor(PREFETCH_MEDIA_TYPE, sha256_digest(built.prefetch),
-                               len(built.prefetch), {LAYER_DIGEST_ANNOTATION: layer.digest})
-            run._put_bytes(pdesc, built.prefetch)
-            prefetch.append(pdesc)
-            lr.prefetch = pdesc.digest
+        pre = built.prefetch
+        if pre is not None and layer.digest not in seen_prefetch:
+            seen_prefetch.add(layer.digest)
+            lr.missing = list(pre.missing)
+            pdesc = pre.descriptor
+            if pre.data is not None and pdesc is not None:
+                run._put_bytes(pdesc, pre.data)
+                prefetch.append(pdesc)
+                lr.prefetch, lr.prefetch_spans = pdesc.digest, len(pre.spans)
+                lr.prefetch_bytes = pre.compressed_bytes
         report.layers.append(lr)
     return report, ztocs + prefetch
 

@@ -17,7 +17,11 @@ front of the source instead:
   in place (:func:`~estargz.layer.layerinput.open_tar` spools nothing).
 
 A layer that carries a TOC digest annotation is kept compressed (fetched
-once all the same): ``--reuse`` must read its footer and TOC.
+once all the same): ``--reuse`` must read its footer and TOC.  With
+``keep_compressed`` every layer's original bytes are kept beside its tar,
+and :meth:`~StagedSource.fetch_blob` serves them from there: a SOCI index
+(``optimize --soci``) is built on the compressed stream the profile's
+extraction already fetched.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from ..layer.layerinput import decompress_file, detect_compression
 from ..layer.source import RangeSource
 from ..layer.toc import TOC_DIGEST_ANNOTATION
 from .descriptor import CONVERTIBLE_LAYERS, Descriptor, sha256_digest
-from .store import ImageSource
+from .store import ImageSource, copy_verified
 
 #: Blobs up to this size that are not layers (configs) are kept in memory.
 _SMALL = 16 << 20
@@ -46,8 +50,14 @@ class StagedSource(ImageSource):
     :meth:`close`; closing does not close ``inner``.
     """
 
-    def __init__(self, inner: ImageSource, work: str) -> None:
+    #: Layers come out of :meth:`local_blob_path` decompressed.
+    verbatim_local_blobs = False
+
+    def __init__(self, inner: ImageSource, work: str, *, keep_compressed: bool = False) -> None:
         self.inner = inner
+        self.keep_compressed = keep_compressed
+        #: Layer digest -> a local file of its original (compressed) bytes.
+        self._kept: dict[str, str] = {}
         self.name = inner.name
         self.origin = inner.origin
         self.work = work
@@ -91,6 +101,11 @@ class StagedSource(ImageSource):
                     self._small[desc.digest] = data
             dst.write(data)
             return
+        if self.keep_compressed and desc.media_type in CONVERTIBLE_LAYERS:
+            self.local_blob_path(desc)  # staged once, its original kept
+            with open(self._kept[desc.digest], "rb") as f:
+                copy_verified(f, dst, desc, f"staged layer {desc.digest}")
+            return
         # A layer's original bytes are wanted only off the usual path (the
         # staged copy is uncompressed): read them from the source.
         self.inner.fetch_blob(desc, dst)
@@ -118,6 +133,13 @@ class StagedSource(ImageSource):
                 fetched = compressed = os.path.join(self.work, hexdigest + ".blob")
                 with open(fetched, "wb") as f:
                     self.inner.fetch_blob(desc, f)
+            if self.keep_compressed:
+                self._kept[desc.digest] = compressed
+                if fetched is not None:
+                    # Renamed so that a plain tar's staged copy (below) is another file.
+                    os.rename(fetched, fetched + ".orig")
+                    self._kept[desc.digest] = compressed = fetched + ".orig"
+                    fetched = None
             if TOC_DIGEST_ANNOTATION in desc.annotations:
                 fetched = None  # kept as it is
                 return compressed
@@ -125,7 +147,7 @@ class StagedSource(ImageSource):
             with open(compressed, "rb") as f:
                 plain = detect_compression(f.read(8)) == "tar"
             if plain and fetched is None:
-                return compressed  # the source's own uncompressed tar, in place
+                return compressed  # the source's own (or the kept) tar, in place
             if plain and fetched is not None:
                 os.rename(fetched, tar)
                 fetched = None

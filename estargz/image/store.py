@@ -69,6 +69,10 @@ class ImageSource(ABC):
         """A local file already holding the blob, to convert without a copy."""
         return None
 
+    #: Whether :meth:`local_blob_path` gives blobs byte for byte (a staged
+    #: source gives layers decompressed, which converting takes as well).
+    verbatim_local_blobs: bool = True
+
     def referrers(self, subject: Descriptor, artifact_type: str) -> list[Descriptor]:
         """Manifests of ``artifact_type`` that refer to ``subject`` (OCI 1.1
         ``subject``), where the transport can list them; none by default."""
