@@ -203,3 +203,14 @@ def test_bad_input(test_images, tmp_path):
     garbage.write_bytes(b"\x10\x00\x00\x00not a flatbuffer at all")
     one_line_error(run_cli("soci", "ztoc", "info", garbage), 1, "invalid zTOC")
     one_line_error(run_cli("soci", "index", "info", src), 1, "no SOCI index is bound")
+
+
+def test_optimize_soci_usage_errors(test_images, tmp_path):
+    src = f"oci:{test_images.debian_python3}:latest"
+    one_line_error(run_cli("optimize", "--soci", "--min-chunk-size", "65536", src,
+                           f"oci:{tmp_path}/o:x"), 2, "drop --min-chunk-size")
+    one_line_error(run_cli("optimize", "--soci", "--zstdchunked", src, f"oci:{tmp_path}/o:x"),
+                   2, "drop --format")
+    one_line_error(run_cli("optimize", "--workload", "no spaces", "--no-optimize", src), 1,
+                   "workload name")
+    assert not (tmp_path / "o").exists()

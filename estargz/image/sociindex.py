@@ -210,13 +210,16 @@ def parse_index_manifest(data: bytes, what: str = "SOCI index") -> SociIndex:
     config = m.get("config")
     kind = config.get("mediaType") if isinstance(config, dict) else None
     versions = {SOCI_INDEX_V1: "v1", SOCI_INDEX_V2: "v2"}
-    if kind not in versions:
-        raise InvalidInput(f"{what} is not a SOCI index (config media type {kind!r})")
+    if not isinstance(kind, str) or kind not in versions:
+        raise InvalidInput(f"{what} is not a SOCI index (config media type "
+                           f"{str(kind)[:80]!r})")
     layers = m.get("layers")
     if not isinstance(layers, list):
         raise InvalidInput(f"{what} has no layers list")
     blobs = [Descriptor.from_json(d) for d in layers]
     for b in blobs:
+        if not all(isinstance(v, str) for v in b.annotations.values()):
+            raise InvalidInput(f"{what}: blob {b.digest} has annotations that are not strings")
         if not b.annotations.get(LAYER_DIGEST_ANNOTATION):
             raise InvalidInput(f"{what}: blob {b.digest} names no image layer "
                                f"({LAYER_DIGEST_ANNOTATION})")
