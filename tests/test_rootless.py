@@ -372,3 +372,25 @@ def test_rootless_spec_differs_only_where_a_user_namespace_requires():
     assert rootless["process"] == root["process"]
     for key in ("namespaces", "devices", "maskedPaths", "readonlyPaths"):
         assert rootless["linux"][key] == root["linux"][key]
+
+
+def test_soci_index_and_optimize_soci_without_root(public, out, rootless_user, unprivileged,
+                                                   tmp_path):
+    """``soci create`` and ``optimize --soci`` need no daemon and no root:
+    as the account, the same SOCI index as root's, and from the same
+    profile the same prefetch artifacts (issue 14, point 1 and 3)."""
+    image = f"oci:{public / 'py'}:latest"
+    for args in (("soci", "create"), ("optimize", "--soci")):
+        r = run_cli(*args, image, f"oci:{tmp_path / 'root'}:{args[0]}", "--json")
+        assert r.code == 0, r.err
+        p = as_user(rootless_user, unprivileged, *args, image, f"oci:{out / 'img'}:{args[0]}",
+                    "--json", tmp=out)
+        assert p.returncode == 0, p.stderr
+        mine = json.loads(p.stdout)
+        theirs = r.json()
+        if args[0] == "optimize":
+            mine, theirs = mine["soci"], theirs["soci"]
+            assert all(x["prefetch"] for x in mine["indexes"][0]["layers"])
+        assert mine["digest"] == theirs["digest"]
+    assert (out / "img" / "index.json").stat().st_uid == rootless_user.uid
+    assert rootless_user.processes() == []
