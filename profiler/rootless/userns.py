@@ -44,11 +44,15 @@ the job from :func:`proc_is_shared`).  What differs then:
 
 * the workload's /proc is the caller's PID namespace's: it lists the
   processes of the CI job (the shell, estargz, the runtime) besides its own,
-  and as it runs as the caller's uid it can read their ``/proc/PID`` files
-  (``environ`` included) as the caller could.  It gains no privilege the
-  caller lacks: Docker's masks stay (the copied mounts are locked to the
-  user namespace, and the workload has no CAP_SYS_ADMIN to unmount them),
-  ``/proc/sys`` stays read-only;
+  and reads what anyone may (``cmdline``, ``stat``, ``status``).  Not their
+  ``environ``, memory, descriptors or root, although it runs as the same
+  uid: the kernel's ptrace access check (``cap_ptrace_access_check()``)
+  refuses a process in a child user namespace access to one in a parent
+  (estargz, the job), and to one holding capabilities it lacks (this
+  helper and runc, root of our user namespace with every capability).
+  Docker's masks stay (the copied mounts are locked to the user namespace,
+  and the workload has no CAP_SYS_ADMIN to unmount them), ``/proc/sys``
+  stays read-only;
 * the kernel's kill of everything in the namespace when its PID 1 dies is
   lost: if estargz is killed with SIGKILL, the container's init (PID 1 of its
   own namespace, so the workload dies with it) can outlive it, until the
