@@ -136,6 +136,78 @@ def test_the_sandbox_holds(public, out, rootless_user, unprivileged):
     assert rootless_user.processes() == []
 
 
+def masked_proc(argv: list[str]) -> list[str]:
+    """``argv`` run in a mount namespace whose /proc is masked as Docker masks
+    it (the sandbox's own lists are Docker's), made by root before the
+    account's user namespace copies it: there, as in a container started
+    without ``systempaths=unconfined``, the kernel refuses a new procfs."""
+    docker = build_spec("/r", ProcessSpec(["/bin/true"]), SandboxOptions(), ResolvedUser(0, 0),
+                        "id")["linux"]
+    steps = []
+    for path in (p for p in docker["maskedPaths"] if p.startswith("/proc/") and os.path.exists(p)):
+        steps.append(f"mount -t tmpfs -o ro tmpfs {path}" if os.path.isdir(path)
+                     else f"mount --bind /dev/null {path}")
+    for path in (p for p in docker["readonlyPaths"] if os.path.exists(p)):
+        steps.append(f"mount --bind {path} {path} && mount -o remount,bind,ro {path}")
+    assert steps
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-euc",
+            " && ".join(steps) + ' && exec "$@"', "sh", *argv]
+
+
+def test_masked_proc_same_record_as_root(public, out, rootless_user, unprivileged, tmp_path):
+    """Under a masked /proc the profile runs in the caller's PID namespace
+    with its /proc, bound into the container: the record is still root's,
+    byte for byte."""
+    image = f"oci:{public / 'py'}:latest"
+    root_record = tmp_path / "root.jsonl"
+    r = run_cli("optimize", image, "--no-optimize", "--record-out", root_record)
+    assert r.code == 0, r.err
+    argv = rootless_user.argv(unprivileged, "optimize", image, "--no-optimize",
+                              "--record-out", out / "user.jsonl")
+    p = subprocess.run(masked_proc(argv), capture_output=True, text=True, cwd="/",
+                       env=rootless_user.env(TMPDIR=str(out)), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (out / "user.jsonl").read_bytes() == root_record.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["user.jsonl"]
+    assert rootless_user.processes() == []
+
+
+def test_masked_proc_what_the_workload_sees(public, out, rootless_user, unprivileged):
+    """What differs under a masked /proc (docs/profiling.md): the workload's
+    /proc lists the caller's processes; it still may not mount, Docker's
+    masks stay, /proc/sys stays read-only, and its writes stay on the tmpfs."""
+    # The caller's processes that hold the secret in their environment (the
+    # CLI, the namespace helper and its child; the patterns do not match this
+    # script): is it read (0), or is environ closed (2)?
+    peek = ("for d in /proc/[0-9]*; do (tr '\\0' ' ' < $d/cmdline) 2>/dev/null"
+            " | grep -q -e 'bin/estarg[z] optimize' -e 'profiler[.]rootless' || continue;"
+            " grep -qa TOKEN $d/environ 2>/dev/null; echo $?; done | sort | uniq -c")
+    script = (peek + "; ls /proc | grep -cE '^[0-9]+$'; wc -c < /proc/keys; "
+              "(echo 1 > /proc/sys/kernel/printk) 2>/dev/null && echo sys-writable"
+              " || echo sys-read-only; "
+              "umount /proc/keys 2>/dev/null && echo unmounted || echo umount-refused; "
+              "mount -t tmpfs none /mnt 2>/dev/null && echo mounted || echo mount-refused; "
+              "echo x > /escape-marker && echo wrote; id -u")
+    argv = rootless_user.argv(unprivileged, "optimize", f"oci:{public / 'py'}:latest",
+                              "--no-optimize", "--entrypoint", '["/bin/sh", "-c"]',
+                              "--args", json.dumps([script]))
+    p = subprocess.run(masked_proc(argv), capture_output=True, text=True, cwd="/",
+                       env=rootless_user.env(TMPDIR=str(out), SECRET="TOKEN"), timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = [ln.removeprefix("workload: ").strip() for ln in p.stderr.splitlines()
+             if ln.startswith("workload: ")]
+    # Seen, but closed: the CLI is in the parent user namespace, the helper
+    # holds capabilities the workload lacks (the kernel's ptrace access check).
+    count, status = lines.pop(0).split()
+    assert status == "2" and int(count) >= 3
+    assert int(lines[0]) > 3           # the caller's processes too
+    assert lines[1:] == ["0", "sys-read-only", "umount-refused", "mount-refused", "wrote", "0"]
+    found = subprocess.run(["find", "/tmp", "/var/tmp", str(out), "-name", "escape-marker"],
+                           capture_output=True, text=True)
+    assert found.stdout == ""
+    assert rootless_user.processes() == []
+
+
 def test_sigint_leaves_nothing(public, out, rootless_user, unprivileged):
     tmp = out / "tmp"
     tmp.mkdir()
@@ -394,3 +466,19 @@ def test_soci_index_and_optimize_soci_without_root(public, out, rootless_user, u
         assert mine["digest"] == theirs["digest"]
     assert (out / "img" / "index.json").stat().st_uid == rootless_user.uid
     assert rootless_user.processes() == []
+
+
+def test_bind_proc_changes_only_the_proc_mount():
+    """Under a masked /proc the runtime gets the caller's /proc, recursively
+    (Docker's masks are locked mounts below it), never a new procfs."""
+    args = ("/r", ProcessSpec(["/bin/true"]))
+    plain = build_spec(*args, SandboxOptions(), ResolvedUser(0, 0), "id", rootless=True)
+    bound = build_spec(*args, SandboxOptions(bind_proc=True), ResolvedUser(0, 0), "id",
+                       rootless=True)
+    changed = [(a, b) for a, b in zip(plain["mounts"], bound["mounts"], strict=True) if a != b]
+    assert changed == [({"destination": "/proc", "type": "proc", "source": "proc",
+                         "options": ["nosuid", "noexec", "nodev"]},
+                        {"destination": "/proc", "type": "bind", "source": "/proc",
+                         "options": ["rbind", "nosuid", "noexec", "nodev"]})]
+    assert {k: v for k, v in bound.items() if k != "mounts"} == \
+        {k: v for k, v in plain.items() if k != "mounts"}

@@ -12,6 +12,8 @@ mount mark on a filesystem mounted in the namespace.  So
     a cgroup with memory and pids limits, where cgroups are delegated to
     the user (profiler.rootless.cgroup); else a note says there are none
     call_in_userns(_job)          profiler.rootless.userns: uid 0 inside = the caller
+                                  (where /proc is masked, in the caller's PID
+                                  namespace, with its /proc: see there)
       mount a tmpfs (size-limited)
       flatten the layers into it  profiler.rootfs.flat: whiteouts and opaque
                                   directories applied as overlayfs would;
@@ -51,7 +53,7 @@ from ..rootfs import (
 )
 from ..sandbox import ProcessSpec, ProfileRun, SandboxOptions, run_profiled
 from .cgroup import make_limited_cgroup, remove_cgroups
-from .userns import call_in_userns, send_message
+from .userns import call_in_userns, proc_is_shared, send_message
 
 #: Room on the tmpfs, beyond the image's own files, for what the workload
 #: writes (caches, .pyc files, logs), by default.  Writes past it fail with
@@ -217,6 +219,7 @@ def _job(job: _Job) -> tuple[list[Access], ProfileRun, bool]:
     root = os.path.join(tmpfs, "rootfs")
     listings = assemble_flat_rootfs(list(job.blobs), root, os.path.join(tmpfs, "scratch"),
                                     spool_dir=job.work)
-    options = replace(job.sandbox, output=send_message)
+    # Where the kernel refused us a new procfs, it refuses the runtime too.
+    options = replace(job.sandbox, output=send_message, bind_proc=proc_is_shared())
     run = run_profiled(root, job.process, options)
     return map_accesses(run.accesses, listings, root), run, filesystem_full(tmpfs)

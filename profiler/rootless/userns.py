@@ -9,10 +9,12 @@ profiler.rootless``, whose ``__main__`` runs :func:`helper_main`), because
 thread, and the caller (a CLI with worker threads, a test runner) may have
 several.  The helper then::
 
-    unshare(USER | MOUNT | PID)   uid 0 inside = the caller's uid outside, gid
+    unshare(USER | MOUNT)         uid 0 inside = the caller's uid outside, gid
                                   likewise (one id each; setgroups denied,
                                   which the kernel requires for an
                                   unprivileged gid_map)
+    may we mount a new procfs?    asked once, of the kernel (see below)
+    unshare(PID)                  if so
     fork                          the child is PID 1 of the new PID namespace
       mount --make-rprivate /     nothing we mount leaks out, or in
       mount proc /proc            pids in /proc are this namespace's, as the
@@ -20,8 +22,42 @@ several.  The helper then::
       fn(*args)                   messages (output lines) and the result or
                                   the error go back over a pipe
 
-Without the user namespace (as root) the same, minus ``CLONE_NEWUSER`` and
-the id maps.
+Without the user namespace (as root) the same, minus ``CLONE_NEWUSER``, the
+id maps and the question (root of the initial user namespace may always
+mount a procfs).
+
+Masked /proc (a container's, Docker's default): the kernel lets the root of
+a user namespace mount a new procfs only where a procfs is already mounted
+*fully visible*, with no locked mount covering any of its files
+(``mount_too_revealing()`` in fs/namespace.c, EPERM).  Docker covers
+``/proc/kcore``, ``/proc/keys``, ``/proc/acpi``... and makes ``/proc/sys``
+read-only, and `docker run --security-opt systempaths=unconfined` (which
+GitLab's Docker executor cannot give) is what lifts that.  There the helper
+keeps the caller's PID namespace and its /proc, already mounted in the copied
+mount namespace, masks included: a PID namespace of our own is useless
+without a procfs of its own, because the runtime (runc) finds its
+container's init as ``/proc/PID`` with the pid it forked, which must be a
+pid of the namespace the procfs shows.  The container still gets its own
+PID namespace from the runtime, and a recursive bind of this /proc instead
+of a new procfs (:attr:`profiler.sandbox.SandboxOptions.bind_proc`, set by
+the job from :func:`proc_is_shared`).  What differs then:
+
+* the workload's /proc is the caller's PID namespace's: it lists the
+  processes of the CI job (the shell, estargz, the runtime) besides its own,
+  and reads what anyone may (``cmdline``, ``stat``, ``status``).  Not their
+  ``environ``, memory, descriptors or root, although it runs as the same
+  uid: the kernel's ptrace access check (``cap_ptrace_access_check()``)
+  refuses a process in a child user namespace access to one in a parent
+  (estargz, the job), and to one holding capabilities it lacks (this
+  helper and runc, root of our user namespace with every capability).
+  Docker's masks stay (the copied mounts are locked to the user namespace,
+  and the workload has no CAP_SYS_ADMIN to unmount them), ``/proc/sys``
+  stays read-only;
+* the kernel's kill of everything in the namespace when its PID 1 dies is
+  lost: if estargz is killed with SIGKILL, the container's init (PID 1 of its
+  own namespace, so the workload dies with it) can outlive it, until the
+  CI job's container ends.  Every other way out kills and deletes the
+  container as usual.
 
 Why a PID namespace of our own: when its PID 1 exits, the kernel kills
 every process left in it, whatever happened (SIGKILL of the helper
@@ -42,6 +78,7 @@ tearing down.  ``fn`` sees KeyboardInterrupt as it would in the caller.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import pickle
@@ -82,6 +119,9 @@ from ..linux import (
 TEARDOWN_TIMEOUT = 60.0
 
 _LENGTH = struct.Struct("=Q")
+#: The exit status of the procfs question's child when the kernel refuses
+#: the mount with EPERM.
+_PROC_REFUSED = 3
 
 
 # --- the caller's side ----------------------------------------------------------
@@ -99,7 +139,9 @@ def call_in_namespaces(fn: Callable[..., Any], *args: Any,
                        user_namespace: bool = True, cgroups: Sequence[str] = ()) -> Any:
     """Call ``fn(*args)`` in a helper process, as PID 1 of a new PID namespace
     with a private mount namespace, and as root of a new user namespace
-    unless ``user_namespace`` is False (the caller is root).  The helper
+    unless ``user_namespace`` is False (the caller is root).  (In the user
+    namespace, where /proc is masked, in the caller's PID namespace: see the
+    module docstring and :func:`proc_is_shared`.)  The helper
     dies with this process (PR_SET_PDEATHSIG), and everything in its
     namespaces with it.  (PDEATHSIG fires when the *thread* that started
     the helper ends: that is the calling thread, which waits here until
@@ -257,11 +299,20 @@ def _read_message(pipe: Any) -> tuple[Any, ...] | None:
 # --- the helper's side ------------------------------------------------------------
 
 _out_fd = -1
+_proc_shared = False
 
 
 def send_message(obj: Any) -> None:
     """From ``fn`` in the namespace: hand ``obj`` to the caller's ``on_message``."""
     _send(("message", obj))
+
+
+def proc_is_shared() -> bool:
+    """From ``fn`` in the namespace: True when the kernel refused a new procfs
+    (masked /proc) and ``fn`` runs in the caller's PID namespace with the
+    caller's /proc; a container must then bind that /proc instead of
+    mounting a new one (see the module docstring)."""
+    return _proc_shared
 
 
 def _send(msg: tuple[Any, ...]) -> None:
@@ -271,8 +322,10 @@ def _send(msg: tuple[Any, ...]) -> None:
         view = view[os.write(_out_fd, view):]
 
 
-def _enter(user_namespace: bool) -> None:
-    """unshare and write the id maps (one id each, as an unprivileged process may)."""
+def _enter(user_namespace: bool) -> bool:
+    """unshare and write the id maps (one id each, as an unprivileged process
+    may); whether the next fork is PID 1 of a new PID namespace (False: the
+    kernel refuses a new procfs, see the module docstring)."""
     uid, gid = os.getuid(), os.getgid()
     if not user_namespace:
         try:
@@ -280,26 +333,72 @@ def _enter(user_namespace: bool) -> None:
         except OSError as e:
             raise ProfilingError(f"cannot create a mount and PID namespace: {e.strerror}"
                                  ) from None
-        return
+        return True
     try:
-        unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
+        unshare(CLONE_NEWUSER | CLONE_NEWNS)
     except OSError as e:
         raise ProfilingError(unshare_error(e.errno or 0)) from None
     try:
         map_to_root(uid, gid)
     except OSError as e:
         raise ProfilingError(f"cannot map ids in the new user namespace: {e.strerror}") from None
+    if _procfs_refused():
+        return False
+    try:
+        unshare(CLONE_NEWPID)  # owned by the user namespace, as if unshared with it
+    except OSError as e:
+        raise ProfilingError(f"cannot create a PID namespace: {e.strerror}") from None
+    return True
 
 
-def _init(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
-    """PID 1 of the namespace: set up the mounts, run ``fn``, report."""
+def _procfs_refused() -> bool:
+    """Whether the kernel refuses a new procfs to the root of our user
+    namespace with EPERM (a masked /proc).  Asked by trying, in a throw-away
+    PID and mount namespace: a child unshares the PID namespace, whose first
+    child (its PID 1, as a procfs mount needs) mounts one in a mount
+    namespace of its own.  Any other failure answers False, and the real
+    mount reports it."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            unshare(CLONE_NEWPID)
+            inner = os.fork()
+            if inner == 0:
+                status = 1
+                try:
+                    unshare(CLONE_NEWNS)
+                    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                    status = 0
+                except OSError as e:
+                    status = _PROC_REFUSED if e.errno == errno.EPERM else 1
+                finally:
+                    os._exit(status)
+            code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == _PROC_REFUSED
+
+
+def _init(fn: Callable[..., Any], args: tuple[Any, ...], own_pidns: bool) -> int:
+    """PID 1 of the namespace (or, with ``own_pidns`` False, a process of the
+    caller's PID namespace): set up the mounts, run ``fn``, report."""
+    global _proc_shared
+    _proc_shared = not own_pidns
+
     def term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, term)  # PID 1 ignores signals without a handler
     try:
         try:
             mount("none", "/", None, MS_REC | MS_PRIVATE)
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            if own_pidns:
+                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            # else the copied /proc, masks included, is this PID namespace's
+            # already: nothing to mount (a bind of it onto itself would change
+            # nothing).
         except OSError as e:
             raise ProfilingError(f"cannot set up the mount namespace: {e.strerror}"
                                  f" ({e.filename})") from None
@@ -338,7 +437,7 @@ def helper_main(argv: list[str]) -> int:
             fn, args = pickle.load(sys.stdin.buffer)
         except Exception as e:  # a caller's bug: fn must be importable by name
             raise ProfilingError(f"the namespace helper cannot load its job: {e}") from None
-        _enter("--no-user-namespace" not in argv[1:])
+        own_pidns = _enter("--no-user-namespace" not in argv[1:])
     except ProfilingError as e:
         _send(("error", type(e).__module__, type(e).__name__, str(e)))
         return 1
@@ -357,7 +456,7 @@ def helper_main(argv: list[str]) -> int:
                 os._exit(1)
             os.close(alive_r)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            code = _init(fn, args)
+            code = _init(fn, args, own_pidns)
         finally:
             os._exit(code)
     os.close(alive_r)

@@ -61,6 +61,13 @@ _ROOTLESS_MOUNTS: dict[str, dict[str, Any] | None] = {
                  "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
 }
 
+# /proc when the kernel refuses the runtime a new procfs (a masked /proc, see
+# profiler.rootless.userns): the caller's, recursively, with Docker's masks
+# (locked mounts, which a bind of /proc alone could not leave out: EINVAL).
+# runc accepts a bind at /proc whose source is a procfs.
+_PROC_BIND: dict[str, Any] = {"destination": "/proc", "type": "bind", "source": "/proc",
+                              "options": ["rbind", "nosuid", "noexec", "nodev"]}
+
 # (path, type, major, minor): the devices every container gets in /dev.
 _STANDARD_DEVICES: tuple[tuple[str, str, int, int], ...] = (
     ("/dev/null", "c", 1, 3), ("/dev/zero", "c", 1, 5), ("/dev/full", "c", 1, 7),
@@ -177,6 +184,11 @@ class SandboxOptions:
     output: Callable[[str], None] | None = None
     #: Where the temporary bundle and runtime state go (default: $TMPDIR).
     workdir: str | None = None
+    #: Bind the caller's /proc (recursively) instead of mounting a new
+    #: procfs: set by the rootless path where the kernel refuses a new one
+    #: (:func:`profiler.rootless.userns.proc_is_shared`).  The workload then
+    #: sees the caller's PID namespace in /proc.
+    bind_proc: bool = False
 
 
 # --- the OCI spec -------------------------------------------------------------------
@@ -188,7 +200,8 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
     ``rootless``: for a runtime run by the root of a user namespace (see
     :mod:`profiler.rootless`), as ``runc spec --rootless`` makes it: no
     cgroup limits (a user namespace may not create cgroups unless they were
-    delegated to it), and the mounts of ``_ROOTLESS_MOUNTS``."""
+    delegated to it), and the mounts of ``_ROOTLESS_MOUNTS``.  With
+    ``options.bind_proc``, /proc is a bind of the caller's."""
     # Over 60 lines because the spec is written out as one literal, in the
     # order of the OCI runtime spec: split, it would no longer read as one.
     env = list(process.env)
@@ -207,7 +220,9 @@ def build_spec(rootfs: str, process: ProcessSpec, options: SandboxOptions,
         namespaces.append({"type": "network"})
     mounts = []
     for m in STANDARD_MOUNTS:
-        if rootless and m["destination"] in _ROOTLESS_MOUNTS:
+        if options.bind_proc and m["destination"] == "/proc":
+            m = _PROC_BIND
+        elif rootless and m["destination"] in _ROOTLESS_MOUNTS:
             m = _ROOTLESS_MOUNTS[m["destination"]]  # type: ignore[assignment]
             if m is None:
                 continue
