@@ -23,12 +23,12 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from .._cancel import check_cancelled
 from .._exceptions import EstargzError, InvalidInput, NotFound
 from .._fsutil import owned_tempdir, unlink_quietly
-from .._progress import reporting_to
+from .._progress import progress_meter, reporting_to
 from .._version import __version__
 from ..layer.converter import available_cores
 from ..layer.jsondoc import load_json_object
@@ -318,13 +318,30 @@ class _Run:
         path, own = self._fetch(layer)
         try:
             with open(path, "rb") as f:
-                ztoc = build_ztoc(f, span_size=self.options.span_size,
+                stream = cast("BinaryIO", _Metered(f, layer.size))
+                ztoc = build_ztoc(stream, span_size=self.options.span_size,
                                   build_tool=self.options.build_tool, compression=kind)
             self._store(layer, path)
         finally:
             if own:
                 unlink_quietly(path)
         return _Built(ztoc, marshal_ztoc(ztoc), "built", 0.0)
+
+
+class _Metered:
+    """A layer file as :func:`build_ztoc` reads it, its bytes counted as the
+    ``decompress`` phase (the walk inflates as it reads)."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self._meter = progress_meter("decompress", size)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._meter.add(len(data))
+        if not data:
+            self._meter.finish()
+        return data
 
 
 def _platform_of_config(source: ImageSource, manifest: Mapping[str, Any],
