@@ -312,11 +312,14 @@ def running_registry(workdir: Path, *, tls: TLSFiles | None = None,
 
 
 @contextlib.contextmanager
-def running_referrers_registry(workdir: Path) -> Iterator[RegistryDaemon]:
+def running_referrers_registry(workdir: Path, *,
+                               oci_subject: bool = False) -> Iterator[RegistryDaemon]:
     """Start go-containerregistry's registry, referrers API on, on a free
     127.0.0.1 port (it binds port 0 and prints the address: no race for the
     port); blobs under ``workdir/blobs``, manifests in its memory.  Stopped
-    (SIGTERM) after."""
+    (SIGTERM) after.  ``oci_subject``: it answers ``OCI-Subject`` to the
+    push of a manifest with a subject, as the spec has it (the registry
+    itself does not)."""
     p = subprocess.run([str(_SCRIPTS / "build-referrers-registry.sh")], capture_output=True,
                        text=True)
     if p.returncode != 0:
@@ -326,7 +329,8 @@ def running_referrers_registry(workdir: Path) -> Iterator[RegistryDaemon]:
     root = workdir / "blobs"
     log = workdir / "registry.log"
     with open(log, "ab") as err:
-        proc = subprocess.Popen([exe, "-addr", f"{LOOPBACK}:0", "-blobs", str(root)],
+        argv = [exe, "-addr", f"{LOOPBACK}:0", "-blobs", str(root)]
+        proc = subprocess.Popen([*argv, "-oci-subject"] if oci_subject else argv,
                                 stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 text=True)
     try:

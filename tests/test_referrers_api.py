@@ -15,7 +15,8 @@ manifest's own ``artifactType``.
 Every request goes through a :class:`services.FaultProxy` that logs it.  To
 prove a reader used the API, the fallback tag is deleted first, and the log
 must show the ``referrers`` GET answered 200 and no ``sha256-HEX`` tag asked
-for.
+for.  The same registry with the ``OCI-Subject`` header added (our
+``-oci-subject``) shows pushes that skip the tag schema.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from estargz import TransportOptions, sha256_digest
+from estargz import NotFound, TransportOptions, sha256_digest
 from estargz.image.descriptor import OCI_INDEX, Descriptor
 from estargz.image.records import OCI_EMPTY, RECORD_ARTIFACT_TYPE
 from estargz.registry.client import client_for
 from estargz.registry.records import fallback_tag, find_record, push_record
-from services import FaultProxy, RegistryDaemon
+from services import FaultProxy, RegistryDaemon, running_referrers_registry
 from socilazy import MIN_LAYER_SIZE, SociConfig
 from test_record_artifacts import RECORD, skopeo
 from test_soci_create import V1, skopeo_raw
@@ -253,3 +254,42 @@ def test_soci_snapshotter_finds_the_v1_index_through_the_referrers_api(
     result = puller.run(ref, "python3", "-c", "import json, sqlite3; print('soci v1 ok')")
     assert "soci v1 ok" in result.stdout, result.stderr
     assert_only_ranges(proxy, indexed)
+
+
+# --- a registry that answers OCI-Subject ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def subject_registry(tmp_path_factory) -> Iterator[RegistryDaemon]:
+    """The referrers registry answering ``OCI-Subject`` to referrer pushes."""
+    with running_referrers_registry(tmp_path_factory.mktemp("oci-subject-registry"),
+                                    oci_subject=True) as reg:
+        yield reg
+
+
+def test_where_the_registry_answers_oci_subject_no_fallback_tag_is_written(
+        subject_registry, test_images):
+    """The push trusts the header once the API lists the artifact: records
+    and v1 SOCI indexes are found by the API alone, no tag is made."""
+    host, repo = subject_registry.host, "indexed/bb"
+    image = copy_image(host, test_images.busybox, f"{repo}:1")
+    tag = fallback_tag(image.digest)
+    with client_for(host, PLAIN) as client:
+        pushed = push_record(client, repo, RECORD, image, created="2026-01-01T00:00:00Z")
+        assert pushed.found_by == "referrers API"
+        with pytest.raises(NotFound):
+            client.get_manifest(repo, tag, (OCI_INDEX,))
+        assert find_record(client, repo, image.digest)[:2] == (RECORD, pushed.digest)
+
+    # busybox's one layer is below soci's 10 MiB minimum: index it anyway.
+    r = run_cli("soci", "create", "--index-version", "v1", "--min-layer-size", "0",
+                f"docker://{host}/{repo}:1", *PLAIN_CLI, "--json")
+    assert r.code == 0, r.err
+    created = r.json()
+    assert created["found_by"] == ["referrers API"]
+    [index] = created["indexes"]
+    info = run_cli("soci", "index", "info", f"docker://{host}/{repo}:1", "--tls-verify=false",
+                   "--verify")
+    assert info.code == 0, info.err
+    assert [(i["index"], i["version"]) for i in json.loads(info.out)] == [(index["index"], "v1")]
+    with client_for(host, PLAIN) as client, pytest.raises(NotFound):
+        client.get_manifest(repo, tag, (OCI_INDEX,))

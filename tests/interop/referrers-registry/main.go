@@ -4,7 +4,7 @@
 // v1 SOCI indexes against a registry that has the API: Debian's
 // docker-registry 2.8 and Distribution 3 have none.
 //
-//	referrers-registry [-addr 127.0.0.1:0] [-blobs DIR]
+//	referrers-registry [-addr 127.0.0.1:0] [-blobs DIR] [-oci-subject]
 //
 // It listens on a loopback address only, prints the address it bound
 // (HOST:PORT, port 0 picks a free one) as the one line of stdout once it
@@ -19,18 +19,27 @@
 // query filter (no OCI-Filters-Applied header), and it reports each
 // referrer's artifactType as its config media type, even where the
 // manifest has an artifactType of its own.
+//
+// -oci-subject adds the missing header: a manifest PUT that the registry
+// accepts (201) and whose body has a subject is answered with
+// "OCI-Subject: <subject digest>", as distribution-spec 1.1 has registries
+// with the referrers API do, so that clients can skip the tag schema.
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -40,6 +49,7 @@ import (
 func main() {
 	addr := flag.String("addr", "127.0.0.1:0", "loopback HOST:PORT to listen on (port 0: a free one)")
 	blobs := flag.String("blobs", "", "directory for blobs (default: in memory)")
+	ociSubject := flag.Bool("oci-subject", false, "answer OCI-Subject to pushes of manifests with a subject")
 	flag.Parse()
 	logger := log.New(os.Stderr, "referrers-registry: ", log.LstdFlags|log.Lmicroseconds)
 	if flag.NArg() != 0 {
@@ -64,7 +74,11 @@ func main() {
 	if err != nil {
 		logger.Fatal(err)
 	}
-	srv := &http.Server{Handler: registry.New(opts...), ReadHeaderTimeout: 30 * time.Second}
+	handler := registry.New(opts...)
+	if *ociSubject {
+		handler = withOCISubject(handler)
+	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 30 * time.Second}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
@@ -86,4 +100,48 @@ func main() {
 		os.Exit(1)
 	}
 	logger.Print("stopped")
+}
+
+// manifestLimit bounds the manifest bodies read to look for a subject (what
+// containers/image accepts as a manifest).
+const manifestLimit = 4 << 20
+
+// withOCISubject wraps h so that an accepted manifest PUT whose body names
+// a subject is answered with the OCI-Subject header.
+func withOCISubject(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPut || !strings.Contains(r.URL.Path, "/manifests/") {
+			h.ServeHTTP(w, r)
+			return
+		}
+		body, err := io.ReadAll(io.LimitReader(r.Body, manifestLimit+1))
+		if err != nil || len(body) > manifestLimit {
+			http.Error(w, "manifest unreadable or too large", http.StatusRequestEntityTooLarge)
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		var m struct {
+			Subject *struct {
+				Digest string `json:"digest"`
+			} `json:"subject"`
+		}
+		if json.Unmarshal(body, &m) != nil || m.Subject == nil || m.Subject.Digest == "" {
+			h.ServeHTTP(w, r)
+			return
+		}
+		h.ServeHTTP(&subjectWriter{ResponseWriter: w, subject: m.Subject.Digest}, r)
+	})
+}
+
+// subjectWriter adds OCI-Subject to a 201 answer.
+type subjectWriter struct {
+	http.ResponseWriter
+	subject string
+}
+
+func (s *subjectWriter) WriteHeader(status int) {
+	if status == http.StatusCreated {
+		s.Header().Set("OCI-Subject", s.subject)
+	}
+	s.ResponseWriter.WriteHeader(status)
 }
