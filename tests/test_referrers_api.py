@@ -215,6 +215,46 @@ def test_referrers_of_one_type_from_a_registry_that_ignores_the_filter(proxy, v1
         f"/v2/{repo}/manifests/{v1_image.record}"] * 2
 
 
+def test_odd_referrers_listings(proxy, v1_image):
+    """What a registry may list, as the proxy answers in its stead: entries
+    whose type must be read from the manifest are read only if well formed,
+    at most 32 of them a listing; a manifest gone since is skipped."""
+    host, repo, subject = proxy.host, v1_image.repo, v1_image.manifest.digest
+    real = {m["digest"]: m for m in raw_referrers(host, repo, subject)}[v1_image.record]
+    gone = [f"sha256:{i:064x}" for i in range(40)]
+    manifest = "application/vnd.oci.image.manifest.v1+json"
+    listing = [
+        {"mediaType": manifest, "digest": "sha256:not-a-digest", "size": 2},
+        {"mediaType": OCI_INDEX, "digest": v1_image.record, "size": 2},  # not a manifest
+        {"mediaType": manifest, "digest": v1_image.record, "size": 2,
+         "artifactType": "application/vnd.example.other"},
+        {k: v for k, v in real.items() if k != "artifactType"},  # no type: read it
+    ]
+
+    def answer(entries: list[dict]) -> None:
+        proxy.add_fault("GET", "/referrers/", status=200,
+                        headers={"Content-Type": OCI_INDEX},
+                        body=json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                         "manifests": entries}).encode())
+
+    answer(listing)
+    proxy.clear()
+    with client_for(host, PLAIN) as client:
+        found = client.get_referrers(repo, subject, RECORD_ARTIFACT_TYPE)
+    assert found == [{**real, "artifactType": RECORD_ARTIFACT_TYPE}]
+    assert [e.path for e in proxy.requests("GET", "/manifests/")] == [
+        f"/v2/{repo}/manifests/{v1_image.record}"]
+
+    answer([{"mediaType": manifest, "digest": d, "size": 2, "artifactType": OCI_EMPTY}
+            for d in gone] + [real])
+    proxy.clear()
+    with client_for(host, PLAIN) as client:
+        assert client.get_referrers(repo, subject, RECORD_ARTIFACT_TYPE) == []
+    asked = proxy.requests("GET", "/manifests/")
+    assert [(e.path, e.status) for e in asked] == [
+        (f"/v2/{repo}/manifests/{d}", 404) for d in gone[:32]]
+
+
 def test_soci_index_info_finds_the_v1_index_through_the_referrers_api(proxy, v1_image):
     proxy.clear()
     r = run_cli("soci", "index", "info", f"docker://{proxy.host}/{v1_image.ref}",

@@ -105,6 +105,16 @@ def _is_digest(reference: str) -> bool:
     return ":" in reference
 
 
+def _is_sha256(value: object) -> bool:
+    """Whether ``value`` is a well-formed sha256 digest (a registry's answer
+    may hold anything)."""
+    try:
+        check_digest(value)
+    except InvalidInput:
+        return False
+    return True
+
+
 class RegistryClient(RegistryHTTP):
     """A client of one registry host (``HOST[:PORT]``), safe to share
     between threads.
@@ -228,10 +238,10 @@ class RegistryClient(RegistryHTTP):
             digest = entry.get("digest")
             if listed == wanted:
                 kept.append(entry)
-            elif (listed in (None, "", OCI_EMPTY) and checks > 0 and isinstance(digest, str)
+            elif (listed in (None, "", OCI_EMPTY) and checks > 0 and _is_sha256(digest)
                   and entry.get("mediaType") in MANIFEST_TYPES):
                 checks -= 1
-                if self._manifest_artifact_type(repo, digest) == wanted:
+                if self._manifest_artifact_type(repo, str(digest)) == wanted:
                     kept.append({**entry, "artifactType": wanted})
         return kept
 
