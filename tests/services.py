@@ -13,6 +13,10 @@ module with ``from services import *  # noqa`` in conftest.py):
   (``.token_server`` records every token request).
 * ``tampering_proxy``: a :class:`FaultProxy` in front of ``registry`` that
   corrupts, delays, cuts or refuses chosen requests, and logs them all.
+* ``referrers_registry``: go-containerregistry's registry (``pkg/registry``,
+  built by ``scripts/build-referrers-registry.sh``) over plain HTTP,
+  anonymous, with the OCI 1.1 referrers API that Debian's registry lacks;
+  its ``.log`` has a line for every request.
 
 Everything binds 127.0.0.1 only, lives in pytest's temporary directories,
 and is stopped at the end of its scope. Needs ``docker-registry`` (apt), the
@@ -48,6 +52,7 @@ from typing import TypeVar
 import pytest
 
 __all__ = ["registry", "tls_registry", "mtls_registry", "token_registry", "tampering_proxy",
+           "referrers_registry", "running_referrers_registry",
            "RegistryDaemon", "LoopbackProxy", "ProxyHandler", "FaultProxy", "Fault", "Exchange",
            "TokenServer",
            "free_port", "wait_for_port", "stop_process", "running_registry",
@@ -55,6 +60,7 @@ __all__ = ["registry", "tls_registry", "mtls_registry", "token_registry", "tampe
 
 REGISTRY_BIN = "docker-registry"
 LOOPBACK = "127.0.0.1"
+_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 # --- processes and ports -----------------------------------------------------
@@ -303,6 +309,45 @@ def running_registry(workdir: Path, *, tls: TLSFiles | None = None,
                              proc=proc, ca_dir=tls.ca_dir if tls else None)
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def running_referrers_registry(workdir: Path, *,
+                               oci_subject: bool = False) -> Iterator[RegistryDaemon]:
+    """Start go-containerregistry's registry, referrers API on, on a free
+    127.0.0.1 port (it binds port 0 and prints the address: no race for the
+    port); blobs under ``workdir/blobs``, manifests in its memory.  Stopped
+    (SIGTERM) after.  ``oci_subject``: it answers ``OCI-Subject`` to the
+    push of a manifest with a subject, as the spec has it (the registry
+    itself does not)."""
+    p = subprocess.run([str(_SCRIPTS / "build-referrers-registry.sh")], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        pytest.fail(f"cannot build the referrers registry: {p.stderr.strip()[-2000:]}")
+    exe = p.stdout.strip().splitlines()[-1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = workdir / "blobs"
+    log = workdir / "registry.log"
+    with open(log, "ab") as err:
+        argv = [exe, "-addr", f"{LOOPBACK}:0", "-blobs", str(root)]
+        proc = subprocess.Popen([*argv, "-oci-subject"] if oci_subject else argv,
+                                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                text=True)
+    try:
+        assert proc.stdout is not None
+        # Its one line of stdout, once it listens; EOF if it died first.
+        address = proc.stdout.readline().strip()
+        if not address:
+            proc.wait(10)
+            raise RuntimeError(f"referrers registry exited with {proc.returncode} "
+                               f"before listening: {_tail(log)}")
+        host, _, port = address.rpartition(":")
+        assert host == LOOPBACK, address
+        yield RegistryDaemon(host=address, port=int(port), root=root, log=log, proc=proc)
+    finally:
+        stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # --- a token server for the registry's "auth: token" mode ----------------------
@@ -750,3 +795,11 @@ def tampering_proxy(registry: RegistryDaemon) -> Iterator[FaultProxy]:
     """A fresh :class:`FaultProxy` in front of the session's plain registry."""
     with FaultProxy(registry.host) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def referrers_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryDaemon]:
+    """go-containerregistry's registry with the OCI 1.1 referrers API, plain
+    HTTP, anonymous (clients need ``tls_verify=False``)."""
+    with running_referrers_registry(tmp_path_factory.mktemp("referrers-registry")) as reg:
+        yield reg

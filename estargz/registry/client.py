@@ -60,7 +60,8 @@ from .._exceptions import (
     StorageError,
 )
 from .._progress import progress_meter
-from ..image.descriptor import OCI_INDEX, check_digest, sha256_digest
+from ..image.descriptor import MANIFEST_TYPES, OCI_INDEX, check_digest, sha256_digest
+from ..image.records import OCI_EMPTY
 from ..image.reference import DockerName
 from ..image.store import TransportOptions
 from ..layer.jsondoc import load_json_object
@@ -87,6 +88,10 @@ MANIFEST_LIMIT = 4 << 20
 RANGE_SKIP_LIMIT = 1 << 20
 #: Pages of a referrers answer followed (``Link: <…>; rel="next"``).
 _REFERRER_PAGES = 16
+#: Referrers of one answer whose listed ``artifactType`` cannot be trusted
+#: (see :meth:`RegistryClient._of_artifact_type`) checked against their
+#: manifest, one GET each; the rest are dropped.
+_REFERRER_CHECKS = 32
 
 
 def _check_repo(repo: str) -> str:
@@ -98,6 +103,16 @@ def _check_repo(repo: str) -> str:
 
 def _is_digest(reference: str) -> bool:
     return ":" in reference
+
+
+def _is_sha256(value: object) -> bool:
+    """Whether ``value`` is a well-formed sha256 digest (a registry's answer
+    may hold anything)."""
+    try:
+        check_digest(value)
+    except InvalidInput:
+        return False
+    return True
 
 
 class RegistryClient(RegistryHTTP):
@@ -202,8 +217,47 @@ class RegistryClient(RegistryHTTP):
                                     "with something that is not an image index")
             found += [m for m in manifests if isinstance(m, dict)]
         if artifact_type:  # a registry may ignore the filter (no OCI-Filters-Applied)
-            found = [m for m in found if m.get("artifactType") == artifact_type]
+            found = self._of_artifact_type(repo, found, artifact_type)
         return found
+
+    def _of_artifact_type(self, repo: str, found: list[dict[str, object]],
+                          wanted: str) -> list[dict[str, object]]:
+        """The entries of a referrers answer that are of type ``wanted``.
+
+        The spec has the registry list a manifest's own ``artifactType``,
+        else its config's media type; go-containerregistry's registry
+        (v0.22.1) always lists the config's.  An artifact with the empty
+        config must carry an ``artifactType`` (image-spec), so an entry that
+        says ``OCI_EMPTY``, or nothing, hides the real one: up to
+        ``_REFERRER_CHECKS`` such manifests are read, and the entries of
+        type ``wanted`` kept with their ``artifactType`` corrected."""
+        kept: list[dict[str, object]] = []
+        checks = _REFERRER_CHECKS
+        for entry in found:
+            listed = entry.get("artifactType")
+            digest = entry.get("digest")
+            if listed == wanted:
+                kept.append(entry)
+            elif (listed in (None, "", OCI_EMPTY) and checks > 0 and _is_sha256(digest)
+                  and entry.get("mediaType") in MANIFEST_TYPES):
+                checks -= 1
+                if self._manifest_artifact_type(repo, str(digest)) == wanted:
+                    kept.append({**entry, "artifactType": wanted})
+        return kept
+
+    def _manifest_artifact_type(self, repo: str, digest: str) -> str | None:
+        """The artifact type of manifest ``digest``: its ``artifactType``,
+        else its config's media type; ``None`` if it is gone."""
+        try:
+            data, _, _ = self.get_manifest(repo, digest, MANIFEST_TYPES)
+        except NotFound:  # deleted since it was listed
+            return None
+        manifest = load_json_object(data, f"referrer {self.host}/{repo}@{digest}",
+                                    error=RegistryError)
+        config = manifest.get("config")
+        actual = manifest.get("artifactType") or (
+            config.get("mediaType") if isinstance(config, dict) else None)
+        return actual if isinstance(actual, str) else None
 
     def _referrers_page(self, repo: str, digest: str,
                         url: str) -> tuple[bytes | None, str | None]:
