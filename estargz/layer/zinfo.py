@@ -27,8 +27,10 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import flatbuffers
+if TYPE_CHECKING:
+    import flatbuffers
 
 from .._cancel import check_cancelled
 from .._exceptions import EstargzError, InvalidBlob, InvalidInput
@@ -119,11 +121,22 @@ def decode_gzip_zinfo(blob: bytes,
     return span_size, out
 
 
+def flatbuffer_builder() -> flatbuffers.Builder:
+    """A new flatbuffers builder, for writing zTOCs.
+
+    The package is imported here, when a zTOC is written, not with the
+    module: ``import estargz`` needs only the standard library, since the
+    rootless profiling helper imports it under a bare ``python3``
+    (tests/test_flatroot.py), as zstd:chunked's ``zstandard`` is."""
+    import flatbuffers
+    return flatbuffers.Builder(0)
+
+
 def encode_tar_zinfo(span_size: int, size: int) -> bytes:
     """The "checkpoints" of a plain tar layer: soci's TarZinfo flatbuffer
     (ztoc/compression/fbs/zinfo.fbs) holding version, span size and the
     layer's size, built in the order tar_zinfo.go builds it."""
-    b = flatbuffers.Builder(0)
+    b = flatbuffer_builder()
     b.StartObject(3)
     b.PrependInt32Slot(0, TAR_ZINFO_VERSION, 0)
     b.PrependInt64Slot(1, span_size, 0)

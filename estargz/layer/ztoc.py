@@ -20,9 +20,10 @@ import struct
 import tarfile
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import flatbuffers
+if TYPE_CHECKING:
+    import flatbuffers
 
 from .._exceptions import InvalidBlob, InvalidInput, UnsupportedEntry
 from .._version import __version__
@@ -34,6 +35,7 @@ from .zinfo import (
     decode_gzip_zinfo,
     encode_gzip_zinfo,
     encode_tar_zinfo,
+    flatbuffer_builder,
 )
 
 #: The only zTOC version soci writes and reads.
@@ -359,7 +361,7 @@ def marshal_ztoc(z: Ztoc) -> bytes:
     """The zTOC's flatbuffer bytes, built exactly as soci's ztocToFlatbuffer
     builds them (same order of objects, same omitted defaults)."""
     _check_fits(z)
-    b = flatbuffers.Builder(0)
+    b = flatbuffer_builder()
     version = b.CreateString(_b(z.version))
     tool = b.CreateString(_b(z.build_tool_identifier))
     toc = _toc(b, z.files)
