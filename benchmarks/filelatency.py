@@ -315,7 +315,7 @@ def summarize(runs: list[dict], expected: dict[str, int], pooled: bool = False) 
     fetches the same way) over every read of every round."""
     def key(r: dict) -> tuple[str, str]:
         tool, m, lay = parse_variant(r["variant"])
-        return r["network"], variant_name(tool, m, "both" if pooled else lay)
+        return r["network"], variant_name(tool, m, "pooled" if pooled else lay)
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
