@@ -471,8 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                                            doc["meta"]["max_size"]))
         else:
             doc = benchmark(a)
-    except (BenchError, images.tb.BuildError) as e:
-        log(f"error: {e}")
+    except (BenchError, images.tb.BuildError, RuntimeError, OSError, ValueError) as e:
+        log(f"error: {str(e).splitlines()[0] if str(e) else repr(e)}")
         return 1
     except KeyboardInterrupt:
         log("interrupted")
