@@ -125,8 +125,10 @@ def test_image_is_versioned_small_and_has_what_optimize_needs(dockerd, tool_imag
     assert tool_image == f"estargz:{__version__}"
     info = json.loads(dockerd.docker("image", "inspect", tool_image).stdout)[0]
     assert info["Config"]["Labels"]["org.opencontainers.image.version"] == __version__
-    # 147 MB when measured: Debian's -slim base 74 MB, python3 and runc 41 MB, the venv 33 MB.
-    assert info["Size"] < 160e6, info["Size"]
+    # 160 MB when measured (2026-11-30): Debian's -slim base 74 MB, python3 and runc
+    # 53 MB (12 MB more than in the first measurement: Debian's updated packages), the
+    # venv 33.5 MB. 170 MB leaves room for Debian's updates, not for a venv twice the size.
+    assert info["Size"] < 170e6, info["Size"]
     r = docker_run(dockerd, tool_image, "--version")
     assert r.returncode == 0 and r.stdout.strip() == f"estargz, version {__version__}"
     r = docker_run(dockerd, tool_image, "-c",
