@@ -633,14 +633,15 @@ def chart(summary: list[dict], path: Path) -> None:
         bw = next(s for s in summary if s["network"] == net)
         snapshotters = f"Stargz Snapshotter {sn}" if sn != SOCI_SNAPSHOTTER else ""
         if soci:
-            snapshotters += (", SOCI: " if snapshotters else "") + \
+            snapshotters += (", " if snapshotters else "") + \
                 f"SOCI Snapshotter {SOCI_SNAPSHOTTER.removeprefix('soci-')}"
         ax.set_title(f"{net} (bandwidth/latency per request), {snapshotters}: "
                      f"median of {bw['runs']} cold starts", fontsize=9)
         top = max((by[k]["total"] for k in by if k[:2] == (net, sn) and by[k]["runs"]),
                   default=1)
         ax.set_ylim(0, top * 1.45)
-        ax.legend(loc="upper left", fontsize=8)
+        # Upper right: the original image's tall bar is the leftmost.
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
