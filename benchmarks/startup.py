@@ -101,6 +101,8 @@ VARIANTS = ("original", "estargz", "estargz-opt", "ref-estargz", "ref-estargz-op
 DEFAULT_VARIANTS = VARIANTS[:5]
 #: Variants loaded by the SOCI Snapshotter (all others: Stargz Snapshotter).
 SOCI_VARIANTS = ("soci", "soci-opt")
+#: soci's default span size (uncompressed bytes between two checkpoints).
+SOCI_SPAN_SIZE = 4 << 20
 #: The ``snapshotter`` of the soci variants' runs (scripts/build-soci.sh).
 SOCI_SNAPSHOTTER = "soci-v0.16.1"
 LABELS = {"original": "original", "estargz": "eStargz", "estargz-opt": "eStargz optimized",
@@ -192,11 +194,12 @@ def estargz_cli() -> list[str]:
 # --- publishing the variants --------------------------------------------------------
 
 def publish(image: str, variants: list[str], registry: str, work: Path,
-            info: dict | None = None) -> dict[str, str]:
+            info: dict | None = None, span_size: int = SOCI_SPAN_SIZE) -> dict[str, str]:
     """Push each variant of ``image`` to ``registry``; ``{variant: repo:tag}``
     (missing: the variant could not be made, logged).  ``info`` gets
     ``{variant: {"seconds": ..., ...}}``: how long making and pushing took
-    and, for the soci variants, what their SOCI index holds."""
+    and, for the soci variants, what their SOCI index holds (zTOCs with
+    ``span_size``-byte spans)."""
     info = {} if info is None else info
     src = images.ensure(image) / "oci"
     repo = f"{registry}/bench-{image}"
@@ -211,9 +214,10 @@ def publish(image: str, variants: list[str], registry: str, work: Path,
         "estargz-opt": lambda dst: sh(*est, "optimize", "--oci", "-q", "--period", "60",
                                       "--wait-on-line", ready, "--dest-tls-verify", "false",
                                       f"oci:{src}:latest", f"docker://{dst}"),
-        "soci": lambda dst: publish_soci(src, dst, work),
+        "soci": lambda dst: publish_soci(src, dst, work, span_size),
         # The image's own Cmd is the workload; the ready line ends the profile.
         "soci-opt": lambda dst: sh(*est, "optimize", "--soci", "-q", "--period", "60",
+                                   "--span-size", span_size,
                                    "--wait-on-line", ready, "--dest-tls-verify", "false",
                                    f"oci:{src}:latest", f"docker://{dst}"),
     }
@@ -237,7 +241,7 @@ def publish(image: str, variants: list[str], registry: str, work: Path,
     return refs
 
 
-def publish_soci(src: Path, dst: str, work: Path) -> None:
+def publish_soci(src: Path, dst: str, work: Path, span_size: int = SOCI_SPAN_SIZE) -> None:
     """``src`` (an OCI layout) with a SOCI index (v2) by soci's own CLI,
     daemonless (``soci convert --standalone``, soci's defaults: 4 MiB
     spans, layers under 10 MiB not indexed, no prefetch files), pushed to
@@ -252,7 +256,7 @@ def publish_soci(src: Path, dst: str, work: Path) -> None:
     try:
         layout = base / "layout"
         sh(soci, "--root", base / "root", "convert", "--standalone", "--format", "oci-dir",
-           src, layout)
+           "--span-size", span_size, src, layout)
         # soci writes the new image index as index.json's only, untagged, entry.
         (top,) = json.loads((layout / "index.json").read_text())["manifests"]
         sh(oras, "cp", "--from-oci-layout", f"{layout}@{top['digest']}", "--to-plain-http",
@@ -671,14 +675,16 @@ def report(doc: dict, out: Path) -> None:
 
 @contextlib.contextmanager
 def registry_with_variants(names: list[str], variants: list[str], work: Path,
-                           info: dict | None = None) -> Iterator[tuple[str, dict]]:
+                           info: dict | None = None,
+                           span_size: int = SOCI_SPAN_SIZE) -> Iterator[tuple[str, dict]]:
     """A registry holding every variant of every image: (host, {image: {variant: ref}});
     ``info[image]`` gets :func:`publish`'s ``info``."""
     info = {} if info is None else info
     with running_registry(work / "registry") as reg:
         refs = {}
         for name in names:
-            refs[name] = publish(name, variants, reg.host, work, info.setdefault(name, {}))
+            refs[name] = publish(name, variants, reg.host, work, info.setdefault(name, {}),
+                                 span_size)
         yield reg.host, refs
 
 
@@ -716,13 +722,14 @@ def benchmark(args: argparse.Namespace) -> dict:
                     "variants": args.variants, "prefetch_timeout_sec": args.prefetch_timeout,
                     "background_fetch": args.background_fetch,
                     "soci_config": {v: c.toml() for v, c in soci_configs.items()},
+                    "soci_span_size": args.soci_span_size,
                     "load_average": os.getloadavg(), "published": published},
            "runs": runs}
     # containerd 2 leaves empty shim directories in /run/containerd.
     host_dirs = HostDirs([NAMESPACE])
     try:
-        with registry_with_variants(args.images, args.variants, work,
-                                    published) as (upstream, refs):
+        with registry_with_variants(args.images, args.variants, work, published,
+                                    args.soci_span_size) as (upstream, refs):
             probe = next((f"bench-{n}" for n in args.images if "estargz" in refs[n]), None)
             if probe:
                 doc["meta"]["proxy_check"] = check_proxy(upstream, probe)
@@ -803,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="cold starts per cell (median)")
     ap.add_argument("--snapshotter", nargs="+", choices=("v0.18", "debian"), default=["v0.18"],
                     help="Stargz Snapshotter version(s) (default: v0.18)")
+    ap.add_argument("--soci-span-size", type=int, default=SOCI_SPAN_SIZE, metavar="BYTES",
+                    help="span size of the soci variants' zTOCs (default: soci's, %(default)s)")
     ap.add_argument("--prefetch-timeout", type=int, default=10,
                     help="seconds a start waits for prefetch (the daemon's default: 10)")
     ap.add_argument("--background-fetch", action="store_true",
@@ -818,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
+    if args.soci_span_size < 1:
+        ap.error("--soci-span-size must be at least 1")
 
     def on_term(signum: int, frame: object) -> None:
         # Unwind through the finally blocks: daemons stopped, mounts gone.
