@@ -8,18 +8,30 @@ For each image of benchmarks/images.py and each variant
   estargz-opt      `estargz optimize --oci --wait-on-line READY`
   ref-estargz      `ctr-remote image convert --estargz --oci` (Debian's 0.12)
   ref-estargz-opt  `ctr-remote image optimize --oci`
+  soci             the unchanged image with a SOCI index made by the real
+                   `soci convert --standalone` (v0.16.1), pushed with
+                   `skopeo copy --all`; no prefetch artifact, and the SOCI
+                   Snapshotter's `[prefetch]` off (soci's defaults)
+  soci-opt         the unchanged image with the SOCI index of
+                   `estargz optimize --soci --wait-on-line READY` (the
+                   workload's spans as prefetch artifacts), loaded with
+                   `[prefetch] enable = true`
 
 it measures cold starts through a real Stargz Snapshotter (tests/lazypull.py:
-a fresh snapshotter and containerd for every run) pulling from Debian's
-registry behind a shaping proxy (tests/shapingproxy.py: bandwidth shared by
-all connections, latency per request):
+a fresh snapshotter and containerd for every run), or for the soci variants
+a real SOCI Snapshotter with containerd 2 (tests/socilazy.py), pulling from
+Debian's registry behind a shaping proxy (tests/shapingproxy.py: bandwidth
+shared by all connections, latency per request; `unshaped`: neither):
 
-  pull    `ctr images pull` (original) or `ctr-remote images rpull` (lazy)
+  pull    `ctr images pull` (original), `ctr-remote images rpull` (eStargz)
+          or `soci-rpull` (soci; the layers are mounted, and soci-opt's
+          prefetch done, within it)
   create  `ctr containers create`
   run     `ctr tasks start` until the workload prints its ready line
 
 and the registry bytes sent before ready and in total (until the container
-is stopped, right after ready; background fetch is off unless asked for).
+is stopped, right after ready; both snapshotters' background fetch is off
+unless asked for).
 It prints medians of --runs runs per network setting, and ratios measured
 in the same run (optimized/original, optimized/unoptimized,
 ours/reference), writes results.json and draws startup.png (stacked
@@ -27,11 +39,15 @@ pull/create/run bars per image and variant; needs matplotlib, the `bench`
 extra).
 
     sudo python3 benchmarks/startup.py --runs 3 --out out/startup
+    sudo python3 benchmarks/startup.py --images python gcc --network 20M/50ms \
+        --variants original estargz estargz-opt soci soci-opt --out out/soci
     python3 benchmarks/startup.py --chart-only out/startup/results.json
 
 Needs root, /dev/fuse, containerd, runc, docker-registry, skopeo, ctr-remote
 (apt stargz-snapshotter), Go to build the snapshotter
-(scripts/build-stargz-snapshotter.sh) and what benchmarks/images.py needs.
+(scripts/build-stargz-snapshotter.sh), for the soci variants what
+scripts/build-soci.sh builds (soci, soci-snapshotter-grpc, soci-rpull,
+containerd 2) and what benchmarks/images.py needs.
 """
 
 from __future__ import annotations
@@ -63,10 +79,12 @@ sys.path.insert(0, str(HERE))
 
 import images  # noqa: E402  (benchmarks/images.py)
 
-from daemons import Containerd, _env  # noqa: E402
+import socilazy  # noqa: E402
+from daemons import NAMESPACE, Containerd, HostDirs, _env  # noqa: E402
 from lazypull import SNAPSHOTTER, LazyPuller, SnapshotterConfig, build_snapshotter  # noqa: E402
 from services import running_registry  # noqa: E402
 from shapingproxy import ShapingProxy  # noqa: E402
+from socilazy import SociBinaries, SociConfig, SociLazyPuller  # noqa: E402
 
 try:
     import matplotlib
@@ -76,9 +94,20 @@ try:
 except ImportError:  # the `bench` extra; only the chart needs it
     plt = None
 
-VARIANTS = ("original", "estargz", "estargz-opt", "ref-estargz", "ref-estargz-opt")
+VARIANTS = ("original", "estargz", "estargz-opt", "ref-estargz", "ref-estargz-opt",
+            "soci", "soci-opt")
+#: What a run does when --variants is not given (the soci variants need
+#: scripts/build-soci.sh's binaries; ask for them by name).
+DEFAULT_VARIANTS = VARIANTS[:5]
+#: Variants loaded by the SOCI Snapshotter (all others: Stargz Snapshotter).
+SOCI_VARIANTS = ("soci", "soci-opt")
+#: soci's default span size (uncompressed bytes between two checkpoints).
+SOCI_SPAN_SIZE = 4 << 20
+#: The ``snapshotter`` of the soci variants' runs (scripts/build-soci.sh).
+SOCI_SNAPSHOTTER = "soci-v0.16.1"
 LABELS = {"original": "original", "estargz": "eStargz", "estargz-opt": "eStargz optimized",
-          "ref-estargz": "ref eStargz", "ref-estargz-opt": "ref optimized"}
+          "ref-estargz": "ref eStargz", "ref-estargz-opt": "ref optimized",
+          "soci": "SOCI", "soci-opt": "SOCI + our prefetch"}
 DEFAULT_NETWORKS = ("20M/50ms", "100M/20ms")
 
 
@@ -95,15 +124,19 @@ class Network:
     """A shaping setting: bandwidth in bit/s and latency per request in s."""
 
     name: str
-    bandwidth: float
+    #: None: unlimited.
+    bandwidth: float | None
     latency: float
 
     @classmethod
     def parse(cls, text: str) -> Network:
-        """``20M/50ms``: 20 Mbit/s and 50 ms per request (K, M, G; ms or s)."""
+        """``20M/50ms``: 20 Mbit/s and 50 ms per request (K, M, G; ms or s);
+        ``unshaped``: the proxy only counts."""
+        if text.strip() == "unshaped":
+            return cls("unshaped", None, 0.0)
         m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)/(\d+(?:\.\d+)?)(ms|s)", text.strip())
         if not m:
-            raise argparse.ArgumentTypeError(f"bad network {text!r}; e.g. 20M/50ms")
+            raise argparse.ArgumentTypeError(f"bad network {text!r}; e.g. 20M/50ms or unshaped")
         bw = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
         lat = float(m.group(3)) / (1000 if m.group(4) == "ms" else 1)
         return cls(text.strip(), bw, lat)
@@ -160,9 +193,14 @@ def estargz_cli() -> list[str]:
 
 # --- publishing the variants --------------------------------------------------------
 
-def publish(image: str, variants: list[str], registry: str, work: Path) -> dict[str, str]:
+def publish(image: str, variants: list[str], registry: str, work: Path,
+            info: dict | None = None, span_size: int = SOCI_SPAN_SIZE) -> dict[str, str]:
     """Push each variant of ``image`` to ``registry``; ``{variant: repo:tag}``
-    (missing: the variant could not be made, logged)."""
+    (missing: the variant could not be made, logged).  ``info`` gets
+    ``{variant: {"seconds": ..., ...}}``: how long making and pushing took
+    and, for the soci variants, what their SOCI index holds (zTOCs with
+    ``span_size``-byte spans)."""
+    info = {} if info is None else info
     src = images.ensure(image) / "oci"
     repo = f"{registry}/bench-{image}"
     est = estargz_cli()
@@ -176,21 +214,107 @@ def publish(image: str, variants: list[str], registry: str, work: Path) -> dict[
         "estargz-opt": lambda dst: sh(*est, "optimize", "--oci", "-q", "--period", "60",
                                       "--wait-on-line", ready, "--dest-tls-verify", "false",
                                       f"oci:{src}:latest", f"docker://{dst}"),
+        "soci": lambda dst: publish_soci(src, dst, work, span_size),
+        # The image's own Cmd is the workload; the ready line ends the profile.
+        "soci-opt": lambda dst: sh(*est, "optimize", "--soci", "-q", "--period", "60",
+                                   "--span-size", span_size,
+                                   "--wait-on-line", ready, "--dest-tls-verify", "false",
+                                   f"oci:{src}:latest", f"docker://{dst}"),
     }
     for v in variants:
         if v in makers:
             t0 = time.monotonic()
             try:
                 makers[v](f"{repo}:{v}")
+                took = time.monotonic() - t0
+                info[v] = {"seconds": round(took, 2)}
+                if v in SOCI_VARIANTS:
+                    info[v]["soci_index"] = soci_index_summary(registry, f"bench-{image}", v)
             except BenchError as e:
                 log(f"{image} {v}: cannot make it: {e}")
                 continue
             refs[v] = f"bench-{image}:{v}"
-            log(f"{image} {v}: pushed in {time.monotonic() - t0:.1f} s")
+            log(f"{image} {v}: pushed in {took:.1f} s {info[v].get('soci_index', '')}")
     ref_variants = [v for v in variants if v.startswith("ref-")]
     if ref_variants:
         refs.update(publish_reference(image, src, ref_variants, repo, work))
     return refs
+
+
+def publish_soci(src: Path, dst: str, work: Path, span_size: int = SOCI_SPAN_SIZE) -> None:
+    """``src`` (an OCI layout) with a SOCI index (v2) by soci's own CLI,
+    daemonless (``soci convert --standalone``, soci's defaults: 4 MiB
+    spans, layers under 10 MiB not indexed, no prefetch files), pushed to
+    ``dst`` byte for byte with ``oras cp`` (the new image index, its image
+    manifest annotated with the index, and the index with its zTOCs).
+    Not skopeo: Debian's 1.9 drops ``artifactType`` from the image index's
+    descriptors, so the SOCI index would look like a second linux/amd64
+    image to a client choosing a platform."""
+    soci = socilazy.build_soci("soci")
+    oras = sh(REPO / "scripts" / "build-oras.sh").strip().splitlines()[-1]
+    base = Path(tempfile.mkdtemp(prefix="soci-convert-", dir=work))
+    try:
+        layout = base / "layout"
+        sh(soci, "--root", base / "root", "convert", "--standalone", "--format", "oci-dir",
+           "--span-size", span_size, src, layout)
+        # soci writes the new image index as index.json's only, untagged, entry.
+        (top,) = json.loads((layout / "index.json").read_text())["manifests"]
+        sh(oras, "cp", "--from-oci-layout", f"{layout}@{top['digest']}", "--to-plain-http",
+           dst)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def registry_get(registry: str, path: str, accept: str) -> bytes:
+    """GET ``path`` from the plain-HTTP ``registry``; the body, or BenchError."""
+    host, _, port = registry.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", path, headers={"Accept": accept})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise BenchError(f"GET {path}: HTTP {resp.status}")
+        return body
+    finally:
+        conn.close()
+
+
+def soci_index_summary(registry: str, repo: str, tag: str) -> dict:
+    """What the SOCI Snapshotter will find for ``repo:tag``: the pushed
+    image index must still list the SOCI index (v2, bound by the image
+    manifest's ``com.amazon.soci.index-digest`` annotation, which is how
+    soci v0.16.1 finds it); the numbers of zTOCs and prefetch artifacts and
+    their bytes.  BenchError when the binding did not survive the push."""
+    oci_index = json.loads(registry_get(registry, f"/v2/{repo}/manifests/{tag}",
+                                        "application/vnd.oci.image.index.v1+json"))
+    entries = oci_index.get("manifests") or []
+    socis = [m for m in entries if m.get("artifactType") == socilazy.SOCI_INDEX_ARTIFACT_V2]
+    images_ = [m for m in entries if m not in socis]
+    if len(socis) != 1 or len(images_) != 1:
+        raise BenchError(f"{repo}:{tag}: expected one image and one SOCI v2 index in the "
+                         f"pushed image index, found {len(images_)} and {len(socis)}")
+    manifest = json.loads(registry_get(registry, f"/v2/{repo}/manifests/{images_[0]['digest']}",
+                                       images_[0]["mediaType"]))
+    bound = (manifest.get("annotations") or {}).get(socilazy.SOCI_INDEX_ANNOTATION)
+    if bound != socis[0]["digest"]:
+        raise BenchError(f"{repo}:{tag}: the image manifest names SOCI index {bound}, "
+                         f"the image index lists {socis[0]['digest']}")
+    index = json.loads(registry_get(registry, f"/v2/{repo}/manifests/{socis[0]['digest']}",
+                                    socis[0]["mediaType"]))
+    ztocs = [x for x in index["layers"] if x["mediaType"] == "application/octet-stream"]
+    prefetch = [x for x in index["layers"] if x["mediaType"] != "application/octet-stream"]
+    spans = 0
+    for x in prefetch:
+        doc = json.loads(registry_get(registry, f"/v2/{repo}/blobs/{x['digest']}", x["mediaType"]))
+        spans += sum(r["end_span"] - r["start_span"] + 1 for r in doc["prefetch_spans"])
+    return {"index": socis[0]["digest"], "ztocs": len(ztocs),
+            "ztoc_bytes": sum(x["size"] for x in ztocs),
+            "indexed_layers": [x["annotations"]["com.amazon.soci.image-layer-digest"]
+                               for x in ztocs],
+            "prefetch_artifacts": len(prefetch),
+            "prefetch_artifact_bytes": sum(x["size"] for x in prefetch),
+            "prefetch_spans": spans}
 
 
 def publish_reference(image: str, src: Path, variants: list[str], repo: str,
@@ -259,19 +383,22 @@ class Output:
         self.event.set()  # EOF: the workload is gone
 
 
-def cold_start(run: Run, ref: str, puller: LazyPuller, proxy: ShapingProxy,
+def cold_start(run: Run, ref: str, puller: LazyPuller | SociLazyPuller, proxy: ShapingProxy,
                timeout: float) -> None:
     """Pull, create and start ``ref`` on ``puller``; fill in ``run``."""
     c = puller.containerd
     lazy = run.variant != "original"
-    snapshotter = SNAPSHOTTER if lazy else "overlayfs"
+    if isinstance(puller, SociLazyPuller):
+        snapshotter = socilazy.SNAPSHOTTER
+    else:
+        snapshotter = SNAPSHOTTER if lazy else "overlayfs"
     cid = f"bench-{run.image}-{run.index}"
     proxy.reset()
     t0 = time.monotonic()
-    if lazy:
-        puller.rpull(ref)
-    else:
+    if isinstance(puller, LazyPuller) and not lazy:
         puller.pull(ref)
+    else:
+        puller.rpull(ref)
     t1 = time.monotonic()
     c.ctr("containers", "create", "--snapshotter", snapshotter, ref, cid)
     t2 = time.monotonic()
@@ -306,8 +433,13 @@ def cold_start(run: Run, ref: str, puller: LazyPuller, proxy: ShapingProxy,
     run.requests_total = len(proxy.requests())
     if lazy:
         prepared = puller.snapshotter.prepared_remote_snapshots()
-        run.lazy = bool(prepared) and all(prepared.values())
-        run.prefetch = puller.snapshotter.prefetch_sizes()
+        # soci: a layer without a zTOC (under --min-layer-size) is pulled
+        # whole by design; lazy means every layer with a zTOC was mounted.
+        run.lazy = bool(prepared) and (any(prepared.values())
+                                       if isinstance(puller, SociLazyPuller)
+                                       else all(prepared.values()))
+        if isinstance(puller, LazyPuller):
+            run.prefetch = puller.snapshotter.prefetch_sizes()
 
 
 # --- is the proxy itself fast? ----------------------------------------------------------
@@ -374,23 +506,38 @@ def summarize(runs: list[Run]) -> list[dict]:
     return out
 
 
+#: Ratios reported, numerator/denominator variant.
+PAIRS = [("estargz-opt", "original"), ("estargz-opt", "estargz"),
+         ("estargz", "ref-estargz"), ("estargz-opt", "ref-estargz-opt"),
+         ("soci", "original"), ("soci-opt", "original"), ("soci-opt", "soci"),
+         ("soci", "estargz"), ("soci-opt", "estargz-opt")]
+
+
 def ratios(summary: list[dict]) -> list[dict]:
-    """Ratios of median totals and bytes before ready within one run."""
-    by = {(s["network"], s["snapshotter"], s["image"], s["variant"]): s for s in summary}
-    pairs = [("estargz-opt", "original"), ("estargz-opt", "estargz"),
-             ("estargz", "ref-estargz"), ("estargz-opt", "ref-estargz-opt")]
+    """Ratios of median totals and bytes before ready within one run.  A
+    soci variant is compared with the other variants of every Stargz
+    Snapshotter version measured (snapshotter ``SOCI / STARGZ``)."""
     out = []
-    for (net, sn, img, var), s in by.items():
-        for a, b in pairs:
-            if var != a or (net, sn, img, b) not in by:
+    for s in summary:
+        for a, b in PAIRS:
+            if s["variant"] != a:
                 continue
-            o = by[(net, sn, img, b)]
-            if not s["runs"] or not o["runs"]:
-                continue
-            out.append({"network": net, "snapshotter": sn, "image": img, "ratio": f"{a}/{b}",
-                        "time": s["total"] / o["total"],
-                        "bytes_before_ready": (s["bytes_before_ready"] / o["bytes_before_ready"]
-                                               if o["bytes_before_ready"] else float("nan"))})
+            for o in summary:
+                if (o["network"], o["image"], o["variant"]) != (s["network"], s["image"], b):
+                    continue
+                if (a in SOCI_VARIANTS) == (b in SOCI_VARIANTS) and \
+                        o["snapshotter"] != s["snapshotter"]:
+                    continue
+                if not s["runs"] or not o["runs"]:
+                    continue
+                net, img = s["network"], s["image"]
+                sn = s["snapshotter"] if o["snapshotter"] == s["snapshotter"] else \
+                    f"{s['snapshotter']} / {o['snapshotter']}"
+                out.append({"network": net, "snapshotter": sn, "image": img, "ratio": f"{a}/{b}",
+                            "time": s["total"] / o["total"],
+                            "bytes_before_ready": (
+                                s["bytes_before_ready"] / o["bytes_before_ready"]
+                                if o["bytes_before_ready"] else float("nan"))})
     return out
 
 
@@ -427,9 +574,9 @@ def table(summary: list[dict]) -> str:
              "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     order = {v: i for i, v in enumerate(VARIANTS)}
     img_order = {v: i for i, v in enumerate(images.IMAGES)}
-    for s in sorted(summary, key=lambda s: (s["network"], s["snapshotter"],
-                                            img_order.get(s["image"], 99),
-                                            order.get(s["variant"], 99))):
+    # soci rows beside the stargz rows of the same image.
+    for s in sorted(summary, key=lambda s: (s["network"], img_order.get(s["image"], 99),
+                                            order.get(s["variant"], 99), s["snapshotter"])):
         if not s["runs"]:
             lines.append(f"| {s['network']} | {s['snapshotter']} | {s['image']} | "
                          f"{s['variant']} | failed | | | | | | |")
@@ -448,41 +595,57 @@ def chart(summary: list[dict], path: Path) -> None:
     network setting and snapshotter."""
     if plt is None:
         raise BenchError("the chart needs matplotlib: pip install '.[bench]'")
-    # In the order measured (20M first by default).
-    panels = list(dict.fromkeys((s["network"], s["snapshotter"]) for s in summary))
+    # In the order measured (20M first by default); the soci variants'
+    # bars join every Stargz Snapshotter panel of their network.
+    panels = list(dict.fromkeys((s["network"], s["snapshotter"]) for s in summary
+                                if s["variant"] not in SOCI_VARIANTS))
+    panels += [(s["network"], s["snapshotter"]) for s in summary
+               if not any(n == s["network"] for n, _ in panels)]
+    panels = list(dict.fromkeys(panels))
     imgs = [i for i in images.IMAGES if any(s["image"] == i for s in summary)]
     variants = [v for v in VARIANTS if any(s["variant"] == v for s in summary)]
+    soci = any(v in SOCI_VARIANTS for v in variants)
     by = {(s["network"], s["snapshotter"], s["image"], s["variant"]): s for s in summary}
+    for (net, _sn, img, var), s in list(by.items()):
+        if var in SOCI_VARIANTS:
+            for pnet, psn in panels:
+                if pnet == net:
+                    by.setdefault((pnet, psn, img, var), s)
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
     colors = {"pull": "#4c72b0", "create": "#dd8452", "run": "#55a868"}
     width = 0.8 / max(1, len(variants))
     for ax, (net, sn) in zip(axes[:, 0], panels, strict=True):
         for vi, v in enumerate(variants):
             for ii, img in enumerate(imgs):
-                s = by.get((net, sn, img, v))
+                cell = by.get((net, sn, img, v))
                 x = ii + (vi - (len(variants) - 1) / 2) * width
-                if s is None or not s["runs"]:
+                if cell is None or not cell["runs"]:
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
                     continue
                 bottom = 0.0
                 for part in ("pull", "create", "run"):
-                    ax.bar(x, s[part], width * 0.92, bottom=bottom, color=colors[part],
+                    ax.bar(x, cell[part], width * 0.92, bottom=bottom, color=colors[part],
                            label=part if vi == 0 and ii == 0 else None)
-                    bottom += s[part]
+                    bottom += cell[part]
                 # The bar stacks the parts' medians; the label is the
                 # median of the totals, as in the table.
-                ax.text(x, bottom, f"{LABELS[v]}  {s['total']:.1f}", ha="center", va="bottom",
+                ax.text(x, bottom, f"{LABELS[v]}  {cell['total']:.1f}", ha="center", va="bottom",
                         fontsize=6, rotation=90)
         ax.set_xticks(range(len(imgs)))
         ax.set_xticklabels(imgs)
         ax.set_ylabel("seconds to ready")
         bw = next(s for s in summary if s["network"] == net)
-        ax.set_title(f"{net} (bandwidth/latency per request), Stargz Snapshotter {sn}: "
+        snapshotters = f"Stargz Snapshotter {sn}" if sn != SOCI_SNAPSHOTTER else ""
+        if soci:
+            snapshotters += (", " if snapshotters else "") + \
+                f"SOCI Snapshotter {SOCI_SNAPSHOTTER.removeprefix('soci-')}"
+        ax.set_title(f"{net} (bandwidth/latency per request), {snapshotters}: "
                      f"median of {bw['runs']} cold starts", fontsize=9)
         top = max((by[k]["total"] for k in by if k[:2] == (net, sn) and by[k]["runs"]),
                   default=1)
         ax.set_ylim(0, top * 1.45)
-        ax.legend(loc="upper left", fontsize=8)
+        # Upper right: the original image's tall bar is the leftmost.
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -511,13 +674,17 @@ def report(doc: dict, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def registry_with_variants(names: list[str], variants: list[str],
-                           work: Path) -> Iterator[tuple[str, dict]]:
-    """A registry holding every variant of every image: (host, {image: {variant: ref}})."""
+def registry_with_variants(names: list[str], variants: list[str], work: Path,
+                           info: dict | None = None,
+                           span_size: int = SOCI_SPAN_SIZE) -> Iterator[tuple[str, dict]]:
+    """A registry holding every variant of every image: (host, {image: {variant: ref}});
+    ``info[image]`` gets :func:`publish`'s ``info``."""
+    info = {} if info is None else info
     with running_registry(work / "registry") as reg:
         refs = {}
         for name in names:
-            refs[name] = publish(name, variants, reg.host, work)
+            refs[name] = publish(name, variants, reg.host, work, info.setdefault(name, {}),
+                                 span_size)
         yield reg.host, refs
 
 
@@ -526,51 +693,79 @@ def benchmark(args: argparse.Namespace) -> dict:
         raise BenchError("needs root (containerd, FUSE mounts)")
     if not os.path.exists("/dev/fuse"):
         raise BenchError("needs /dev/fuse")
-    binaries = {v: build_snapshotter(v) for v in args.snapshotter}
+    stargz_variants = [v for v in args.variants if v not in SOCI_VARIANTS]
+    soci_variants = [v for v in args.variants if v in SOCI_VARIANTS]
+    binaries = {v: build_snapshotter(v) for v in args.snapshotter} if stargz_variants else {}
+    try:
+        soci_binaries = SociBinaries.build() if soci_variants else None
+    except RuntimeError as e:
+        raise BenchError(str(e).splitlines()[0]) from None
     for name in args.images:
         images.ensure(name)
     work = Path(tempfile.mkdtemp(prefix="startup-", dir=args.workdir))
     config = SnapshotterConfig(prefetch_timeout_sec=args.prefetch_timeout,
                                background_fetch=args.background_fetch)
+    # soci's default [prefetch] is off: only soci-opt, whose index carries
+    # prefetch artifacts, turns it on.
+    soci_configs = {v: SociConfig(background_fetch=args.background_fetch,
+                                  prefetch=v == "soci-opt") for v in soci_variants}
+    # (snapshotter, variant) per image and run: the soci variants once,
+    # on the SOCI Snapshotter, whatever --snapshotter says.
+    cells = [(sn, v) for sn in args.snapshotter for v in stargz_variants] + \
+        [(SOCI_SNAPSHOTTER, v) for v in soci_variants]
+    published: dict[str, dict] = {}
     runs: list[dict] = []
     doc: dict[str, Any] = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                         timespec="seconds"),
                     "runs": args.runs, "networks": [n.name for n in args.network],
                     "snapshotters": args.snapshotter, "images": args.images,
                     "variants": args.variants, "prefetch_timeout_sec": args.prefetch_timeout,
-                    "background_fetch": args.background_fetch},
+                    "background_fetch": args.background_fetch,
+                    "soci_config": {v: c.toml() for v, c in soci_configs.items()},
+                    "soci_span_size": args.soci_span_size,
+                    "load_average": os.getloadavg(), "published": published},
            "runs": runs}
+    # containerd 2 leaves empty shim directories in /run/containerd.
+    host_dirs = HostDirs([NAMESPACE])
     try:
-        with registry_with_variants(args.images, args.variants, work) as (upstream, refs):
+        with registry_with_variants(args.images, args.variants, work, published,
+                                    args.soci_span_size) as (upstream, refs):
             probe = next((f"bench-{n}" for n in args.images if "estargz" in refs[n]), None)
             if probe:
                 doc["meta"]["proxy_check"] = check_proxy(upstream, probe)
             for net in args.network:
                 with ShapingProxy(upstream, bandwidth=net.bandwidth,
                                   latency=net.latency) as proxy:
-                    for sn in args.snapshotter:
-                        for i in range(args.runs):
-                            # Interleaved: a slow spell of the machine hits
-                            # every variant, not one.
-                            for name in args.images:
-                                for v in args.variants:
-                                    if v not in refs[name]:
-                                        continue
-                                    run = Run(net.name, sn, name, v, i)
-                                    one(run, f"{proxy.host}/{refs[name][v]}", binaries[sn],
-                                        config, proxy, work, args.timeout)
-                                    runs.append(asdict(run))
-                                    report_partial(doc, args.out)
+                    for i in range(args.runs):
+                        # Interleaved: a slow spell of the machine hits
+                        # every variant, not one.
+                        for name in args.images:
+                            for sn, v in cells:
+                                if v not in refs[name]:
+                                    continue
+                                run = Run(net.name, sn, name, v, i)
+                                base = Path(tempfile.mkdtemp(prefix=f"{name}-{v}-", dir=work))
+                                puller: LazyPuller | SociLazyPuller
+                                if v in SOCI_VARIANTS:
+                                    assert soci_binaries is not None  # built for soci_variants
+                                    puller = SociLazyPuller(base, soci_configs[v], soci_binaries)
+                                else:
+                                    puller = LazyPuller(base, sn, config, binaries[sn])
+                                one(run, f"{proxy.host}/{refs[name][v]}", puller, proxy,
+                                    args.timeout)
+                                shutil.rmtree(base, ignore_errors=True)
+                                runs.append(asdict(run))
+                                report_partial(doc, args.out)
     finally:
+        host_dirs.cleanup()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return doc
 
 
-def one(run: Run, ref: str, binary: Path, config: SnapshotterConfig, proxy: ShapingProxy,
-        work: Path, timeout: float) -> None:
-    base = Path(tempfile.mkdtemp(prefix=f"{run.image}-{run.variant}-", dir=work))
-    puller = LazyPuller(base, run.snapshotter, config, binary)
+def one(run: Run, ref: str, puller: LazyPuller | SociLazyPuller, proxy: ShapingProxy,
+        timeout: float) -> None:
+    """One cold start of ``ref`` on ``puller`` (started here, stopped after)."""
     try:
         puller.start()
         cold_start(run, ref, puller, proxy, timeout)
@@ -589,7 +784,6 @@ def one(run: Run, ref: str, binary: Path, config: SnapshotterConfig, proxy: Shap
             f"pull {run.pull:.2f} create {run.create:.2f} run {run.run:.2f} = {run.total:.2f} s, "
             f"{run.bytes_before_ready / 1e6:.1f} MB before ready "
             f"({run.requests_before_ready} requests), {run.bytes_total / 1e6:.1f} MB total")
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def report_partial(doc: dict, out: Path) -> None:
@@ -606,17 +800,22 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--images", nargs="+", choices=images.IMAGES, default=list(images.IMAGES))
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                    help="what to measure (default: %(default)s; soci and soci-opt need "
+                         "scripts/build-soci.sh's binaries)")
     ap.add_argument("--network", nargs="+", type=Network.parse,
                     default=[Network.parse(n) for n in DEFAULT_NETWORKS],
-                    help="BANDWIDTH/LATENCY settings, e.g. 20M/50ms (default: %(default)s)")
+                    help="BANDWIDTH/LATENCY settings, e.g. 20M/50ms, or unshaped "
+                         "(default: %(default)s)")
     ap.add_argument("--runs", type=int, default=3, help="cold starts per cell (median)")
     ap.add_argument("--snapshotter", nargs="+", choices=("v0.18", "debian"), default=["v0.18"],
                     help="Stargz Snapshotter version(s) (default: v0.18)")
+    ap.add_argument("--soci-span-size", type=int, default=SOCI_SPAN_SIZE, metavar="BYTES",
+                    help="span size of the soci variants' zTOCs (default: soci's, %(default)s)")
     ap.add_argument("--prefetch-timeout", type=int, default=10,
                     help="seconds a start waits for prefetch (the daemon's default: 10)")
     ap.add_argument("--background-fetch", action="store_true",
-                    help="let the snapshotter fetch whole layers in the background")
+                    help="let the snapshotters fetch whole layers in the background")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for ready")
     ap.add_argument("--out", type=Path, default=Path("out/startup"),
                     help="directory for results.json and startup.png")
@@ -628,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
+    if args.soci_span_size < 1:
+        ap.error("--soci-span-size must be at least 1")
 
     def on_term(signum: int, frame: object) -> None:
         # Unwind through the finally blocks: daemons stopped, mounts gone.

@@ -163,10 +163,15 @@ class SociConfig:
     #: Further TOML, appended as is (after the tables: start it with one).
     extra: str = ""
 
-    def toml(self) -> str:
+    def toml(self, containerd_address: str = "") -> str:
+        """The file's text; ``containerd_address``: the containerd whose
+        content store soci reads when it prepares a layer without a zTOC
+        itself (default /run/containerd/containerd.sock)."""
+        store = ["[content_store]", f"  containerd_address = {json.dumps(containerd_address)}"]
         return "\n".join([
             # Metrics would need a TCP listener; we only read the log.
             "no_prometheus = true",
+            *(store if containerd_address else []),
             "[background_fetch]",
             f"  disable = {str(not self.background_fetch).lower()}",
             "[pull_modes.soci_v1]",
@@ -195,10 +200,15 @@ class SociSnapshotter(Daemon):
             raise RuntimeError(f"socket path too long for AF_UNIX: {self.address}")
         self.config = self.base / "config.toml"
         self.state_dirs = [self.root]
+        #: The containerd using this snapshotter (its socket), if not the
+        #: host's: soci asks it for the image manifest when it prepares a
+        #: layer that has no zTOC (smaller than the index's min layer size),
+        #: and waits 10 s for the host's socket otherwise.
+        self.containerd_address = ""
 
     def start(self) -> SociSnapshotter:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.config.write_text(self.settings.toml())
+        self.config.write_text(self.settings.toml(self.containerd_address))
         self._spawn([str(self.binary), "--root", str(self.root), "--address", self.address,
                      "--config", str(self.config), "--log-level", self.log_level])
         self._wait_ready()
@@ -298,6 +308,7 @@ class SociLazyPuller:
         self.containerd = Containerd2(
             base / "ctd", self.binaries.containerd,
             extra_config=proxy_plugin_config(self.snapshotter.address, SNAPSHOTTER))
+        self.snapshotter.containerd_address = self.containerd.address
         self.mounts_dir = base / "mnt"
 
     def start(self) -> SociLazyPuller:
