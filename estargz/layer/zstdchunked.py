@@ -103,10 +103,12 @@ def _zstandard() -> Any:
 
 
 def _crc64_function() -> Any:
-    """tar-split's file checksum: Go's ``hash/crc64`` with the ISO table."""
-    import crcmod  # crcmod-plus: a C CRC, 350 MB/s (see _zstandard for why here)
-    return crcmod.mkCrcFun(0x1000000000000001B, initCrc=0, rev=True,
-                           xorOut=0xFFFFFFFFFFFFFFFF)
+    """tar-split's file checksum: Go's ``hash/crc64`` with the ISO table, as
+    ``crc(data, crc_so_far)``. anycrc (Mark Adler's crcany, word-wise):
+    about 10 GB/s where crcmod-plus did 0.43 GB/s holding the GIL, which made
+    the CRC the writer's bottleneck (docs/benchmarks.md, zstd:chunked)."""
+    import anycrc  # imported when zstd:chunked is used (see _zstandard for why here)
+    return anycrc.Model("CRC64-GO-ISO").calc
 
 
 class ZstdBackend:
