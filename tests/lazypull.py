@@ -135,28 +135,29 @@ def fuse_mounts_under(path: os.PathLike | str) -> list[str]:
     return sorted(found)
 
 
-class StargzSnapshotter(Daemon):
-    """The Stargz Snapshotter daemon on a private socket; see the module docstring."""
+class ProxySnapshotter(Daemon):
+    """A containerd proxy snapshotter daemon (FUSE-based) on a private root
+    and socket, started with its config.toml and a JSON log; subclasses
+    name the binary and write the config (:meth:`config_toml`)."""
 
-    name = "stargz-snapshotter"
-
-    def __init__(self, base: Path, version: str, config: SnapshotterConfig = SnapshotterConfig(),
-                 binary: Path | None = None, log_level: str = "debug"):
+    def __init__(self, base: Path, binary: Path, socket_name: str, log_level: str = "debug"):
         super().__init__(base)
-        self.version = version
-        self.binary = Path(binary) if binary else build_snapshotter(version)
-        self.settings = config
+        self.binary = binary
         self.log_level = log_level
         self.root = self.base / "root"
-        self.address = str(self.base / "stargz.sock")
+        self.address = str(self.base / socket_name)
         if len(self.address) >= 108:
             raise RuntimeError(f"socket path too long for AF_UNIX: {self.address}")
         self.config = self.base / "config.toml"
         self.state_dirs = [self.root]
 
-    def start(self) -> StargzSnapshotter:
+    def config_toml(self) -> str:
+        """The daemon's config.toml."""
+        raise NotImplementedError
+
+    def start(self) -> ProxySnapshotter:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.config.write_text(self.settings.toml())
+        self.config.write_text(self.config_toml())
         self._spawn([str(self.binary), "--root", str(self.root), "--address", self.address,
                      "--config", str(self.config), "--log-level", self.log_level])
         self._wait_ready()
@@ -189,6 +190,22 @@ class StargzSnapshotter(Daemon):
                 with contextlib.suppress(ValueError):
                     out.append(json.loads(line))
         return out
+
+
+class StargzSnapshotter(ProxySnapshotter):
+    """The Stargz Snapshotter daemon on a private socket; see the module docstring."""
+
+    name = "stargz-snapshotter"
+
+    def __init__(self, base: Path, version: str, config: SnapshotterConfig = SnapshotterConfig(),
+                 binary: Path | None = None, log_level: str = "debug"):
+        super().__init__(base, Path(binary) if binary else build_snapshotter(version),
+                         "stargz.sock", log_level)
+        self.version = version
+        self.settings = config
+
+    def config_toml(self) -> str:
+        return self.settings.toml()
 
     def verified_mountpoints(self) -> list[str]:
         """Mount points whose layer matched the TOC digest of its annotation

@@ -97,7 +97,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -106,8 +105,13 @@ from pathlib import Path
 
 import pytest
 
-from daemons import CMD_TIMEOUT, Containerd, Daemon, _env, _set_pdeathsig, unmount_all_under
-from lazypull import _require_fuse, fuse_mounts_under, mounted_image, proxy_plugin_config
+from daemons import CMD_TIMEOUT, Containerd, _env, _set_pdeathsig, unmount_all_under
+from lazypull import (
+    ProxySnapshotter,
+    _require_fuse,
+    mounted_image,
+    proxy_plugin_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "scripts" / "build-soci.sh"
@@ -183,64 +187,24 @@ class SociConfig:
             self.extra, ""])
 
 
-class SociSnapshotter(Daemon):
+class SociSnapshotter(ProxySnapshotter):
     """soci-snapshotter-grpc on a private root and socket; see the module docstring."""
 
     name = "soci-snapshotter"
 
     def __init__(self, base: Path, config: SociConfig = SociConfig(),
                  binary: Path | None = None, log_level: str = "debug"):
-        super().__init__(base)
-        self.binary = Path(binary) if binary else build_soci("snapshotter")
+        super().__init__(base, Path(binary) if binary else build_soci("snapshotter"),
+                         "soci.sock", log_level)
         self.settings = config
-        self.log_level = log_level
-        self.root = self.base / "root"
-        self.address = str(self.base / "soci.sock")
-        if len(self.address) >= 108:
-            raise RuntimeError(f"socket path too long for AF_UNIX: {self.address}")
-        self.config = self.base / "config.toml"
-        self.state_dirs = [self.root]
         #: The containerd using this snapshotter (its socket), if not the
         #: host's: soci asks it for the image manifest when it prepares a
         #: layer that has no zTOC (smaller than the index's min layer size),
         #: and waits 10 s for the host's socket otherwise.
         self.containerd_address = ""
 
-    def start(self) -> SociSnapshotter:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.config.write_text(self.settings.toml(self.containerd_address))
-        self._spawn([str(self.binary), "--root", str(self.root), "--address", self.address,
-                     "--config", str(self.config), "--log-level", self.log_level])
-        self._wait_ready()
-        return self
-
-    def _ready(self) -> bool:
-        if not os.path.exists(self.address):
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(2)
-                s.connect(self.address)
-        except OSError:
-            return False
-        return True
-
-    def fuse_mounts(self) -> list[str]:
-        """The layers this snapshotter has mounted (FUSE mount points)."""
-        return fuse_mounts_under(self.root)
-
-    def log_records(self) -> list[dict]:
-        """The daemon's log, one dict per JSON line (other lines skipped)."""
-        out: list[dict] = []
-        try:
-            text = self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return out
-        for line in text.splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
-        return out
+    def config_toml(self) -> str:
+        return self.settings.toml(self.containerd_address)
 
     def prepared_remote_snapshots(self) -> dict[str, bool]:
         """Snapshot key -> True when the layer was mounted lazily (FUSE over
