@@ -72,6 +72,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -284,7 +285,44 @@ def ranges_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-class LazyPuller:
+_Pair = TypeVar("_Pair", bound="DaemonPair")
+
+
+class DaemonPair:
+    """A snapshotter and the containerd using it, stopped together: the
+    stop and context-manager half of :class:`LazyPuller` and
+    ``socilazy.SociLazyPuller``, which define ``start`` and ``parts``."""
+
+    def parts(self) -> tuple[Path, Daemon, Daemon]:
+        """The mounts directory, the containerd and the snapshotter."""
+        raise NotImplementedError
+
+    def start(self: _Pair) -> _Pair:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop containerd (removing its containers), then the snapshotter
+        (unmounting every layer); raises if a mount or process is left."""
+        mounts_dir, containerd, snapshotter = self.parts()
+        errors = []
+        # Views mounted by mounted() that a failed test left behind.
+        unmount_all_under(mounts_dir)
+        for daemon in (containerd, snapshotter):
+            try:
+                daemon.stop()
+            except Exception as e:  # stop the other one anyway
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self: _Pair) -> _Pair:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LazyPuller(DaemonPair):
     """A Stargz Snapshotter and a containerd using it as proxy snapshotter
     ``stargz``, on fresh state below ``base``; see the module docstring."""
 
@@ -298,6 +336,9 @@ class LazyPuller:
                                      extra_config=proxy_plugin_config(self.snapshotter.address))
         self.mounts_dir = base / "mnt"
 
+    def parts(self) -> tuple[Path, Daemon, Daemon]:
+        return self.mounts_dir, self.containerd, self.snapshotter
+
     def start(self) -> LazyPuller:
         self.snapshotter.start()
         try:
@@ -306,26 +347,6 @@ class LazyPuller:
             self.snapshotter.stop()
             raise
         return self
-
-    def stop(self) -> None:
-        """Stop containerd (removing its containers), then the snapshotter
-        (unmounting every layer); raises if a mount or process is left."""
-        errors = []
-        # Views mounted by mounted() that a failed test left behind.
-        unmount_all_under(self.mounts_dir)
-        for daemon in (self.containerd, self.snapshotter):
-            try:
-                daemon.stop()
-            except Exception as e:  # stop the other one anyway
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> LazyPuller:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def ctr_remote_cmd(self, *args: str, check: bool = True, timeout: float = CMD_TIMEOUT
                        ) -> subprocess.CompletedProcess:

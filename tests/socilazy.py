@@ -105,8 +105,9 @@ from pathlib import Path
 
 import pytest
 
-from daemons import CMD_TIMEOUT, Containerd, _env, _set_pdeathsig, unmount_all_under
+from daemons import CMD_TIMEOUT, Containerd, Daemon, _env, _set_pdeathsig
 from lazypull import (
+    DaemonPair,
     ProxySnapshotter,
     _require_fuse,
     mounted_image,
@@ -259,7 +260,7 @@ class Containerd2(Containerd):
                                          start_new_session=True, preexec_fn=_set_pdeathsig)
 
 
-class SociLazyPuller:
+class SociLazyPuller(DaemonPair):
     """A SOCI Snapshotter and a containerd using it as proxy snapshotter
     ``soci``, on fresh state below ``base``; see the module docstring."""
 
@@ -275,6 +276,9 @@ class SociLazyPuller:
         self.snapshotter.containerd_address = self.containerd.address
         self.mounts_dir = base / "mnt"
 
+    def parts(self) -> tuple[Path, Daemon, Daemon]:
+        return self.mounts_dir, self.containerd, self.snapshotter
+
     def start(self) -> SociLazyPuller:
         self.snapshotter.start()
         try:
@@ -283,27 +287,6 @@ class SociLazyPuller:
             self.snapshotter.stop()
             raise
         return self
-
-    def stop(self) -> None:
-        """Stop containerd (removing its containers), then the snapshotter
-        (unmounting every layer, which soci leaves mounted on SIGTERM);
-        raises if a mount or process is left."""
-        errors = []
-        # Views mounted by mounted() that a failed test left behind.
-        unmount_all_under(self.mounts_dir)
-        for daemon in (self.containerd, self.snapshotter):
-            try:
-                daemon.stop()
-            except Exception as e:  # stop the other one anyway
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> SociLazyPuller:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def rpull(self, ref: str, *, index_digest: str | None = None, check: bool = True,
               timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess:
