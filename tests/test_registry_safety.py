@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -76,8 +77,10 @@ def test_default_deadlines_are_applied() -> None:
     with pytest.raises(Exception, match="timeout must be a positive number"):
         RegistryClient("registry.example", timeout=float("nan"))
     # The CLI's defaults are the client's, for convert and optimize alike.
-    for command in ("convert", "optimize"):
-        params = {p.name: p for p in main.commands[command].params}
+    for name in ("convert", "optimize"):
+        command = main.get_command(click.Context(main), name)
+        assert command is not None
+        params = {p.name: p for p in command.params}
         assert params["timeout"].default == DEFAULT_TIMEOUT
         assert params["read_timeout"].default == DEFAULT_READ_TIMEOUT
         rate = params["min_transfer_rate"]

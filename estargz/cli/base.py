@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 invalid input or a blob that fails verification;
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import sys
@@ -22,7 +23,6 @@ from .._exceptions import Cancelled, EstargzError, InvalidInput, StorageError
 from .._version import __version__
 from ..layer.inputfile import open_input
 from ..layer.jsondoc import load_json
-from ..registry.credentials import parse_creds
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -101,7 +101,35 @@ class _Bool(click.ParamType):
 BOOL = _Bool()
 
 
-class _Group(click.Group):
+class LazyGroup(click.Group):
+    """A command group whose subcommands are loaded when first used.
+
+    ``lazy`` maps a command name to ``"module:attribute"`` within this
+    package. A command's module, and what it imports (requests for the
+    registry, the profiler, rich), then costs start-up time only for the
+    commands that need it: ``layer convert`` starts in half the time
+    (docs/benchmarks.md, zstd:chunked). The pattern is click's own
+    ("Lazily Loading Subcommands" in its documentation).
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module, attr = self.lazy[cmd_name].split(":")
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{self.lazy[cmd_name]} is not a click command")
+        return command
+
+
+class _Main(LazyGroup):
     """The ``estargz`` group: usage errors are one line too
     (``estargz: error: ...``, exit 2), like every other error."""
 
@@ -118,14 +146,13 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]},
+             lazy={"convert": "image:image_convert_cmd", "doctor": "optimize:doctor_cmd",
+                   "layer": "layer:layer", "optimize": "optimize:optimize_cmd",
+                   "soci": "soci:soci_group"})
 @click.version_option(__version__, prog_name="estargz")
 def main() -> None:
     """Convert container image layers to eStargz, for lazy pulling."""
-
-
-def _creds(text: str | None, option: str) -> tuple[str, str] | None:
-    return None if text is None else parse_creds(text, option)
 
 
 def _read_text_lines(path: str) -> list[str]:

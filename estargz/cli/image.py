@@ -28,6 +28,7 @@ from ..image.descriptor import INDEX_TYPES, MANIFEST_TYPES
 from ..image.reference import parse_docker_name
 from ..layer.converter import DEFAULT_CHUNK_SIZE, MAX_WORKERS
 from ..registry.client import client_for
+from ..registry.credentials import parse_creds
 from ..registry.http import DEFAULT_MIN_RATE, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT
 from ..registry.records import fetch_record, find_record
 from .base import (
@@ -35,11 +36,9 @@ from .base import (
     EXIT_USAGE,
     FORMAT_OPTIONS,
     MIN_CHUNK_SIZE,
-    _creds,
     _fail,
     _read_text_lines,
     _run,
-    main,
     resolve_format,
 )
 from .layer import check_layout_options
@@ -203,6 +202,10 @@ def _image_convert_options(kw: dict[str, Any],
         src=src, dst=dst)
 
 
+def _creds(text: str | None, option: str) -> tuple[str, str] | None:
+    return None if text is None else parse_creds(text, option)
+
+
 def transport_options(kw: dict[str, Any], cert_dir: str | None = None,
                       authfile: str | None = None) -> tuple[TransportOptions, TransportOptions]:
     """``(source, destination)`` options from the shared connection options (popped
@@ -266,7 +269,7 @@ def _print_image_result(result: ImageResult, as_json: bool, quiet: bool) -> None
             click.echo(f"{result.toc_image}: {result.toc_image_digest} (TOC image)")
 
 
-@main.command("convert")
+@click.command("convert")
 @click.argument("src")
 @click.argument("dst")
 @click.option("--record-in", default=None, metavar="FILE|docker://HOST/REPO@DIGEST",

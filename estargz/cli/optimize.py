@@ -26,7 +26,7 @@ from ..image.reference import DockerName, parse_docker_name
 from ..layer.order import read_prioritized_list
 from ..registry.client import client_for
 from ..registry.records import RecordPush, push_record
-from .base import EXIT_USAGE, _fail, _json_list, _read_text_lines, _run, main
+from .base import EXIT_USAGE, _fail, _json_list, _read_text_lines, _run
 from .image import _image_convert_options, _image_options, _print_image_result, _Seconds
 from .progress import ProgressDisplay
 from .soci import print_soci_result, soci_index_options, soci_options_from
@@ -57,7 +57,7 @@ def _push_record(result: OptimizeResult, to: DockerName,
                            created=created, tag=to.tag)
 
 
-@main.command("optimize")
+@click.command("optimize")
 @click.argument("src")
 @click.argument("dst", required=False)
 @click.option("--period", type=_Seconds(0.1, MAX_PERIOD), default=10.0, show_default=True,
@@ -196,7 +196,7 @@ def _refuse_conversion_options(kw: dict[str, Any]) -> None:
         raise click.UsageError(f"--soci leaves the layers as they are: drop {', '.join(given)}")
 
 
-@main.command("doctor")
+@click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the modes as one JSON object.")
 @click.option("--require", "require", type=click.Choice(["root", "rootless"]), default=None,
               help="Exit 1 unless this profiling mode is supported.")

@@ -23,13 +23,13 @@ from ..image.socilookup import BoundIndex, find_soci_indexes
 from ..image.transport import open_source, parse_reference
 from ..layer.inputfile import open_input
 from ..layer.ztoc import MAX_ZTOC_SIZE, Ztoc, unmarshal_ztoc
-from .base import _creds, _run, main
-from .image import connection_options, transport_options
-from .layer import _remote_options
+from .base import _run
+from .image import _creds, connection_options, transport_options
+from .layerread import _remote_options
 from .progress import ProgressDisplay
 
 
-@main.group("soci")
+@click.group("soci")
 def soci_group() -> None:
     """SOCI indexes: lazy loading of unchanged images (the SOCI Snapshotter)."""
 
