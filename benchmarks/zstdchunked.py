@@ -36,7 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import run
-from run import CACHE, REPO, TESTDATA, Run, cores, last_line, log, measure, wait_for_idle, warm
+from run import (
+    CACHE,
+    REPO,
+    TESTDATA,
+    Run,
+    compile_bytecode,
+    cores,
+    last_line,
+    log,
+    measure,
+    wait_for_idle,
+    warm,
+)
 
 
 def python_layer() -> Path:
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     goref = goref_v018()
+    compile_bytecode()
     cmds = tools(args.level, goref)
     results: dict[str, Any] = {"level": args.level, "repeat": args.repeat, "cores": cores(),
                      "layers": {}}
