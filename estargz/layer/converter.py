@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO
@@ -47,6 +47,7 @@ from .compression import DEFAULT_BACKEND, Backend, get_backend
 from .footer import external_toc_footer_bytes, footer_bytes
 from .layerinput import open_tar
 from .order import Landmark, Planned, dedupe, plan_order
+from .streamhash import StreamHash
 from .tarstream import index_tar, printable
 from .toc import (
     MAX_TOC_JSON_SIZE,
@@ -289,13 +290,14 @@ def check_toc_fits(planned: Sequence[Planned], chunk_size: int) -> None:
 class _Compressed:
     """A unit's compressed bytes, in memory or spilled to a temporary file."""
 
-    __slots__ = ("parts", "size", "spill", "chunk_digests")
+    __slots__ = ("parts", "size", "spill", "chunk_digests", "chunk_sums")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.size = 0
         self.spill: BinaryIO | None = None
         self.chunk_digests: list[str] = []
+        self.chunk_sums: list[int] = []
 
     def add(self, data: bytes) -> None:
         if not data:
@@ -324,7 +326,14 @@ class _Compressed:
         self.spill.close()
 
 
-def _compress_task(fd: int, units: list[Unit], backend: Backend) -> list[_Compressed]:
+#: A format's checksum of a chunk, as ``sum(data, sum_so_far)`` from 0.
+ChunkSum = Callable[[bytes, int], int]
+
+
+def _compress_task(fd: int, units: list[Unit], backend: Backend,
+                   chunk_sum: ChunkSum | None = None) -> list[_Compressed]:
+    """Compress ``units``, each chunk's digest (and ``chunk_sum``) taken
+    from the same read of its payload."""
     results = []
     for u in units:
         c = _Compressed()
@@ -332,11 +341,15 @@ def _compress_task(fd: int, units: list[Unit], backend: Backend) -> list[_Compre
         for p in u.pieces:
             if isinstance(p, Data):
                 h = hashlib.sha256()
+                total = 0
                 for piece in read_payload(fd, p.member, p.start, p.length):
                     check_cancelled()
                     h.update(piece)
+                    if chunk_sum is not None:
+                        total = chunk_sum(piece, total)
                     c.add(z.compress(piece))
                 c.chunk_digests.append("sha256:" + h.hexdigest())
+                c.chunk_sums.append(total)
             else:
                 c.add(z.compress(bytes(p)))
         c.add(z.flush())
@@ -360,12 +373,16 @@ def _batches(units: Iterator[Unit]) -> Iterator[list[Unit]]:
 class _Writer:
     """Writes compressed units in order and keeps the running digests."""
 
-    def __init__(self, out: BinaryIO, fd: int) -> None:
+    #: The format's checksum of each chunk, computed by the pool as it
+    #: compresses (None: the format has none).
+    chunk_sum: ChunkSum | None = None
+
+    def __init__(self, out: BinaryIO, fd: int, diff: StreamHash) -> None:
         self.out = out
         self.fd = fd
         self.offset = 0
         self.blob = hashlib.sha256()
-        self.diff = hashlib.sha256()
+        self.diff = diff
         self.usize = 0
         # Each entry's JSON as UTF-8 bytes: no bigger than the text, and
         # encode_toc joins them with a single copy.
@@ -378,8 +395,8 @@ class _Writer:
     #: How a TOC entry is written (a format may add fields).
     encode_entry = staticmethod(encode_entry)
 
-    def payload_piece(self, piece: bytes) -> None:
-        """Called with each payload piece in order (for a format's own sums)."""
+    def chunk_summed(self, d: Data, value: int) -> None:
+        """Called with each chunk's ``chunk_sum``, in order."""
 
     def file_done(self, entry: TOCEntry) -> None:
         """Called once the last chunk of ``entry``'s payload is written."""
@@ -393,11 +410,13 @@ class _Writer:
         self.offset += len(data)
 
     def unit(self, u: Unit, c: _Compressed) -> None:
-        digests = iter(c.chunk_digests)
+        digests, sums = iter(c.chunk_digests), iter(c.chunk_sums)
         done: list[TOCEntry] = []  # files whose last chunk is in this unit
         for p in u.pieces:
             if isinstance(p, Data):
                 file = self._chunk(p, next(digests))
+                if self.chunk_sum is not None:
+                    self.chunk_summed(p, next(sums))
                 if file is not None:
                     done.append(file)
             else:
@@ -432,10 +451,9 @@ class _Writer:
             e.digest = chunk_digest
         elif d.start == 0:
             self._file_hash, self._file_entry = hashlib.sha256(), e
-        for piece in read_payload(self.fd, d.member, d.start, d.length):
-            self.diff.update(piece)
-            self.payload_piece(piece)
-            if self._file_hash is not None:
+        self.diff.payload(d.member, d.start, d.length)
+        if self._file_hash is not None:  # a file of several chunks, hashed whole
+            for piece in read_payload(self.fd, d.member, d.start, d.length):
                 self._file_hash.update(piece)
         self.usize += d.length
         entry = self._file_entry
@@ -452,11 +470,17 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
     """Write the eStargz blob for ``planned`` entries (payloads read from
     ``fd``) to ``out``, and with ``options.external_toc`` its TOC blob to
     ``toc_out``. Returns the digests and sizes as a dict."""
+    with StreamHash(fd) as diff:
+        return _write_estargz(_Writer(out, fd, diff), planned, options, backend, toc_out)
+
+
+def _write_estargz(writer: _Writer, planned: Sequence[Planned], options: ConvertOptions,
+                   backend: Backend, toc_out: BinaryIO | None) -> dict[str, Any]:
     # Over 60 lines: one pipeline (plan the units, compress them in a pool,
     # write them in order, then the TOC and the footer) whose pool and error
     # path span all of it; split, the pool's lifetime would cross functions.
+    fd = writer.fd
     workers = options.workers or available_cores()
-    writer = _Writer(out, fd)
     written = payload_meter(planned)
     pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
     landmarks = [i for i, p in enumerate(planned) if isinstance(p, Landmark)]

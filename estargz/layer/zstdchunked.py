@@ -50,6 +50,7 @@ from .converter import (
 )
 from .order import Landmark, Planned
 from .source import RangeSource
+from .streamhash import StreamHash
 from .toc import (
     MAX_TOC_JSON_SIZE,
     TOC_DIGEST_ANNOTATION,
@@ -58,7 +59,7 @@ from .toc import (
     encode_entry,
     encode_toc,
 )
-from .units import Unit, entry_header, format_modtime, plan_units
+from .units import Data, Unit, entry_header, format_modtime, plan_units
 
 FORMAT_NAME = "zstd:chunked"
 #: As the reference (``ctr-remote``/``nerdctl --zstdchunked-compression-level``).
@@ -102,13 +103,14 @@ def _zstandard() -> Any:
     return zstandard
 
 
-def _crc64_function() -> Any:
-    """tar-split's file checksum: Go's ``hash/crc64`` with the ISO table, as
-    ``crc(data, crc_so_far)``. anycrc (Mark Adler's crcany, word-wise):
-    about 10 GB/s where crcmod-plus did 0.43 GB/s holding the GIL, which made
-    the CRC the writer's bottleneck (docs/benchmarks.md, zstd:chunked)."""
+def _crc64_model() -> Any:
+    """tar-split's file checksum: Go's ``hash/crc64`` with the ISO table
+    (``calc(data, crc_so_far)``, ``combine(crc_a, crc_b, len_b)``). anycrc
+    (Mark Adler's crcany, word-wise): about 10 GB/s where crcmod-plus did
+    0.43 GB/s holding the GIL, which made the CRC the writer's bottleneck
+    (docs/benchmarks.md, zstd:chunked)."""
     import anycrc  # imported when zstd:chunked is used (see _zstandard for why here)
-    return anycrc.Model("CRC64-GO-ISO").calc
+    return anycrc.Model("CRC64-GO-ISO")
 
 
 class ZstdBackend:
@@ -204,14 +206,17 @@ class _ZstdWriter(_Writer):
     pass (each file's CRC-64 is known once its last chunk is written) and
     each file's end offset for the TOC's ``endOffset``."""
 
-    def __init__(self, out: BinaryIO, fd: int, backend: ZstdBackend) -> None:
-        super().__init__(out, fd)
+    def __init__(self, out: BinaryIO, fd: int, diff: StreamHash, backend: ZstdBackend) -> None:
+        super().__init__(out, fd, diff)
+        self.backend = backend
         self.tarsplit = _TarSplit(backend)
         # (header length, name, payload size) of each planned entry, in order,
         # recorded by record_header as the units are planned.
         self.headers: deque[tuple[int, str, int]] = deque()
         self._crc = 0
-        self._crc64 = _crc64_function()
+        crc64 = _crc64_model()
+        # Each chunk's CRC comes from the pool; a file's is their combination.
+        self.chunk_sum, self._combine = crc64.calc, crc64.combine
         self._done: tuple[str, int, int] | None = None
         #: Exact ``modtime`` of entries whose mtime has a fraction (by clean name).
         self.modtimes: dict[str, str] = {}
@@ -264,8 +269,8 @@ class _ZstdWriter(_Writer):
             return text
         return text[:-len("\n\t\t}")] + ",\n" + ",\n".join(extra) + "\n\t\t}"
 
-    def payload_piece(self, piece: bytes) -> None:
-        self._crc = self._crc64(piece, self._crc)
+    def chunk_summed(self, d: Data, value: int) -> None:
+        self._crc = value if d.start == 0 else self._combine(self._crc, value, d.length)
 
     def file_done(self, entry: TOCEntry) -> None:
         entry.end_offset = self.offset
@@ -277,13 +282,18 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
                       options: ConvertOptions) -> dict[str, Any]:
     """Write the zstd:chunked blob for ``planned`` entries (payloads read
     from ``fd``) to ``out``. Returns the digests, sizes and annotations."""
+    backend = ZstdBackend(options.zstd_level)
+    with StreamHash(fd) as diff:
+        return _write_zstdchunked(_ZstdWriter(out, fd, diff, backend), planned, options)
+
+
+def _write_zstdchunked(writer: _ZstdWriter, planned: Sequence[Planned],
+                       options: ConvertOptions) -> dict[str, Any]:
     # Over 60 lines: the same pipeline as converter.write_estargz (units
     # compressed in a pool, written in order) plus the three skippable frames
     # that must follow the data in this order; the pool spans all of it.
-    level = options.zstd_level
-    backend = ZstdBackend(level)
+    fd, backend = writer.fd, writer.backend
     workers = options.workers or available_cores()
-    writer = _ZstdWriter(out, fd, backend)
     planned = _storage_exact(planned, writer.modtimes)
     written = payload_meter(planned)
     pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
@@ -296,7 +306,7 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
                 _drain_one(pending, writer, written)
             # The converter's task only calls compressobj(): duck-typed.
             pending.append((batch, pool.submit(_compress_task, fd, batch,
-                                               cast("Backend", backend))))
+                                               cast("Backend", backend), writer.chunk_sum)))
         while pending:
             _drain_one(pending, writer, written)
     finally:

@@ -32,7 +32,7 @@ from .units import format_modtime
 from .verify import VerifyReport, _compare, _verify_file, verify_blob
 from .zstdchunked import (
     SKIPPABLE_MAGIC,
-    _crc64_function,
+    _crc64_model,
     _zstandard,
     decompress_bounded,
     exact_modtime,
@@ -328,7 +328,7 @@ class _TarSplitChecker:
         self._file_crc = 0
         self._want_crc = b""
         self._file_name = ""
-        self._crc64 = _crc64_function()
+        self._crc64 = _crc64_model().calc
         self._seen: set[str] = set()
         pos = layer.manifest_offset + layer.manifest_size
         if not layer.tar_split_digest:
