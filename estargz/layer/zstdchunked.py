@@ -342,7 +342,7 @@ def _write_zstdchunked(writer: _ZstdWriter, planned: Sequence[Planned],
         LEGACY_MANIFEST_CHECKSUM: checksum, LEGACY_MANIFEST_POSITION: position,
     }
     return {
-        "blob_digest": "sha256:" + writer.blob.hexdigest(),
+        "blob_digest": writer.blob_digest(),
         "blob_size": writer.offset,
         "diff_id": "sha256:" + writer.diff.hexdigest(),
         "toc_digest": "sha256:" + hashlib.sha256(toc_json).hexdigest(),
