@@ -92,8 +92,9 @@ ANNOTATION_KEYS = (MANIFEST_CHECKSUM, MANIFEST_POSITION, TARSPLIT_POSITION,
                    LEGACY_MANIFEST_CHECKSUM, LEGACY_MANIFEST_POSITION)
 
 _END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
-# tar-split lines are compressed in batches of about this many bytes.
-_TARSPLIT_BATCH = 64 << 10
+# tar-split lines are compressed in batches of about this many bytes: few
+# enough calls that the main thread seldom gives up the GIL (see _Writer.write).
+_TARSPLIT_BATCH = 1 << 20
 
 
 def _zstandard() -> Any:
