@@ -510,7 +510,7 @@ def _write_estargz(writer: _Writer, planned: Sequence[Planned], options: Convert
     # input's own end, read with the headers).
     units = plan_units(planned, options.chunk_size, entry_header, options.min_chunk_size,
                         fresh=landmarks[0] if landmarks else -1,
-                        fd=fd if options.keep_diff_id else -1,
+                        fd=fd, lossless=options.keep_diff_id,
                         trailer=bytes(2 * tarfile.BLOCKSIZE) if options.external_toc else b"")
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
     try:

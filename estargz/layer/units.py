@@ -14,9 +14,11 @@ import math
 import os
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
+from .._cancel import check_cancelled
 from .._exceptions import (
     InvalidInput,
     UnsupportedEntry,
@@ -154,51 +156,115 @@ class Unit:
         return any(isinstance(p, Data) for p in self.pieces)
 
 
+class _MemberSize:
+    """How many compressed bytes a unit's gzip member holds so far, as
+    ``plan_units`` needs it to cut units by the reference's rule: before each
+    chunk the reference sync-flushes its gzip writer and starts a new member
+    once the compressed bytes since the member's start reach the minimum
+    chunk size (estargz.go's ``w.cw.n-prevOffset >= MinChunkSize``).
+
+    The plan must exist before the units are compressed (in parallel, with
+    the same output for any number of workers), so the real sizes are not
+    known yet: a raw deflate at level 1 stands in for them. It is cheap,
+    deterministic, and independent of the backend and level the layer is
+    written with. Once the count reaches the limit nothing more is fed: the
+    next chunk starts a new unit anyway, so a large file costs at most about
+    ``limit`` compressed bytes of work.
+    """
+
+    # Pieces fed at a time: stop soon after the limit within a large read.
+    _SLICE = 1 << 16
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._z = zlib.compressobj(1, zlib.DEFLATED, -15)
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.limit
+
+    def feed(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        for at in range(0, len(view), self._SLICE):
+            if self.full:
+                return
+            self.size += len(self._z.compress(view[at:at + self._SLICE]))
+
+    def feed_payload(self, fd: int, m: Planned, start: int, length: int) -> None:
+        for piece in read_payload(fd, m, start, length):
+            check_cancelled()
+            self.feed(piece)
+            if self.full:
+                return
+
+    def flushed(self) -> int:
+        """The count after a sync flush, as the reference measures it."""
+        if not self.full:
+            self.size += len(self._z.flush(zlib.Z_SYNC_FLUSH))
+        return self.size
+
+
 def plan_units(planned: Sequence[Planned], chunk_size: int,
                 header_of: Callable[[Planned], tuple[bytes, TOCEntry, int]] = entry_header,
                 min_chunk_size: int = 0, *, fresh: int = -1, fd: int = -1,
-                trailer: bytes = b"") -> Iterator[Unit]:
+                lossless: bool = False, trailer: bytes = b"") -> Iterator[Unit]:
     """Cut ``planned`` into units, each entry's header and TOC entry made by
     ``header_of``. A chunk starts a new unit unless the current one holds a
-    chunk and fewer than ``min_chunk_size`` bytes; the chunks of
-    ``planned[:fresh + 1]`` (prioritized files and the landmark) always
-    start one, so the prefetched range ends exactly at the landmark. With
-    ``fd``, headers and padding are the input's own bytes (read from ``fd``:
-    lossless); ``trailer`` ends the last unit."""
+    chunk and, compressed, fewer than ``min_chunk_size`` bytes (the
+    reference's rule; see ``_MemberSize``: the payloads are read from ``fd``,
+    the input tar, to measure it); the chunks of ``planned[:fresh + 1]``
+    (prioritized files and the landmark) always start one, so the prefetched
+    range ends exactly at the landmark. ``lossless``: headers and padding are
+    the input's own bytes, read from ``fd``. ``trailer`` ends the last unit."""
+    if (lossless or min_chunk_size > 0) and fd < 0:
+        raise ValueError("plan_units needs the input tar's fd for lossless "
+                         "or a minimum chunk size")
     unit = Unit()
+    member: _MemberSize | None = None  # with a minimum chunk size, of ``unit``
     pos = 0  # lossless: input bytes consumed
     for i, m in enumerate(planned):
         header, entry, size = header_of(m)
-        if fd >= 0:
+        if lossless:
             assert isinstance(m, tarfile.TarInfo)
             header = _pread_all(fd, pos, m.offset_data - pos, m)
             pos = m.offset_data + size
         unit.add_bytes(header)
+        if member is not None:
+            member.feed(header)
         if not size:
             if entry.type == "reg":
                 entry.digest = _EMPTY_DIGEST
             unit.entries.append(entry)
         for start in range(0, size, chunk_size):
             n = min(chunk_size, size - start)
-            if not unit.has_data or unit.size >= min_chunk_size or i <= fresh:
+            # A unit without a chunk (the first, or one cut by _MAX_TAIL)
+            # never takes one: no member is measured for it.
+            if member is None or i <= fresh or member.flushed() >= min_chunk_size:
                 yield unit
                 unit = Unit()
+                member = _MemberSize(min_chunk_size) if min_chunk_size > 0 else None
             e = entry if start == 0 else TOCEntry(name=entry.name, type="chunk")
             e.chunk_offset = start
             if n == chunk_size:
                 e.chunk_size = n  # as the reference: omitted for a short last chunk
             unit.add_data(m, start, n, e)
+            if member is not None:
+                member.feed_payload(fd, m, start, n)
         if size:
             pad = padding(size)
-            if fd >= 0:
+            if lossless:
                 assert isinstance(m, tarfile.TarInfo)
                 pad = _pread_all(fd, pos, len(pad), m)
                 pos += len(pad)
             unit.add_bytes(pad)
+            if member is not None:
+                member.feed(pad)
         if unit.tail_size > _MAX_TAIL:
             yield unit
             unit = Unit()
-    if fd >= 0:
+            member = None
+    if lossless:
         trailer = _pread_all(fd, pos, os.fstat(fd).st_size - pos, None)
     unit.add_bytes(trailer)
     yield unit
