@@ -147,7 +147,7 @@ _IMAGE_OPTIONS = [
     click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND,
                  show_default=True, help="Deflate implementation."),
     click.option("--min-chunk-size", type=click.IntRange(min=0), default=0, metavar="BYTES",
-                 help="Chunks share a gzip member until it holds this many bytes "
+                 help="Chunks share a gzip member until it holds this many compressed bytes "
                       "(smaller layers; 0: one member a chunk)."),
     click.option("--external-toc", is_flag=True,
                  help="Keep each layer's TOC out of it, in a TOC image beside DST "

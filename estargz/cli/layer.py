@@ -56,7 +56,7 @@ def _emit(result: dict[str, Any], as_json: bool, labels: dict[str, str]) -> None
               show_default=True,
               help="Deflate implementation.")
 @click.option("--min-chunk-size", type=click.IntRange(min=0), default=0, metavar="BYTES",
-              help="Chunks share a gzip member until it holds this many bytes "
+              help="Chunks share a gzip member until it holds this many compressed bytes "
                    "(smaller layers; 0: one member a chunk).")
 @click.option("--external-toc", "toc_dst", type=click.Path(dir_okay=False), default=None,
               metavar="FILE", help="Write the TOC to this TOC blob, not into OUT.")

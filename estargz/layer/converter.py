@@ -8,13 +8,16 @@ How the output is built (see docs/format.md for the picture):
    the headers of the entries up to the next payload. This is the layout
    the reference writes, so every payload chunk starts a gzip member.
    With a minimum chunk size, the chunks that follow share the member until
-   it holds that many uncompressed bytes; their TOC entries carry the
-   member's offset and an ``innerOffset``. The plan is fixed before any
-   compression (it counts uncompressed bytes), so units still compress in
-   parallel and the output does not depend on the number of workers.
+   it holds that many compressed bytes (the reference's rule); their TOC
+   entries carry the member's offset and an ``innerOffset``. The plan is
+   fixed before any compression (the compressed size is estimated by a
+   level-1 deflate while planning, ``units._MemberSize``), so units still
+   compress in parallel and the output does not depend on the number of
+   workers.
 3. Units are compressed independently by a thread pool (zlib releases the
    GIL), in bounded batches; the main thread writes them in order, hashing
-   the compressed bytes (blob digest) and the uncompressed ones (diff_id).
+   the compressed bytes (blob digest), while a thread of its own hashes the
+   uncompressed ones (diff_id, ``streamhash.py``).
 
 Because a unit's bytes depend only on the input and the options, the output
 is byte-identical for any number of workers.
@@ -104,8 +107,8 @@ class ConvertOptions:
     allow_missing: bool = False
     #: Deflate implementation: ``"zlib-ng"`` (default), ``"zlib"`` or ``"isal"``.
     backend: str = DEFAULT_BACKEND
-    #: Chunks share a gzip member until it holds this many uncompressed
-    #: bytes (0: every chunk starts its own, as without the option).
+    #: Chunks share a gzip member until it holds this many compressed
+    #: bytes, as the reference counts them (0: every chunk starts its own).
     #: Landmarks and prioritized files always start their own.
     min_chunk_size: int = 0
     #: Write the TOC to a separate TOC blob, not into the layer (the
