@@ -9,6 +9,7 @@ is compressed; and the payload bytes of an entry, read from the input tar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -43,6 +44,9 @@ _XATTR_PREFIX = "SCHILY.xattr."
 
 # --- building headers and TOC entries ------------------------------------
 
+# Files of a layer share a handful of mtimes: formatting each once saves
+# a gmtime and a format per entry on the converter's main thread.
+@functools.lru_cache(maxsize=4096)
 def format_modtime(mtime: float) -> str:
     """The TOC's ``modtime``: UTC, RFC 3339, rounded to the second; ``""``
     for the Unix epoch itself (Go's ``formatModtime``)."""
