@@ -150,6 +150,25 @@ def test_hostile_manifest_or_config_in_a_layout(tmp_path, which, doc, message):
     assert not dst.exists()
 
 
+def test_unpaired_surrogate_in_a_config_is_one_line(tmp_path):
+    """JSON may escape half a surrogate pair; the rewritten config cannot be
+    UTF-8, so the conversion refuses it in one line (the fuzzer found a
+    traceback here)."""
+    src = tmp_path / "src"
+    small_layout(src)
+    index = json.loads((src / "index.json").read_text())
+    blobs = src / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
+    config.setdefault("config", {})["Env"] = ["A=\udc00"]
+    # ensure_ascii (the default) writes the lone surrogate as the escape \udc00.
+    _rewrite_blob(src, "config", json.dumps(config).encode())
+    dst = tmp_path / "dst"
+    assert_one_line(invoke("convert", "--quiet", f"oci:{src}:latest", f"oci:{dst}:x"), 1,
+                    "not valid Unicode (an unpaired surrogate escape)")
+    assert not dst.exists()
+
+
 # --- a docker-archive ---------------------------------------------------------
 
 def docker_archive(path: Path, manifest: bytes) -> None:

@@ -107,7 +107,12 @@ def host_platform_default() -> Platform:
 
 
 def _dump(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # JSON can escape half a surrogate pair ("\udc00"); UTF-8 cannot hold it.
+        raise InvalidInput("an image document holds a string that is not valid "
+                           "Unicode (an unpaired surrogate escape)") from None
 
 
 class _Run:
