@@ -109,7 +109,7 @@ def ustar_header(o: tarfile.TarInfo) -> bytes | None:
     record needed: ASCII names that fit, whole-second mtime, numbers that
     fit), else ``None``. The same bytes in a tenth of the time: tarfile's
     header builder was a sixth of the converter's GIL-held time on a layer
-    of many small files. tests/test_units.py holds it to tarfile's output."""
+    of many small files. tests/test_units_header.py holds it to tarfile's output."""
     name = o.name + "/" if o.type == tarfile.DIRTYPE and not o.name.endswith("/") else o.name
     mtime, type_ = o.mtime, o.type
     if o.pax_headers or type(mtime) is not int or len(type_) != 1:
