@@ -32,6 +32,7 @@ class StreamHash:
         self._queue: queue.SimpleQueue[bytes | tuple[Planned, int, int] | None] = \
             queue.SimpleQueue()
         self._error: BaseException | None = None
+        self._abandoned = False  # the writer failed: what is queued is not wanted
         self._thread = threading.Thread(target=self._run, name="estargz-diff-id", daemon=True)
         self._thread.start()
 
@@ -51,6 +52,7 @@ class StreamHash:
         return self._hash.hexdigest()
 
     def close(self) -> None:
+        """Hash what is queued, then stop the thread."""
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
@@ -60,12 +62,15 @@ class StreamHash:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if exc is not None:
+            # An error or Ctrl-C: stop now, without hashing the backlog.
+            self._abandoned = True
         self.close()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
-            if self._error is not None:
-                continue  # drain until told to stop; the error is raised then
+            if self._error is not None or self._abandoned:
+                continue  # drain until told to stop; an error is raised then
             try:
                 if isinstance(item, bytes):
                     self._hash.update(item)
