@@ -52,7 +52,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -67,7 +66,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(HERE))
 
 import images  # noqa: E402  (benchmarks/images.py; images.tb is testdata/images/build.py)
-from startup import BenchError, Network, estargz_cli, sh  # noqa: E402
+from startup import RUN_ERRORS, BenchError, Network, estargz_cli, puller_running, sh  # noqa: E402
 
 from lazypull import LazyPuller, SnapshotterConfig, build_snapshotter  # noqa: E402
 from services import running_registry  # noqa: E402
@@ -260,44 +259,37 @@ def read_sample(run: Run, ref: str, paths: list[str], binary: Path, proxy: Shapi
     puller = LazyPuller(base, SNAPSHOTTER_VERSION,
                         SnapshotterConfig(prefetch=False, background_fetch=False), binary)
     try:
-        puller.start()
-        t0 = time.monotonic()
-        puller.rpull(ref)
-        run.pull_seconds = time.monotonic() - t0
-        prepared = puller.snapshotter.prepared_remote_snapshots()
-        if not prepared or not all(prepared.values()):
-            raise BenchError(f"not every layer was mounted lazily: {prepared}")
-        with puller.mounted(ref, "root") as root:
-            proxy.reset()
-            windows = []
-            for p in paths:
-                start = time.monotonic()
-                t = time.perf_counter()
-                with open(root / p, "rb") as f:
-                    data = f.read()
-                seconds = time.perf_counter() - t
-                windows.append((start, time.monotonic()))
-                run.reads.append(Read(p, len(data), seconds, 0, 0))
-            # The proxy logs a request when its answer is sent; give the
-            # last one time to land before reading the log.
-            time.sleep(0.2)
-            for r in proxy.requests():
-                for i, (a, b) in enumerate(windows):
-                    if a <= r.start <= b:
-                        run.reads[i].requests += 1
-                        run.reads[i].bytes += r.sent
-                        break
-                else:
-                    log(f"{run.variant}: a request outside every read: {r.method} {r.path} "
-                        f"{r.range}")
-    except (BenchError, AssertionError, RuntimeError, OSError,
-            subprocess.TimeoutExpired) as e:
-        run.error = str(e).strip().splitlines()[0][:500] if str(e).strip() else repr(e)
+        with puller_running(run, puller, (*RUN_ERRORS, OSError)):
+            t0 = time.monotonic()
+            puller.rpull(ref)
+            run.pull_seconds = time.monotonic() - t0
+            prepared = puller.snapshotter.prepared_remote_snapshots()
+            if not prepared or not all(prepared.values()):
+                raise BenchError(f"not every layer was mounted lazily: {prepared}")
+            with puller.mounted(ref, "root") as root:
+                proxy.reset()
+                windows = []
+                for p in paths:
+                    start = time.monotonic()
+                    t = time.perf_counter()
+                    with open(root / p, "rb") as f:
+                        data = f.read()
+                    seconds = time.perf_counter() - t
+                    windows.append((start, time.monotonic()))
+                    run.reads.append(Read(p, len(data), seconds, 0, 0))
+                # The proxy logs a request when its answer is sent; give the
+                # last one time to land before reading the log.
+                time.sleep(0.2)
+                for r in proxy.requests():
+                    for i, (a, b) in enumerate(windows):
+                        if a <= r.start <= b:
+                            run.reads[i].requests += 1
+                            run.reads[i].bytes += r.sent
+                            break
+                    else:
+                        log(f"{run.variant}: a request outside every read: {r.method} {r.path} "
+                            f"{r.range}")
     finally:
-        try:
-            puller.stop()
-        except Exception as e:  # a leftover mount or process: say so, go on
-            run.error = run.error or f"cleanup: {e}"
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -763,19 +763,34 @@ def benchmark(args: argparse.Namespace) -> dict:
     return doc
 
 
-def one(run: Run, ref: str, puller: LazyPuller | SociLazyPuller, proxy: ShapingProxy,
-        timeout: float) -> None:
-    """One cold start of ``ref`` on ``puller`` (started here, stopped after)."""
+#: What a failed run raises: recorded on the run, the benchmark goes on.
+RUN_ERRORS: tuple[type[BaseException], ...] = (
+    BenchError, AssertionError, RuntimeError, subprocess.TimeoutExpired)
+
+
+@contextlib.contextmanager
+def puller_running(run: Any, puller: LazyPuller | SociLazyPuller,
+                   errors: tuple[type[BaseException], ...] = RUN_ERRORS) -> Iterator[None]:
+    """``puller`` started for one run and stopped after; an error of
+    ``errors`` in the run, or a failed stop, becomes ``run.error`` (its first
+    line) instead of ending the benchmark."""
     try:
         puller.start()
-        cold_start(run, ref, puller, proxy, timeout)
-    except (BenchError, AssertionError, RuntimeError, subprocess.TimeoutExpired) as e:
+        yield
+    except errors as e:
         run.error = str(e).strip().splitlines()[0][:500] if str(e).strip() else repr(e)
     finally:
         try:
             puller.stop()
         except Exception as e:  # a leftover mount or process: say so, go on
             run.error = run.error or f"cleanup: {e}"
+
+
+def one(run: Run, ref: str, puller: LazyPuller | SociLazyPuller, proxy: ShapingProxy,
+        timeout: float) -> None:
+    """One cold start of ``ref`` on ``puller`` (started here, stopped after)."""
+    with puller_running(run, puller):
+        cold_start(run, ref, puller, proxy, timeout)
     if run.error:
         log(f"{run.network} {run.snapshotter} {run.image} {run.variant} #{run.index}: "
             f"FAILED: {run.error}")
