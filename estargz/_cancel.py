@@ -12,7 +12,8 @@ finish the image before anyone noticed. Instead:
   started is never cut short by a second (SIGKILL remains for that);
 * every long loop (the tar walk, decompression, compression, blob transfers,
   extraction, the profiling wait) calls :func:`check_cancelled` once per
-  chunk, which raises :class:`~estargz._exceptions.Cancelled` in that thread.
+  chunk, which raises :class:`~estargz._exceptions.Cancelled` in that thread;
+  a wait between retries is :func:`sleep_or_cancel`, which ends at once.
 
 A chunk is at most a few MiB of work, so every thread stops within a
 fraction of a second; a thread blocked in a socket read stops at its read
@@ -31,7 +32,7 @@ from typing import Any
 from ._exceptions import Cancelled
 
 __all__ = ["cancel_requested", "check_cancelled", "interrupt_on_signals", "request_cancel",
-           "reset_cancel"]
+           "reset_cancel", "sleep_or_cancel"]
 
 _CANCEL = threading.Event()
 
@@ -50,6 +51,13 @@ def check_cancelled() -> None:
     """Raise :class:`Cancelled` if cancellation was requested: call it once per
     chunk of work in every loop that can run for more than a moment."""
     if _CANCEL.is_set():
+        raise Cancelled()
+
+
+def sleep_or_cancel(seconds: float) -> None:
+    """Wait ``seconds`` (a retry's back-off), raising :class:`Cancelled` as
+    soon as cancellation is requested rather than after the wait."""
+    if _CANCEL.wait(seconds):
         raise Cancelled()
 
 

@@ -226,12 +226,32 @@ def test_cancellation_cuts_a_trickled_transfer(tampering_proxy: FaultProxy,
     assert 1.0 <= took < 1.0 + 2.0, took
 
 
+def test_cancellation_ends_a_retry_back_off(tampering_proxy: FaultProxy) -> None:
+    # The registry asks for the longest wait we honour; Ctrl-C must not wait it out.
+    c = client(tampering_proxy.host, timeout=120, retries=5)
+    c.head_blob("safety/backoff", "sha256:" + "0" * 64)  # pick the scheme first
+    tampering_proxy.add_fault("GET", "/manifests/", status=503, headers={"Retry-After": "10"},
+                              times=100)
+    timer = threading.Timer(1.0, request_cancel)
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            c.get_manifest("safety/backoff", "v1", [media.OCI_MANIFEST])
+        took = time.monotonic() - start
+    finally:
+        timer.cancel()
+        reset_cancel()
+    assert 1.0 <= took < 1.0 + 2.0, took
+    assert len(tampering_proxy.requests("GET", "/manifests/")) == 1
+
+
 def test_retries_stay_within_the_deadline(tampering_proxy: FaultProxy) -> None:
     c = client(tampering_proxy.host, timeout=2.5, retries=50)
     c.head_blob("safety/retry", "sha256:" + "0" * 64)  # pick the scheme first
     tampering_proxy.add_fault("GET", "/manifests/", status=503, headers={"Retry-After": "1"},
                               times=100)
-    c._sleep = time.sleep  # real back-off: the deadline must bound it
+    # The client's own back-off, really waited: the deadline must bound it.
     start = time.monotonic()
     with pytest.raises(RegistryError) as e:
         c.get_manifest("safety/retry", "v1", [media.OCI_MANIFEST])

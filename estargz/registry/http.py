@@ -18,7 +18,6 @@ import math
 import random
 import re
 import threading
-import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ import requests
 import requests.adapters
 import urllib3
 
+from .._cancel import sleep_or_cancel
 from .._exceptions import EstargzError, InvalidInput, NotFound, RegistryError, StorageError
 from .._version import __version__
 from ..image.reference import DOCKER_HUB, DOCKER_HUB_API
@@ -110,8 +110,9 @@ class RegistryHTTP:
                                    auth_file=auth_file)
         self._base: str | None = None
         self._lock = threading.Lock()
-        #: Replaceable in tests, to observe back-off without waiting.
-        self._sleep: Callable[[float], None] = time.sleep
+        #: Replaceable in tests, to observe back-off without waiting. Ctrl-C
+        #: ends a back-off at once (a Retry-After may ask for a minute).
+        self._sleep: Callable[[float], None] = sleep_or_cancel
 
         context = ssl_context(self.api_host, tls_verify, cert_dir)
         if not tls_verify:
