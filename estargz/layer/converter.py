@@ -500,32 +500,15 @@ def write_estargz(fd: int, planned: Sequence[Planned], out: BinaryIO,
 
 def _write_estargz(writer: _Writer, planned: Sequence[Planned], options: ConvertOptions,
                    backend: Backend, toc_out: BinaryIO | None) -> dict[str, Any]:
-    # Over 60 lines: one pipeline (plan the units, compress them in a pool,
-    # write them in order, then the TOC and the footer) whose pool and error
-    # path span all of it; split, the pool's lifetime would cross functions.
-    fd = writer.fd
-    workers = options.workers or available_cores()
-    written = payload_meter(planned)
-    pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
     landmarks = [i for i, p in enumerate(planned) if isinstance(p, Landmark)]
     # An external TOC leaves the layer's tar without its last entry: end it
     # with the two zero blocks every tar reader expects (lossless: the
     # input's own end, read with the headers).
     units = plan_units(planned, options.chunk_size, entry_header, options.min_chunk_size,
                         fresh=landmarks[0] if landmarks else -1,
-                        fd=fd, lossless=options.keep_diff_id,
+                        fd=writer.fd, lossless=options.keep_diff_id,
                         trailer=bytes(2 * tarfile.BLOCKSIZE) if options.external_toc else b"")
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
-    try:
-        for batch in _batches(units):
-            check_cancelled()
-            while len(pending) >= 3 * workers:
-                _drain_one(pending, writer, written)
-            pending.append((batch, pool.submit(_compress_task, fd, batch, backend)))
-        while pending:
-            _drain_one(pending, writer, written)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    write_units(writer, planned, units, backend, options.workers)
 
     toc_json = encode_toc(writer.toc_parts)
     writer.toc_parts = []
@@ -570,6 +553,28 @@ def _write_estargz(writer: _Writer, planned: Sequence[Planned], options: Convert
         "toc_size": writer.offset - toc_offset + toc_blob.get("toc_blob_size", 0),
         **toc_blob,
     }
+
+
+def write_units(writer: _Writer, planned: Sequence[Planned], units: Iterator[Unit],
+                backend: Backend, workers: int = 0) -> None:
+    """Compress ``units`` (cut from ``planned``) in a pool of ``workers``
+    threads (0: one per core), a few batches ahead of the writer, and hand
+    them to ``writer`` in order: the pipeline of every format."""
+    workers = workers or available_cores()
+    written = payload_meter(planned)
+    pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
+    try:
+        for batch in _batches(units):
+            check_cancelled()
+            while len(pending) >= 3 * workers:
+                _drain_one(pending, writer, written)
+            pending.append((batch, pool.submit(_compress_task, writer.fd, batch, backend,
+                                               writer.chunk_sum)))
+        while pending:
+            _drain_one(pending, writer, written)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _drain_one(pending: deque[tuple[list[Unit], Future[list[_Compressed]]]],

@@ -31,22 +31,16 @@ import tarfile
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, cast
 
-from .._cancel import check_cancelled
 from .._exceptions import FooterError, InvalidInput, TOCError
 from .compression import Backend
 from .converter import (
     ConvertOptions,
-    _batches,
-    _compress_task,
     _Compressed,
-    _drain_one,
     _Writer,
-    available_cores,
-    payload_meter,
     register_format,
+    write_units,
 )
 from .order import Landmark, Planned
 from .source import RangeSource
@@ -290,28 +284,13 @@ def write_zstdchunked(fd: int, planned: Sequence[Planned], out: BinaryIO,
 
 def _write_zstdchunked(writer: _ZstdWriter, planned: Sequence[Planned],
                        options: ConvertOptions) -> dict[str, Any]:
-    # Over 60 lines: the same pipeline as converter.write_estargz (units
-    # compressed in a pool, written in order) plus the three skippable frames
-    # that must follow the data in this order; the pool spans all of it.
-    fd, backend = writer.fd, writer.backend
-    workers = options.workers or available_cores()
+    # The converter's pipeline (converter.write_units), then the three
+    # skippable frames that must follow the data in this order.
+    backend = writer.backend
     planned = _storage_exact(planned, writer.modtimes)
-    written = payload_meter(planned)
-    pending: deque[tuple[list[Unit], Future[list[_Compressed]]]] = deque()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz")
-    try:
-        for batch in _batches(plan_units(planned, options.chunk_size,
-                                          writer.record_header)):
-            check_cancelled()
-            while len(pending) >= 3 * workers:
-                _drain_one(pending, writer, written)
-            # The converter's task only calls compressobj(): duck-typed.
-            pending.append((batch, pool.submit(_compress_task, fd, batch,
-                                               cast("Backend", backend), writer.chunk_sum)))
-        while pending:
-            _drain_one(pending, writer, written)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    # The pool's task only calls compressobj(): duck-typed.
+    write_units(writer, planned, plan_units(planned, options.chunk_size, writer.record_header),
+                cast("Backend", backend), options.workers)
 
     # The end of the tar archive, a frame of its own: the uncompressed
     # stream is a complete tar for `zstd -dc | tar -x`.
