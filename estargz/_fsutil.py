@@ -22,15 +22,38 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
+#: fsync of a directory: what filesystems that cannot sync one answer.
+_NO_DIR_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF}
+
+
+def fsync_dir(path: str) -> None:
+    """Make the names in directory ``path`` durable (a rename into it), as a
+    file's fsync makes its bytes durable. Filesystems that cannot sync a
+    directory are let be; a failed sync elsewhere is a :class:`StorageError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StorageError(f"cannot sync {path}: {e.strerror or e}") from None
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _NO_DIR_SYNC:
+            raise StorageError(f"cannot sync {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
     """Yield a file that becomes ``dst`` only if the block completes.
 
     The file is written beside ``dst`` (same filesystem, so the final rename
     is atomic), flushed to disk, given the mode a plain ``open`` would give,
-    and renamed. On any exception, Ctrl-C included, it is removed and the
-    exception propagates; an ``OSError`` while writing becomes a one-line
-    :class:`StorageError` naming ``dst``.
+    and renamed; with ``fsync``, the file and then the rename are made
+    durable (a crash leaves the old ``dst`` or the whole new one). On any
+    exception, Ctrl-C included, it is removed and the exception propagates;
+    an ``OSError`` while writing becomes a one-line :class:`StorageError`
+    naming ``dst``.
 
     Where the filesystem allows, the file has no name at all until it is
     complete (``O_TMPFILE``), so a run killed by SIGKILL leaves nothing
@@ -59,6 +82,8 @@ def atomic_output(dst: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
                 os.umask(umask)
                 os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dst)
+        if fsync:
+            fsync_dir(directory)
     except OSError as e:
         if tmp is not None:
             unlink_quietly(tmp)

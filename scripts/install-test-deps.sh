@@ -32,6 +32,8 @@ APT_PACKAGES=(
   podman
   # the profiling report is checked in a real browser
   chromium
+  # the order of fsync and rename calls writing an OCI layout (tests/test_crash_safety.py)
+  strace
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -313,3 +313,68 @@ def test_sigkill_of_layer_convert_leaves_no_temporary_file(tmp_path, test_images
             p.kill()
             p.wait()
     assert list(out_dir.iterdir()) == []
+
+
+# --- durability: what a power cut may leave ------------------------------------------
+
+_SYSCALL = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+= (-?\d+)")
+_FD_PATH = re.compile(r"^\d+<(.*?)>")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def _synced_names(trace: str) -> tuple[dict[str, bool], list[tuple[str, str]]]:
+    """From ``strace -f -y`` of fsync, linkat and rename: which names were
+    given to file contents already fsynced, and the calls in order as
+    (call, path) (the renamed-to path, or the fsynced one)."""
+    synced: dict[str, bool] = {}
+    pending: dict[str, bool] = {}  # thread -> an unnamed file was just fsynced
+    calls: list[tuple[str, str]] = []
+    for line in trace.splitlines():
+        m = _SYSCALL.match(line)
+        if not m or m.group(4) != "0":
+            continue
+        tid, call, args = m.group(1), m.group(2), m.group(3)
+        if call == "fsync":
+            path = _FD_PATH.match(args).group(1)  # type: ignore[union-attr]
+            if path.endswith("(deleted)") or "/#" in path:
+                pending[tid] = True  # O_TMPFILE: the linkat after it names it
+            else:
+                synced[path] = True
+            calls.append(("fsync", path))
+        elif call == "linkat":
+            synced[_QUOTED.findall(args)[-1]] = pending.pop(tid, False)
+        elif call in ("rename", "renameat", "renameat2"):
+            src, dst = _QUOTED.findall(args)[:2]
+            synced[dst] = synced.get(src, False)
+            calls.append(("rename", dst))
+    return synced, calls
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new layout", "existing layout"])
+def test_every_blob_is_synced_before_index_json_names_it(tmp_path, test_images, existing):
+    out = tmp_path / "layout"
+    src = f"oci:{test_images.busybox}:latest"
+    if existing:
+        subprocess.run(estargz_cmd("convert", "-q", src, f"oci:{out}:first"), check=True,
+                       cwd=REPO_ROOT, timeout=120)
+        shutil.rmtree(out / "blobs")  # every blob must be written again
+        (out / "blobs" / "sha256").mkdir(parents=True)
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-y", "-o", str(trace),
+                    "-e", "trace=fsync,linkat,rename,renameat,renameat2",
+                    *estargz_cmd("convert", "-q", src, f"oci:{out}:x")],
+                   check=True, cwd=REPO_ROOT, timeout=300)
+    synced, calls = _synced_names(trace.read_text())
+    blobs = sorted(p.name for p in (out / "blobs" / "sha256").iterdir())
+    assert blobs and all(HEX.fullmatch(b) for b in blobs)
+    for blob in blobs:
+        named = [p for p, ok in synced.items() if p.endswith(f"/blobs/sha256/{blob}")]
+        assert named and all(synced[p] for p in named), (blob, named)
+    # index.json is renamed into place (in the layout, or in the new layout
+    # before it is renamed whole) only after the blobs' directory is synced,
+    # and the last rename of all is followed by a sync of its directory.
+    index_at = max(i for i, (c, p) in enumerate(calls)
+                   if c == "rename" and p.endswith("/index.json"))
+    assert any(c == "fsync" and p.endswith("/blobs/sha256") for c, p in calls[:index_at])
+    last = max(i for i, (c, _) in enumerate(calls) if c == "rename")
+    assert calls[last + 1] == ("fsync", os.path.dirname(calls[last][1])), calls[last:]

@@ -26,6 +26,7 @@ from .._exceptions import DigestMismatch, InvalidInput, NotFound, StorageError
 from .._fsutil import (
     OwnedTempDir,
     atomic_output,
+    fsync_dir,
     locked_file,
     reclaim_tempdirs,
     unlink_quietly,
@@ -205,9 +206,10 @@ class OCILayoutDestination(ImageDestination):
             self._store(desc.digest, lambda out: out.write(data))
 
     def _store(self, digest: str, write: Callable[[BinaryIO], object]) -> None:
-        # Blobs are content-addressed: no need to sync each one, the
-        # index.json that makes them reachable is synced.
-        with atomic_output(self._staged(digest), fsync=False) as out:
+        # Synced, as every blob is before index.json names it: a crash must
+        # not leave an index.json whose blobs were never written out
+        # (containers/image's layout destination syncs each blob too).
+        with atomic_output(self._staged(digest)) as out:
             write(out)
 
     def commit(self, root: Descriptor, root_data: bytes) -> None:
@@ -225,7 +227,9 @@ class OCILayoutDestination(ImageDestination):
             _write_layout_files(layout, index)
             try:
                 os.chmod(layout, 0o777 & ~_umask())  # mkdtemp made it 0700
+                fsync_dir(self._staging)  # the blobs' names, before index.json's rename
                 os.rename(layout, self.root_dir)
+                fsync_dir(os.path.dirname(os.path.abspath(self.root_dir)))
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise StorageError(f"cannot create {self.root_dir}: "
@@ -330,6 +334,7 @@ def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
                 os.replace(src, dst)
         except OSError as e:
             raise StorageError(f"cannot store blobs in {root}: {e.strerror or e}") from None
+        fsync_dir(blobs)  # the blobs' names are durable before index.json names them
         tag = (entry.get("annotations") or {}).get(REF_NAME)
         kept = [d for d in index.get("manifests", [])
                 if (d.get("annotations") or {}).get(REF_NAME) != tag]
