@@ -63,6 +63,7 @@ from .linux import (
     map_to_root,
     mount,
     prctl,
+    procfs_refused,
     umount,
     unshare,
     which_sbin,
@@ -391,6 +392,13 @@ def _child(wfd: int) -> None:
         report(step, False, f"{e.filename}: {e.strerror}")
         return
     report(step, True, f"uid {uid} and gid {gid} mapped to 0")
+    # Not a requirement: where the kernel refuses a new procfs (a masked
+    # /proc, as in an unprivileged container) the profile binds this /proc.
+    if procfs_refused():
+        report("/proc", True, "a new procfs is refused (masked /proc): the workload runs in "
+                              "this PID namespace and sees this /proc (docs/profiling.md)")
+    else:
+        report("/proc", True, "a new procfs mounts: the workload gets a /proc of its own")
     _child_tmpfs(report)
 
 

@@ -296,3 +296,41 @@ def package_env() -> dict[str, str]:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     return env
+
+
+#: The exit status of the procfs question's child when the kernel refuses
+#: the mount with EPERM.
+_PROC_REFUSED = 3
+
+
+def procfs_refused() -> bool:
+    """Whether the kernel refuses a new procfs to the root of our user
+    namespace with EPERM (a masked /proc, as in an unprivileged container).
+    Called in a new user namespace with the ids mapped (rootless profiling
+    and ``estargz doctor``'s probe).  Asked by trying, in a throw-away
+    PID and mount namespace: a child unshares the PID namespace, whose first
+    child (its PID 1, as a procfs mount needs) mounts one in a mount
+    namespace of its own.  Any other failure answers False, and the real
+    mount reports it."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            unshare(CLONE_NEWPID)
+            inner = os.fork()
+            if inner == 0:
+                status = 1
+                try:
+                    unshare(CLONE_NEWNS)
+                    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                    status = 0
+                except OSError as e:
+                    status = _PROC_REFUSED if e.errno == errno.EPERM else 1
+                finally:
+                    os._exit(status)
+            code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == _PROC_REFUSED

@@ -90,8 +90,8 @@ def test_probe_as_nobody(nobody_profiler):
     assert not checks["privileges"]["ok"] and not checks["fanotify"]["ok"]
     rootless = modes["rootless"]
     assert rootless["supported"], rootless["reasons"]
-    assert [c["name"] for c in rootless["checks"]][-6:] == [
-        "uid_map/gid_map", "mount tmpfs", "fanotify_init(FAN_REPORT_FID)",
+    assert [c["name"] for c in rootless["checks"]][-7:] == [
+        "uid_map/gid_map", "/proc", "mount tmpfs", "fanotify_init(FAN_REPORT_FID)",
         "fanotify_mark(FAN_MARK_MOUNT)", "event on read", "OCI runtime"]
     assert rootless["checks"][-1]["detail"].startswith("runc (")
     assert "drop to nobody" not in [c["name"] for c in rootless["checks"]]
@@ -130,6 +130,11 @@ def test_doctor_json_shape():
         assert set(m) == {"name", "supported", "used_by_optimize", "reasons", "checks"}
         assert isinstance(m["supported"], bool)
         assert all(set(c) == {"name", "ok", "detail"} for c in m["checks"])
+    # This machine's /proc is not masked: a profile mounts a procfs of its own
+    # (tests/test_tool_image.py sees the masked case, in a container).
+    proc = [c for c in out["modes"][1]["checks"] if c["name"] == "/proc"]
+    assert proc == [{"name": "/proc", "ok": True,
+                     "detail": "a new procfs mounts: the workload gets a /proc of its own"}]
     # optimize profiles as root when it can, rootless otherwise.
     expected = [True, False] if os.geteuid() == 0 else [False, True]
     assert [m["used_by_optimize"] for m in out["modes"]] == expected

@@ -234,6 +234,13 @@ def test_rootless_optimize_in_a_container_without_capabilities(dockerd, tool_ima
     seen = [ln.removeprefix("workload: ") for ln in r.stderr.splitlines()
             if ln.startswith("workload: ")]
     assert int(seen[0]) > 3 and seen[1:] == ["0"], r.stderr
+    # doctor says so before anyone profiles.
+    r = docker_run(dockerd, tool_image, "doctor", "--json", opts=ROOTLESS_OPTS)
+    assert r.returncode == 0, r.stderr
+    rootless = json.loads(r.stdout)["modes"][1]
+    proc = [c for c in rootless["checks"] if c["name"] == "/proc"]
+    assert rootless["supported"] and proc and proc[0]["ok"], r.stdout
+    assert proc[0]["detail"].startswith("a new procfs is refused (masked /proc)"), r.stdout
 
 
 def test_what_dockers_default_seccomp_profile_blocks_for_rootless(dockerd, tool_image,

@@ -78,7 +78,6 @@ tearing down.  ``fn`` sees KeyboardInterrupt as it would in the caller.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import os
 import pickle
@@ -109,6 +108,7 @@ from ..linux import (
     mount,
     package_env,
     prctl,
+    procfs_refused,
     signal_handlers,
     unshare,
     unshare_error,
@@ -119,11 +119,6 @@ from ..linux import (
 TEARDOWN_TIMEOUT = 60.0
 
 _LENGTH = struct.Struct("=Q")
-#: The exit status of the procfs question's child when the kernel refuses
-#: the mount with EPERM.
-_PROC_REFUSED = 3
-
-
 # --- the caller's side ----------------------------------------------------------
 
 def call_in_userns(fn: Callable[..., Any], *args: Any,
@@ -342,44 +337,13 @@ def _enter(user_namespace: bool) -> bool:
         map_to_root(uid, gid)
     except OSError as e:
         raise ProfilingError(f"cannot map ids in the new user namespace: {e.strerror}") from None
-    if _procfs_refused():
+    if procfs_refused():
         return False
     try:
         unshare(CLONE_NEWPID)  # owned by the user namespace, as if unshared with it
     except OSError as e:
         raise ProfilingError(f"cannot create a PID namespace: {e.strerror}") from None
     return True
-
-
-def _procfs_refused() -> bool:
-    """Whether the kernel refuses a new procfs to the root of our user
-    namespace with EPERM (a masked /proc).  Asked by trying, in a throw-away
-    PID and mount namespace: a child unshares the PID namespace, whose first
-    child (its PID 1, as a procfs mount needs) mounts one in a mount
-    namespace of its own.  Any other failure answers False, and the real
-    mount reports it."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            unshare(CLONE_NEWPID)
-            inner = os.fork()
-            if inner == 0:
-                status = 1
-                try:
-                    unshare(CLONE_NEWNS)
-                    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-                    status = 0
-                except OSError as e:
-                    status = _PROC_REFUSED if e.errno == errno.EPERM else 1
-                finally:
-                    os._exit(status)
-            code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == _PROC_REFUSED
 
 
 def _init(fn: Callable[..., Any], args: tuple[Any, ...], own_pidns: bool) -> int:
