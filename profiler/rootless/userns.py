@@ -119,6 +119,8 @@ from ..linux import (
 TEARDOWN_TIMEOUT = 60.0
 
 _LENGTH = struct.Struct("=Q")
+
+
 # --- the caller's side ----------------------------------------------------------
 
 def call_in_userns(fn: Callable[..., Any], *args: Any,
