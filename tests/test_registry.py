@@ -418,6 +418,33 @@ def test_manifest_naming_missing_blobs_is_refused(registry, repo: str) -> None:
     assert "400" in msg and "MANIFEST_BLOB_UNKNOWN" in msg and registry.host in msg
 
 
+def test_manifest_put_outlasts_a_blob_link_being_rewritten(registry, tmp_path: Path,
+                                                            repo: str) -> None:
+    # The state distribution's filesystem storage is in while another client
+    # mounts the same blob: the repository's link file truncated, not yet
+    # rewritten. A manifest PUT then reads DIGEST_INVALID and
+    # MANIFEST_BLOB_UNKNOWN; it is tried again, and the link comes back.
+    c = client(registry.host, backoff=0.2)
+    manifest, mtype, digest = push_image(c, repo, "v1", tmp_path)
+    cfg = json.loads(manifest)["config"]["digest"].split(":")[1]
+    link = (registry.root / "docker/registry/v2/repositories" / repo / "_layers/sha256"
+            / cfg / "link")
+    text = link.read_bytes()
+    link.write_bytes(b"")
+    with pytest.raises(RegistryError) as refused:
+        client(registry.host, retries=0).put_manifest(repo, "v2", manifest, mtype)
+    assert "DIGEST_INVALID" in str(refused.value) and "(and 1 more)" in str(refused.value)
+    restore = threading.Timer(0.3, link.write_bytes, (text,))
+    restore.start()
+    try:
+        t0 = time.monotonic()
+        assert c.put_manifest(repo, "v2", manifest, mtype) == digest
+        assert time.monotonic() - t0 >= 0.3  # it was refused first, then retried
+    finally:
+        restore.join()
+    assert c.get_manifest(repo, "v2", [mtype])[2] == digest
+
+
 def test_manifest_fetched_by_digest_is_verified(tampering_proxy: FaultProxy, tmp_path: Path,
                                                 repo: str) -> None:
     c = client(tampering_proxy.host)

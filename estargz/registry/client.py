@@ -92,6 +92,15 @@ _REFERRER_PAGES = 16
 #: (see :meth:`RegistryClient._of_artifact_type`) checked against their
 #: manifest, one GET each; the rest are dropped.
 _REFERRER_CHECKS = 32
+#: A manifest PUT refused with both codes is retried. Distribution's
+#: filesystem storage rewrites a repository's blob link in place (truncate,
+#: then write), so while another client mounts the same blob into the same
+#: repository, the manifest's blob check can read an empty link: it answers
+#: DIGEST_INVALID for the unparsable link and MANIFEST_BLOB_UNKNOWN for the
+#: blob (registry/storage/schema2manifesthandler.go, v2.8.2; empty links are
+#: distribution/distribution#4489). A wrong manifest digest gives
+#: DIGEST_INVALID alone, a blob truly missing MANIFEST_BLOB_UNKNOWN alone.
+_LINK_RACE = frozenset({"DIGEST_INVALID", "MANIFEST_BLOB_UNKNOWN"})
 
 
 def _check_repo(repo: str) -> str:
@@ -291,7 +300,7 @@ class RegistryClient(RegistryHTTP):
             resp = self._request("PUT", url, scopes=self._push(repo), repo=repo,
                                  what=f"PUT manifest {name}", ok=(200, 201, 202),
                                  headers={"Content-Type": media_type}, body=data,
-                                 deadline=dl)
+                                 deadline=dl, transient_codes=_LINK_RACE)
             with resp:
                 return resp.headers
 

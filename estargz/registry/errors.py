@@ -62,14 +62,25 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def error_detail(body: bytes) -> str:
-    """``CODE: message`` from a registry's JSON error body, or ``""``."""
+def _error_list(body: bytes) -> list[dict[str, object]]:
+    """The ``errors`` of a registry's JSON error body (empty if it has none)."""
     try:
         doc = load_json(body, "error body")
     except InvalidInput:
-        return ""
+        return []
     errors = doc.get("errors") if isinstance(doc, dict) else None
-    if not isinstance(errors, list) or not errors or not isinstance(errors[0], dict):
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
+def error_codes(body: bytes) -> frozenset[str]:
+    """Every ``code`` in a registry's JSON error body."""
+    return frozenset(str(e["code"]) for e in _error_list(body) if e.get("code"))
+
+
+def error_detail(body: bytes) -> str:
+    """``CODE: message`` from a registry's JSON error body, or ``""``."""
+    errors = _error_list(body)
+    if not errors:
         return ""
     first = errors[0]
     parts = [str(first.get(k)) for k in ("code", "message") if first.get(k)]

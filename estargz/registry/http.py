@@ -34,7 +34,14 @@ from ..image.reference import DOCKER_HUB, DOCKER_HUB_API
 from .challenge import Authenticator, parse_challenge
 from .credentials import Credentials
 from .deadline import Deadline, WatchedAdapter
-from .errors import TLS_HINT, Transient, Unreachable, error_detail, reason_text
+from .errors import (
+    TLS_HINT,
+    Transient,
+    Unreachable,
+    error_codes,
+    error_detail,
+    reason_text,
+)
 from .tls import ContextAdapter, ssl_context
 
 #: Deadline of one small request (``GET /v2/``, a token, a manifest, a HEAD,
@@ -216,11 +223,14 @@ class RegistryHTTP:
                  deadline: Deadline, repo: str | None = None,
                  headers: dict[str, str] | None = None, body: Body = None,
                  stream: bool = False, ok: Collection[int] = (200,),
-                 missing: str | None = None) -> requests.Response:
+                 missing: str | None = None,
+                 transient_codes: frozenset[str] = frozenset()) -> requests.Response:
         """One registry request, authenticated; returns a response whose
         status is in ``ok`` or raises (:class:`Transient` for what is worth
         retrying). ``url`` is an API path or an absolute URL (upload
-        locations). ``missing`` names what a 404 means."""
+        locations). ``missing`` names what a 404 means. An answer whose
+        error body holds every code of ``transient_codes`` (when given) is
+        :class:`Transient` too: a registry's passing state, not a refusal."""
         self._ensure_ready(deadline)
         assert self._base is not None
         full = url if "://" in url else self._base + url
@@ -244,7 +254,7 @@ class RegistryHTTP:
                 reauthenticated = True
                 continue
             with resp:
-                raise self._status_error(resp, method, what, repo, missing)
+                raise self._status_error(resp, method, what, repo, missing, transient_codes)
 
     def _exchange(self, method: str, url: str, headers: dict[str, str], body: Body, *,
                   stream: bool, what: str, deadline: Deadline) -> requests.Response:
@@ -336,9 +346,14 @@ class RegistryHTTP:
         return RegistryError(f"request to {who} failed: {reason}")
 
     def _status_error(self, resp: requests.Response, method: str, what: str,
-                      repo: str | None, missing: str | None) -> EstargzError:
+                      repo: str | None, missing: str | None,
+                      transient_codes: frozenset[str] = frozenset()) -> EstargzError:
         status = resp.status_code
-        detail = error_detail(self._error_body(resp)) if method != "HEAD" else ""
+        body = self._error_body(resp) if method != "HEAD" else b""
+        detail = error_detail(body)
+        if transient_codes and transient_codes <= error_codes(body):
+            return Transient(f"registry {self.host} answered {status} {resp.reason} to {what}: "
+                             f"{detail}")
         if status in (401, 403):
             return self._auth.error(status, detail, repo)
         if status == 404 and missing:
