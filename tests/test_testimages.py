@@ -357,9 +357,12 @@ def test_daemons_are_private(containerd, dockerd):
             assert not listening, f"pid {pid} listens on TCP: {listening}"
 
 
-def _shim_sockets() -> set[str]:
-    d = Path("/run/containerd/s")
-    return set(os.listdir(d)) if d.is_dir() else set()
+def _shim_socket(containerd: Containerd, namespace: str, container: str) -> Path:
+    """Where containerd 1.6's runc shim listens for ``container``: named by
+    the daemon's address, the namespace and the id (runtime/v2/shim
+    ``SocketAddress``), so that other daemons on the machine do not count."""
+    key = hashlib.sha256(os.path.join(containerd.address, namespace, container).encode())
+    return Path("/run/containerd/s", key.hexdigest())
 
 
 @pytest.mark.parametrize("crash", ["dockerd", "both"])
@@ -367,7 +370,6 @@ def test_daemons_leave_nothing_behind(test_images, tmp_path, host_dirs, crash):
     """Stop with a container still running in each daemon after a crash
     (SIGKILL) of dockerd, or of both: the clean-up leaves no mount, no
     process, no shim socket and no state directory."""
-    sockets_before = _shim_sockets()
     c = Containerd(tmp_path / "c")
     d = None
     try:
@@ -379,7 +381,10 @@ def test_daemons_leave_nothing_behind(test_images, tmp_path, host_dirs, crash):
               "sleep", "600")
         d = Dockerd(tmp_path / "d", c).start()
         d.docker("load", "-i", test_images.docker_archive)
-        d.docker("run", "-d", "--network", "none", "busybox:latest", "sleep", "600")
+        docker_id = d.docker("run", "-d", "--network", "none", "busybox:latest", "sleep",
+                             "600").stdout.strip()
+        shims = [_shim_socket(c, c.namespace, "sleeper"), _shim_socket(c, "moby", docker_id)]
+        assert all(s.exists() for s in shims), shims  # the names are computed right
         assert mounts_under(c.base) and mounts_under(d.base)
         sleepers = [p for p in processes_under(c.base) if p[1] == "sleep 600"]
         assert len(sleepers) == 2
@@ -403,7 +408,7 @@ def test_daemons_leave_nothing_behind(test_images, tmp_path, host_dirs, crash):
                 daemon.stop()
     assert mounts_under(tmp_path) == []
     assert processes_under(tmp_path) == []
-    assert _shim_sockets() <= sockets_before
+    assert [s for s in shims if s.exists()] == []
     for daemon in (c, d):
         assert daemon.proc.poll() is not None
         for state in daemon.state_dirs:
