@@ -38,7 +38,7 @@ from ._exceptions import (
     TOCError,
     UnsupportedEntry,
 )
-from ._fsutil import atomic_output
+from ._fsutil import OwnedTempDir, atomic_output, stale_tempdirs
 from ._progress import ProgressSink, progress_meter, reporting_to
 from ._version import __version__
 from .image.convert import (
@@ -139,6 +139,8 @@ __all__ = [
     "MAX_JSON_SIZE", "load_json", "load_json_object",
     # files
     "atomic_output",
+    # temporary directories a killed run's successor finds (flock-ed by their owner)
+    "OwnedTempDir", "stale_tempdirs",
     # images
     "CONVERTIBLE_LAYERS", "DOCKER_CONFIG", "DOCKER_FOREIGN_LAYER", "DOCKER_LAYER_GZIP",
     "DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "INDEX_TYPES", "MANIFEST_TYPES", "OCI_CONFIG",

@@ -211,17 +211,15 @@ def _same_inode(path: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
-def reclaim_tempdirs(parent: str, prefix: str) -> list[str]:
-    """Remove ``PARENT/PREFIX*.tmp`` directories whose :class:`OwnedTempDir`
-    owner is gone; return their paths. Best effort: what cannot be listed,
-    locked or removed (another user's, a live run's) is left alone, and so is
-    a directory with something mounted below it (a killed ``optimize``'s
-    overlay), which removing would reach through."""
+def stale_tempdirs(parent: str, prefix: str) -> Iterator[str]:
+    """Each ``PARENT/PREFIX*.tmp`` directory of this user whose
+    :class:`OwnedTempDir` owner is gone, held locked while the caller handles
+    it (removes it, or what it holds first), so that no new owner can take it
+    meanwhile. What cannot be listed or locked (a live owner's) is skipped."""
     try:
-        names = os.listdir(parent)
+        names = sorted(os.listdir(parent))
     except OSError:
-        return []
-    removed = []
+        return
     for name in names:
         if not (name.startswith(prefix) and name.endswith(OWNED_SUFFIX)):
             continue
@@ -229,18 +227,30 @@ def reclaim_tempdirs(parent: str, prefix: str) -> list[str]:
         try:
             fd = _open_dir(path)
         except OSError:
-            continue
+            continue  # gone meanwhile, or not a directory
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # its owner is alive (or this filesystem has no flock)
-        try:
-            if _same_inode(path, fd) and not _has_mounts_below(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+            if os.fstat(fd).st_uid != os.geteuid():
+                continue  # another user's: never ours to remove
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its owner is alive (or this filesystem has no flock)
+            if _same_inode(path, fd):
+                yield path
         finally:
             os.close(fd)
+
+
+def reclaim_tempdirs(parent: str, prefix: str) -> list[str]:
+    """Remove the :func:`stale_tempdirs` of ``prefix`` in ``parent``; return
+    their paths. Best effort: one with something mounted below it (a killed
+    ``optimize``'s overlay) is left alone, as removing it would reach
+    through the mount."""
+    removed = []
+    for path in stale_tempdirs(parent, prefix):
+        if not _has_mounts_below(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from estargz._fsutil import OwnedTempDir, reclaim_tempdirs
+from estargz import OwnedTempDir, stale_tempdirs
+from estargz._fsutil import reclaim_tempdirs
 from estargz.transports.oci import LOCK_FILE
 from layoutcheck import (
     REPO_ROOT,
@@ -269,6 +270,18 @@ def test_reclaim_never_reaches_through_a_mount(tmp_path):
         subprocess.run(["umount", mnt], check=True)
     assert reclaim_tempdirs(str(tmp_path), "estargz-") == [owned.path]
     assert os.listdir(tmp_path) == []
+
+
+def test_another_users_dead_directory_is_left_alone(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("making another user's directory needs root")
+    mine, theirs = (OwnedTempDir(str(tmp_path), "estargz-") for _ in range(2))
+    for d in (mine, theirs):
+        d.release()  # both owners dead
+    os.chown(theirs.path, 65534, 65534)
+    assert list(stale_tempdirs(str(tmp_path), "estargz-")) == [mine.path]
+    assert reclaim_tempdirs(str(tmp_path), "estargz-") == [mine.path]
+    assert os.listdir(tmp_path) == [os.path.basename(theirs.path)]
 
 
 def open_files(pid: int) -> list[str]:
