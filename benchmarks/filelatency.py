@@ -37,7 +37,7 @@ numbers to --json (``--report JSON`` prints them again).
 
 Needs root, /dev/fuse, containerd, runc, docker-registry, skopeo, ctr-remote
 (apt stargz-snapshotter) and Go to build the snapshotter
-(scripts/build-stargz-snapshotter.sh v0.18).
+(``scripts/build-go.sh stargz-snapshotter-v018``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ sys.path.insert(0, str(HERE))
 import images  # noqa: E402  (benchmarks/images.py; images.tb is testdata/images/build.py)
 from startup import RUN_ERRORS, BenchError, Network, estargz_cli, puller_running, sh  # noqa: E402
 
+from gobuild import build_go  # noqa: E402
 from lazypull import LazyPuller, SnapshotterConfig, build_snapshotter  # noqa: E402
 from services import running_registry  # noqa: E402
 from shapingproxy import ShapingProxy  # noqa: E402
@@ -186,14 +187,14 @@ def write_image(root: Path, config: bytes, layers: list[dict]) -> None:
 def publish_reference(layout: Path, host: str, sizes: list[int], layouts: list[str],
                       work: Path) -> dict[str, str]:
     """The same image with every layer converted by the reference v0.18
-    (``goref-estargz-v018 build-v018``: estargz.Build with WithMinChunkSize,
+    (``goref-v018 build-v018``: estargz.Build with WithMinChunkSize,
     and externaltoc's compressor for --external-toc, level 9 as ctr-remote),
     its manifest and config as the reference's converter writes them (the
     TOC digest and uncompressed-size annotations, new diff_ids) and, for an
     external TOC, the TOC image ``TAG-esgztoc`` (one layer per TOC blob named
     by its layer's digest, an empty config); ``{variant: repo:tag}``."""
     tb = images.tb
-    goref = sh(REPO / "scripts" / "build-goref-estargz-v018.sh").strip().splitlines()[-1]
+    goref = str(build_go("goref-v018"))
     _, desc = images.tb.read_layout(layout)
     manifest = json.loads(images.tb.blob_path(layout, desc["digest"]).read_bytes())
     config = json.loads(images.tb.blob_path(layout, manifest["config"]["digest"]).read_bytes())

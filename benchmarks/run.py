@@ -110,8 +110,8 @@ LAYERS = {"debian": debian_layer, "mixed": mixed_layer}
 
 
 def goref_binary() -> Path:
-    log("building the Go reference harness (scripts/build-goref.sh)")
-    return last_line([str(REPO / "scripts" / "build-goref.sh")])
+    log("building the Go reference harness (scripts/build-go.sh goref)")
+    return last_line([str(REPO / "scripts" / "build-go.sh"), "goref"])
 
 
 def compile_bytecode() -> None:

@@ -12,10 +12,10 @@ python3 adds), in one run, each tool a child process one after the other:
 * ours, ``estargz layer convert --min-chunk-size M --external-toc TOC``, for
   each M (M = 0: one gzip member a chunk, as without the option), and with
   ``--keep-diff-id`` at the largest M;
-* the reference v0.18 with the same options (``goref-estargz-v018
+* the reference v0.18 with the same options (``goref-v018
   build-v018``: estargz.Build with WithMinChunkSize and externaltoc's
   compressor, or AppendTarLossLess for keep-diff-id), built through the Go
-  module proxy by scripts/build-goref-estargz-v018.sh;
+  module proxy by ``scripts/build-go.sh goref-v018``;
 * ours and the reference with neither option, for the baseline.
 
 Sizes are of the layer blob (what a full pull downloads and what the
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args(argv)
     sizes = [int(s) for s in a.min_chunk_sizes.split(",")]
-    goref = last_line([str(REPO / "scripts" / "build-goref-estargz-v018.sh")])
+    goref = last_line([str(REPO / "scripts" / "build-go.sh"), "goref-v018"])
     env = {"cores": len(os.sched_getaffinity(0)), "level": a.level}
     reports = []
     with tempfile.TemporaryDirectory(prefix="estargz-size-") as tmp:

@@ -6,7 +6,7 @@ it times, from that layout to a new local OCI layout (no registry, no
 network):
 
   soci-convert   `soci convert --standalone --format oci-dir` (soci v0.16.1,
-                 scripts/build-soci.sh soci): soci's own index, daemonless
+                 scripts/build-go.sh soci): soci's own index, daemonless
   soci-create    `estargz soci create`: our SOCI index (v2), image unchanged
   convert        `estargz convert --oci`: the layers rewritten as eStargz
   optimize       `estargz optimize --oci --wait-on-line READY`: profile, then
@@ -21,7 +21,7 @@ adds to the layout (new blobs only).
     sudo python3 benchmarks/soci_cost.py --image python --repeat 3 --json out/cost.json
 
 Needs root (optimize's sandbox), GNU time (/usr/bin/time), and what
-scripts/build-soci.sh builds.
+scripts/build-go.sh builds.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 import images  # noqa: E402  (benchmarks/images.py)
 from startup import BenchError, estargz_cli  # noqa: E402
 
-import socilazy  # noqa: E402
+from gobuild import build_go  # noqa: E402
 
 TOOLS = ("soci-convert", "soci-create", "convert", "optimize", "optimize-soci")
 TIME = "/usr/bin/time"
@@ -53,7 +53,7 @@ def argv_for(tool: str, src: Path, out: Path, ready: str) -> list[str]:
     est = estargz_cli()
     plain_src = f"oci:{src}:latest"
     if tool == "soci-convert":
-        return [str(socilazy.build_soci("soci")), "--root", str(out.with_name("soci-root")),
+        return [str(build_go("soci")), "--root", str(out.with_name("soci-root")),
                 "convert", "--standalone", "--format", "oci-dir", str(src), str(out)]
     if tool == "soci-create":
         return [*est, "soci", "create", "-q", plain_src, f"oci:{out}:soci"]

@@ -45,8 +45,8 @@ extra).
 
 Needs root, /dev/fuse, containerd, runc, docker-registry, skopeo, ctr-remote
 (apt stargz-snapshotter), Go to build the snapshotter
-(scripts/build-stargz-snapshotter.sh), for the soci variants what
-scripts/build-soci.sh builds (soci, soci-snapshotter-grpc, soci-rpull,
+(scripts/build-go.sh), for the soci variants what
+scripts/build-go.sh builds (soci, soci-snapshotter-grpc, soci-rpull,
 containerd 2) and what benchmarks/images.py needs.
 """
 
@@ -81,6 +81,7 @@ import images  # noqa: E402  (benchmarks/images.py)
 
 import socilazy  # noqa: E402
 from daemons import NAMESPACE, Containerd, HostDirs, _env  # noqa: E402
+from gobuild import build_go  # noqa: E402
 from lazypull import SNAPSHOTTER, LazyPuller, SnapshotterConfig, build_snapshotter  # noqa: E402
 from services import running_registry  # noqa: E402
 from shapingproxy import ShapingProxy  # noqa: E402
@@ -96,14 +97,14 @@ except ImportError:  # the `bench` extra; only the chart needs it
 
 VARIANTS = ("original", "estargz", "estargz-opt", "ref-estargz", "ref-estargz-opt",
             "soci", "soci-opt")
-#: What a run does when --variants is not given (the soci variants need
-#: scripts/build-soci.sh's binaries; ask for them by name).
+#: What a run does when --variants is not given (the soci variants need the
+#: SOCI tools scripts/build-go.sh builds; ask for them by name).
 DEFAULT_VARIANTS = VARIANTS[:5]
 #: Variants loaded by the SOCI Snapshotter (all others: Stargz Snapshotter).
 SOCI_VARIANTS = ("soci", "soci-opt")
 #: soci's default span size (uncompressed bytes between two checkpoints).
 SOCI_SPAN_SIZE = 4 << 20
-#: The ``snapshotter`` of the soci variants' runs (scripts/build-soci.sh).
+#: The ``snapshotter`` of the soci variants' runs (scripts/build-go.sh).
 SOCI_SNAPSHOTTER = "soci-v0.16.1"
 LABELS = {"original": "original", "estargz": "eStargz", "estargz-opt": "eStargz optimized",
           "ref-estargz": "ref eStargz", "ref-estargz-opt": "ref optimized",
@@ -250,8 +251,8 @@ def publish_soci(src: Path, dst: str, work: Path, span_size: int = SOCI_SPAN_SIZ
     Not skopeo: Debian's 1.9 drops ``artifactType`` from the image index's
     descriptors, so the SOCI index would look like a second linux/amd64
     image to a client choosing a platform."""
-    soci = socilazy.build_soci("soci")
-    oras = sh(REPO / "scripts" / "build-oras.sh").strip().splitlines()[-1]
+    soci = build_go("soci")
+    oras = build_go("oras")
     base = Path(tempfile.mkdtemp(prefix="soci-convert-", dir=work))
     try:
         layout = base / "layout"
@@ -817,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", nargs="+", choices=images.IMAGES, default=list(images.IMAGES))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
                     help="what to measure (default: %(default)s; soci and soci-opt need "
-                         "scripts/build-soci.sh's binaries)")
+                         "the SOCI tools scripts/build-go.sh builds)")
     ap.add_argument("--network", nargs="+", type=Network.parse,
                     default=[Network.parse(n) for n in DEFAULT_NETWORKS],
                     help="BANDWIDTH/LATENCY settings, e.g. 20M/50ms, or unshaped "

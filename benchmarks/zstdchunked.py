@@ -11,7 +11,7 @@ other and never overlapping, interleaved over ``--repeat`` rounds:
 
 * ours: ``python3 -m estargz layer convert IN OUT --zstdchunked
   --compression-level L --json`` (one worker thread per core);
-* the reference: ``goref-v018 convert IN OUT L`` (stargz-snapshotter's
+* the reference: ``goref-v018 convert-zstdchunked IN OUT L`` (stargz-snapshotter's
   estargz v0.18 ``Build`` with its ``zstdchunked.Compressor`` at
   ``zstd.EncoderLevelFromZstd(L)``, what ``ctr-remote``/``nerdctl
   --zstdchunked`` run) with GOMAXPROCS = the number of cores;
@@ -63,8 +63,8 @@ LAYERS = {"debian": run.debian_layer, "python": python_layer}
 
 
 def goref_v018() -> Path:
-    log("building the reference checker (scripts/build-stargz-snapshotter.sh goref-v018)")
-    return last_line(["sh", str(REPO / "scripts" / "build-stargz-snapshotter.sh"), "goref-v018"])
+    log("building the reference checker (scripts/build-go.sh goref-v018)")
+    return last_line(["sh", str(REPO / "scripts" / "build-go.sh"), "goref-v018"])
 
 
 def tools(level: int, goref: Path) -> dict[str, tuple[list[str], dict, bool]]:
@@ -73,7 +73,7 @@ def tools(level: int, goref: Path) -> dict[str, tuple[list[str], dict, bool]]:
     return {
         "ours": ([sys.executable, "-m", "estargz", "layer", "convert", "IN", "OUT",
                   "--zstdchunked", "--compression-level", str(level), "--json"], {}, False),
-        "reference": ([str(goref), "convert", "IN", "OUT", str(level)],
+        "reference": ([str(goref), "convert-zstdchunked", "IN", "OUT", str(level)],
                       {"GOMAXPROCS": n}, False),
         "zstd": (["zstd", f"-T{n}", f"-{level}", "-q", "-c", "IN"], {}, True),
     }

@@ -12,12 +12,12 @@ APT_PACKAGES=(
   golang-github-opencontainers-go-digest-dev golang-github-vbatts-tar-split-dev
   golang-golang-x-sync-dev
   # the Stargz Snapshotter daemon our lazy-pull tests build from Debian's 0.12
-  # sources (scripts/build-stargz-snapshotter.sh debian); v0.18 comes from the
+  # sources (scripts/build-go.sh stargz-snapshotter-debian); v0.18 comes from the
   # Go module proxy with the Go on PATH
   golang-github-containerd-containerd-dev golang-github-burntsushi-toml-dev
   golang-google-grpc-dev golang-github-hashicorp-go-retryablehttp-dev
   golang-github-hanwen-go-fuse-dev
-  # the SOCI tools (scripts/build-soci.sh): their zTOC code is cgo over zlib
+  # the SOCI tools (scripts/build-go.sh): their zTOC code is cgo over zlib
   gcc libc6-dev zlib1g-dev
   # tools the tests and benchmarks run (setpriv, useradd and pgrep: the rootless
   # tests run estargz as an account they create)
@@ -26,7 +26,7 @@ APT_PACKAGES=(
   docker-registry skopeo umoci containerd runc crun docker.io busybox-static
   # Docker's default seccomp profile, which container/seccomp.json extends
   golang-github-docker-docker-dev
-  # soci's zTOC code is cgo over zlib (scripts/build-soci.sh ztoc-check)
+  # soci's zTOC code is cgo over zlib (scripts/build-go.sh soci-ztoc)
   gcc libc6-dev zlib1g-dev
   # podman pulls our zstd:chunked images partially (tests/test_podman_zstdchunked.py)
   podman

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from gobuild import build_go
+
 # Real daemons (registries, containerd, dockerd) as session fixtures.
 pytest_plugins = ("services", "daemons", "lazypull", "socilazy")
 
@@ -163,11 +165,14 @@ def cli():
 @pytest.fixture(scope="session")
 def goref() -> Path:
     """Path of our Go harness built against Debian's reference package."""
-    p = subprocess.run([str(REPO / "scripts" / "build-goref.sh")], capture_output=True,
-                       text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot build the Go reference harness: {p.stderr.strip()}")
-    return Path(p.stdout.strip().splitlines()[-1])
+    return build_go("goref")
+
+
+@pytest.fixture(scope="session")
+def goref_v018() -> Path:
+    """The same harness built against the reference v0.18 (module proxy),
+    with its min-chunk-size, external-TOC and zstd:chunked subcommands."""
+    return build_go("goref-v018")
 
 
 @pytest.fixture(scope="session")

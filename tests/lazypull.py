@@ -4,7 +4,7 @@ Importable by tests and by benchmarks (put ``tests/`` on ``sys.path``); the
 pytest fixtures are at the bottom and only used by tests.  Needs root,
 /dev/fuse, containerd and runc (apt), ``ctr-remote`` (apt
 ``stargz-snapshotter``) and a snapshotter binary built by
-``scripts/build-stargz-snapshotter.sh``.
+``scripts/build-go.sh``.
 
 API
 ---
@@ -12,8 +12,8 @@ API
 ``VERSIONS``: the snapshotter versions we build, ``("v0.18", "debian")``.
 
 ``build_snapshotter(version) -> Path``
-    Runs ``scripts/build-stargz-snapshotter.sh VERSION`` (cached under
-    ``${ESTARGZ_CACHE:-~/.cache/estargz-dev}/bin``) and returns the binary.
+    Builds target ``stargz-snapshotter-v018`` or ``-debian`` of ``scripts/build-go.sh``
+    (:func:`gobuild.build_go`, cached) and returns the binary.
 
 ``SnapshotterConfig(prefetch=True, prefetch_timeout_sec=30,
 background_fetch=False, extra="")``
@@ -77,9 +77,9 @@ from typing import TypeVar
 import pytest
 
 from daemons import CMD_TIMEOUT, Containerd, Daemon, _env, _need, _require_root, unmount_all_under
+from gobuild import build_go
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD_SCRIPT = REPO / "scripts" / "build-stargz-snapshotter.sh"
 VERSIONS = ("v0.18", "debian")
 #: The proxy plugin's name in containerd's config, and ctr-remote's default.
 SNAPSHOTTER = "stargz"
@@ -87,12 +87,7 @@ SNAPSHOTTER = "stargz"
 
 def build_snapshotter(version: str) -> Path:
     """Build (or reuse) the snapshotter daemon for ``version``; its path."""
-    p = subprocess.run([str(BUILD_SCRIPT), version], capture_output=True, text=True,
-                       timeout=1800)
-    if p.returncode != 0:
-        raise RuntimeError(f"cannot build the Stargz Snapshotter {version}: "
-                           f"{p.stderr.strip()[-3000:]}")
-    return Path(p.stdout.strip().splitlines()[-1])
+    return build_go(f"stargz-snapshotter-{version.replace('.', '')}")  # v0.18: ...-v018
 
 
 @dataclass(frozen=True)

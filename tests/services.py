@@ -14,7 +14,7 @@ module with ``from services import *  # noqa`` in conftest.py):
 * ``tampering_proxy``: a :class:`FaultProxy` in front of ``registry`` that
   corrupts, delays, cuts or refuses chosen requests, and logs them all.
 * ``referrers_registry``: go-containerregistry's registry (``pkg/registry``,
-  built by ``scripts/build-referrers-registry.sh``) over plain HTTP,
+  built by ``scripts/build-go.sh referrers-registry``) over plain HTTP,
   anonymous, with the OCI 1.1 referrers API that Debian's registry lacks;
   its ``.log`` has a line for every request.
 
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
+from gobuild import build_go
 
 __all__ = ["registry", "tls_registry", "mtls_registry", "token_registry", "tampering_proxy",
            "referrers_registry", "running_referrers_registry",
@@ -320,11 +322,7 @@ def running_referrers_registry(workdir: Path, *,
     (SIGTERM) after.  ``oci_subject``: it answers ``OCI-Subject`` to the
     push of a manifest with a subject, as the spec has it (the registry
     itself does not)."""
-    p = subprocess.run([str(_SCRIPTS / "build-referrers-registry.sh")], capture_output=True,
-                       text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot build the referrers registry: {p.stderr.strip()[-2000:]}")
-    exe = p.stdout.strip().splitlines()[-1]
+    exe = str(build_go("referrers-registry"))
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "blobs"
     log = workdir / "registry.log"

@@ -2,10 +2,10 @@
 
 Importable by tests and by benchmarks (put ``tests/`` on ``sys.path``); the
 pytest fixtures are at the bottom.  Needs root, /dev/fuse, runc (apt) and
-what ``scripts/build-soci.sh`` builds through the Go module proxy: from
-soci-snapshotter v0.16.1 ``soci`` (the CLI), ``snapshotter``
-(soci-snapshotter-grpc) and ``rpull`` (our puller, see below), and
-``containerd`` 2 (with its ``ctr`` and runc shim).  Debian's containerd 1.6
+what ``scripts/build-go.sh`` builds through the Go module proxy: from
+soci-snapshotter v0.16.1 ``soci`` (the CLI), ``soci-snapshotter``
+(soci-snapshotter-grpc) and ``soci-rpull`` (our puller, see below), and
+``containerd-v2`` (containerd 2 with its ``ctr`` and runc shim).  Debian's containerd 1.6
 cannot host the snapshotter: it does not pass the namespace on to a proxy
 snapshotter, and soci refuses to prepare a snapshot without one ("context
 has no namespace attached").  The ``soci`` CLI itself works against 1.6
@@ -30,10 +30,8 @@ referrers API, else the ``sha256-HEX`` tag of the fallback schema).
 API
 ---
 
-``build_soci(target) -> Path``: ``scripts/build-soci.sh TARGET`` (``soci``,
-``snapshotter``, ``rpull``, ``containerd``; cached under
-``${ESTARGZ_CACHE:-~/.cache/estargz-dev}/bin``).  ``SociBinaries.build()``:
-all four.
+``SociBinaries.build()``: the four binaries of :data:`TARGETS`, by
+:func:`gobuild.build_go` (cached under ``${ESTARGZ_CACHE:-~/.cache/estargz-dev}/bin``).
 
 ``SociConfig(background_fetch=False, soci_v1=False, prefetch=False,
 extra="")``: the daemon's config.toml.  Background fetch is off by default
@@ -106,6 +104,7 @@ from pathlib import Path
 import pytest
 
 from daemons import CMD_TIMEOUT, Containerd, Daemon, _env, _set_pdeathsig
+from gobuild import build_go
 from lazypull import (
     DaemonPair,
     ProxySnapshotter,
@@ -115,10 +114,10 @@ from lazypull import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD_SCRIPT = REPO / "scripts" / "build-soci.sh"
 #: The proxy plugin's name in containerd's config (soci's documented name).
 SNAPSHOTTER = "soci"
-TARGETS = ("soci", "snapshotter", "rpull", "containerd")
+#: The scripts/build-go.sh targets of :class:`SociBinaries`, in its order.
+TARGETS = ("soci", "soci-snapshotter", "soci-rpull", "containerd-v2")
 #: soci's default: layers smaller than this get no zTOC (10 MiB).
 MIN_LAYER_SIZE = 10 << 20
 SOCI_INDEX_ANNOTATION = "com.amazon.soci.index-digest"
@@ -128,18 +127,9 @@ _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                 "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-def build_soci(target: str) -> Path:
-    """Build (or reuse) ``target`` of :data:`TARGETS`; its path."""
-    p = subprocess.run([str(BUILD_SCRIPT), target], capture_output=True, text=True,
-                       timeout=1800)
-    if p.returncode != 0:
-        raise RuntimeError(f"cannot build soci {target}: {p.stderr.strip()[-3000:]}")
-    return Path(p.stdout.strip().splitlines()[-1])
-
-
 @dataclass(frozen=True)
 class SociBinaries:
-    """Paths of the binaries of :func:`build_soci`."""
+    """Paths of the binaries of :data:`TARGETS`."""
 
     soci: Path
     snapshotter: Path
@@ -149,7 +139,7 @@ class SociBinaries:
 
     @classmethod
     def build(cls) -> SociBinaries:
-        return cls(*(build_soci(t) for t in TARGETS))
+        return cls(*(build_go(t) for t in TARGETS))
 
 
 @dataclass(frozen=True)
@@ -195,7 +185,7 @@ class SociSnapshotter(ProxySnapshotter):
 
     def __init__(self, base: Path, config: SociConfig = SociConfig(),
                  binary: Path | None = None, log_level: str = "debug"):
-        super().__init__(base, Path(binary) if binary else build_soci("snapshotter"),
+        super().__init__(base, Path(binary) if binary else build_go("soci-snapshotter"),
                          "soci.sock", log_level)
         self.settings = config
         #: The containerd using this snapshotter (its socket), if not the
@@ -233,7 +223,7 @@ class SociSnapshotter(ProxySnapshotter):
 
 
 class Containerd2(Containerd):
-    """containerd 2 (``scripts/build-soci.sh containerd``) on a private
+    """containerd 2 (``scripts/build-go.sh containerd-v2``) on a private
     socket, with its own ``ctr`` and runc shim: a :class:`daemons.Containerd`
     but for the binaries.  The SOCI Snapshotter needs it: containerd 1.6
     does not pass the namespace on to a proxy snapshotter, and soci refuses
@@ -356,7 +346,7 @@ class Soci:
     def __init__(self, containerd: Containerd, root: Path, binary: Path | None = None):
         self.containerd = containerd
         self.root = Path(root)
-        self.binary = Path(binary) if binary else build_soci("soci")
+        self.binary = Path(binary) if binary else build_go("soci")
 
     def soci(self, *args: str, content_store: str = "containerd", check: bool = True,
              timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess:

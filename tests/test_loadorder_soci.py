@@ -1,5 +1,5 @@
 """Our SOCI prefetch artifacts against soci v0.16.1's own (``soci convert
---standalone --prefetch-file``, built by scripts/build-soci.sh through the
+--standalone --prefetch-file``, built by scripts/build-go.sh through the
 Go module proxy): for one file, the same bytes and so the same descriptor as
 soci puts in its index; for several, the same spans, ours in first-access
 order and without soci's extra span after a file that ends where a span
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from estargz.image.loadorder import (
     SOCI_PREFETCH_MEDIA_TYPE,
     FileLoad,
@@ -31,6 +30,7 @@ from estargz.image.loadorder import (
     layer_prefetch,
     parse_soci_prefetch,
 )
+from gobuild import build_go
 
 SPAN = 4096
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -71,10 +71,7 @@ def sha(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def soci() -> Path:
-    script = REPO / "scripts" / "build-soci.sh"
-    p = subprocess.run(["sh", str(script), "soci"], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return Path(p.stdout.strip().splitlines()[-1])
+    return build_go("soci")
 
 
 def tar_layer() -> tuple[bytes, TarZtoc]:

@@ -1,7 +1,7 @@
 """Smaller layers: ``--min-chunk-size``, ``--external-toc`` and ``--keep-diff-id``.
 
-Proof against the newest reference (v0.18, through ``goref-estargz-v018``, built by
-scripts/build-goref-estargz-v018.sh from the Go module proxy) both ways: it opens our
+Proof against the newest reference (v0.18, through ``goref-v018``, built by
+``scripts/build-go.sh goref-v018`` from the Go module proxy) both ways: it opens our
 blobs and reads every file chunk by chunk through its verifier, and we
 verify what its converter writes with the same options. Debian's 0.12
 package cannot read these layouts; the tests pin what it does instead. Plain
@@ -24,7 +24,6 @@ import blobcraft
 import estargz
 from conftest import (
     CHUNK,
-    REPO,
     Spec,
     build_tar,
     every_kind_specs,
@@ -53,16 +52,6 @@ VARIANTS = {
     "keep-diff-id": ["--external-toc", "{toc}", "--keep-diff-id",
                      "--min-chunk-size", "16384"],
 }
-
-
-@pytest.fixture(scope="session")
-def goref_v018() -> Path:
-    """Our Go harness built against the reference v0.18 (module proxy)."""
-    p = subprocess.run([str(REPO / "scripts" / "build-goref-estargz-v018.sh")], capture_output=True,
-                       text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot build the v0.18 reference harness: {p.stderr.strip()}")
-    return Path(p.stdout.strip().splitlines()[-1])
 
 
 def convert(tmp_path: Path, src: Path, variant: str, *extra: str) -> tuple[Path, Path | None, dict]:

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 from estargz import TransportOptions, sha256_digest
 from estargz.image.descriptor import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor
 from estargz.image.records import OCI_EMPTY, RECORD_ARTIFACT_TYPE
 from estargz.registry.client import client_for
 from estargz.registry.records import fallback_tag, fetch_record, find_record, push_record
+from gobuild import build_go
 
 PLAIN = TransportOptions(tls_verify=False)
 RECORD = b'{"path":"bin/sh","manifestDigest":"sha256:' + b"a" * 64 + b'","layerIndex":0}\n'
@@ -112,12 +113,8 @@ def test_the_record_file_image_of_stargz_snapshotter_pr_642_is_read(registry, su
 
 @pytest.fixture(scope="session")
 def oras() -> Path:
-    """The oras CLI, built once from the Go module proxy (scripts/build-oras.sh)."""
-    p = subprocess.run([str(REPO / "scripts" / "build-oras.sh")], capture_output=True,
-                       text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot build oras: {p.stderr.strip()[-2000:]}")
-    return Path(p.stdout.strip().splitlines()[-1])
+    """The oras CLI, built once from the Go module proxy."""
+    return build_go("oras")
 
 
 def test_oras_reads_our_record_and_we_read_what_oras_attaches(tmp_path, registry,

@@ -2,7 +2,7 @@
 the whole binding byte for byte as soci v0.16.1 writes it, v1 and v2 in a
 real registry, ``--reuse``, platforms, and bad input.
 
-The reference is the real ``soci`` CLI (``scripts/build-soci.sh soci``) in
+The reference is the real ``soci`` CLI (``scripts/build-go.sh soci``) in
 its daemonless mode, ``soci convert --standalone`` (OCI layout in, OCI
 layout out); lazy loading of what we write is tests/test_soci_lazy.py."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from socilazy import build_soci
+from gobuild import build_go
 
 SOCI_TOOL = "AWS SOCI CLI v0.2"  # soci's build tool identifier, so digests can match
 V1 = "application/vnd.amazon.soci.index.v1+json"
@@ -58,7 +58,7 @@ def layout_root(root: Path, tag: str) -> dict:
 
 def soci_convert_standalone(src: Path, dst: Path, work: Path, *args: str) -> str:
     """soci v0.16.1's v2 binding of layout ``src``: the new image index's digest."""
-    soci = build_soci("soci")
+    soci = build_go("soci")
     p = subprocess.run([str(soci), "--root", str(work / "soci-root"), "convert", "--standalone",
                         "--format", "oci-dir", *args, str(src), str(dst)],
                        capture_output=True, text=True, timeout=600)

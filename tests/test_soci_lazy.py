@@ -1,7 +1,7 @@
 """SOCI indexes, lazily loaded by the real SOCI Snapshotter (issue 14, point 4).
 
 The reference flow, with soci-snapshotter v0.16.1 and containerd 2 built
-through the Go module proxy (scripts/build-soci.sh, tests/socilazy.py):
+through the Go module proxy (scripts/build-go.sh, tests/socilazy.py):
 debian-python3 (two gzip layers of 49 and 15 MiB, both above soci's 10 MiB
 minimum) is pushed unchanged to Debian's registry (plain HTTP, no referrers
 API), pulled into a containerd, and indexed with the ``soci`` CLI:

@@ -1,8 +1,9 @@
 """zstd:chunked: our blobs against the reference's newest readers and plain
 consumers, the reference's blobs against ours, and hostile blobs.
 
-The reference is tests/interop/goref-v018 (stargz-snapshotter's estargz
-v0.18.x with its ``zstdchunked`` decompressor, and tar-split's own ``asm``
+The reference is tests/interop/goref-v018's ``verify-zstdchunked`` and
+``convert-zstdchunked`` (stargz-snapshotter's estargz v0.18.x with its
+``zstdchunked`` decompressor and compressor, and tar-split's own ``asm``
 package to rebuild the layer as containers/storage does from the tar-split
 data); see docs/format.md for the layout.
 """
@@ -24,23 +25,14 @@ import pytest
 import zstandard
 
 import estargz
-from conftest import CHUNK, REPO, Spec, build_tar, every_kind_specs, pattern, run_cli, write
+from conftest import CHUNK, Spec, build_tar, every_kind_specs, pattern, run_cli, write
 from daemons import build_images
 from estargz import BytesSource, EstargzError, FileSource
 from estargz.cli.base import MIN_CHUNK_SIZE
 from estargz.layer import zstdchunked as zc
 from estargz.layer.zstdreader import open_layer, verify_layer
+from gobuild import build_go
 from test_interop import CASES, expected_entries
-
-
-@pytest.fixture(scope="session")
-def goref_v018() -> Path:
-    """The reference v0.18 zstd:chunked checker/converter, built once."""
-    p = subprocess.run(["sh", str(REPO / "scripts" / "build-stargz-snapshotter.sh"),
-                        "goref-v018"], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot build goref-v018: {p.stderr.strip()[-2000:]}")
-    return Path(p.stdout.strip().splitlines()[-1])
 
 
 def convert(tmp_path: Path, tar: bytes | Path, *args: str) -> tuple[Path, Path, dict]:
@@ -56,7 +48,7 @@ def convert(tmp_path: Path, tar: bytes | Path, *args: str) -> tuple[Path, Path, 
 
 
 def reference_verifies(goref_v018: Path, blob: Path, result: dict) -> dict:
-    p = subprocess.run([goref_v018, "verify", blob, result["toc_digest"],
+    p = subprocess.run([goref_v018, "verify-zstdchunked", blob, result["toc_digest"],
                         result["annotations"][zc.TARSPLIT_POSITION], result["diff_id"]],
                        capture_output=True, text=True)
     assert p.returncode == 0, f"reference rejected our blob: {p.stderr}"
@@ -112,11 +104,7 @@ def test_reference_and_plain_zstd_read_our_blob(tmp_path, goref_v018, case):
 @pytest.fixture(scope="session")
 def storage_chunked() -> Path:
     """Current containers/storage's partial-pull applier, built once."""
-    p = subprocess.run(["sh", str(REPO / "scripts" / "build-stargz-snapshotter.sh"),
-                        "storage-chunked"], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot build storage-chunked: {p.stderr.strip()[-2000:]}")
-    return Path(p.stdout.strip().splitlines()[-1])
+    return build_go("storage-chunked")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="containers/storage's overlay driver needs root")
@@ -177,8 +165,8 @@ def test_debian_rootfs_both_ways(tmp_path, goref_v018, debian_layer):
     got = reference_verifies(goref_v018, out, result)
     assert got["files"] > 3000
     ref = tmp_path / "ref.zst"
-    p = subprocess.run([goref_v018, "convert", debian_layer, ref, "3"], capture_output=True,
-                       text=True, env={**os.environ, "GOMAXPROCS": "2"})
+    p = subprocess.run([goref_v018, "convert-zstdchunked", debian_layer, ref, "3"],
+                       capture_output=True, text=True, env={**os.environ, "GOMAXPROCS": "2"})
     assert p.returncode == 0, p.stderr
     built = json.loads(p.stdout)
     r = run_cli("layer", "verify", ref, "--toc-digest", built["tocDigest"], "--json")
@@ -191,7 +179,7 @@ def test_debian_rootfs_both_ways(tmp_path, goref_v018, debian_layer):
 def test_reference_blobs_read_by_us(tmp_path, goref_v018):
     src = write(tmp_path / "in.tar", build_tar(every_kind_specs(), fmt=tarfile.GNU_FORMAT))
     out = tmp_path / "ref.zst"
-    p = subprocess.run([goref_v018, "convert", src, out, "3", "etc/larger"],
+    p = subprocess.run([goref_v018, "convert-zstdchunked", src, out, "3", "etc/larger"],
                        capture_output=True, text=True,
                        env={**os.environ, "CHUNK_SIZE": str(CHUNK)})
     assert p.returncode == 0, p.stderr

@@ -1,8 +1,8 @@
 """SOCI zTOCs (issue 14): our bytes are soci's bytes, and soci reads them.
 
 The reference is soci-snapshotter v0.16.1's own ztoc packages, built from
-the Go module proxy as tests/interop/soci-ztoc (scripts/build-soci.sh
-ztoc-check): ``build`` is soci's ztoc builder and marshaler, ``info`` its
+the Go module proxy as tests/interop/soci-ztoc (``scripts/build-go.sh
+soci-ztoc``): ``build`` is soci's ztoc builder and marshaler, ``info`` its
 unmarshaler with the checkpoints decoded, ``extract`` reads every regular
 file back through the zTOC's spans with its cgo zran code.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Spec, build_tar, every_kind_specs, pattern, write
+from conftest import Spec, build_tar, every_kind_specs, pattern, write
 from estargz._exceptions import EstargzError, InvalidInput, UnsupportedEntry
 from estargz.layer import zinfo
 from estargz.layer.ztoc import (
@@ -32,6 +32,7 @@ from estargz.layer.ztoc import (
     marshal_ztoc,
     unmarshal_ztoc,
 )
+from gobuild import build_go
 
 SOCI_TOOL = "AWS SOCI CLI v0.2"  # what the checker's build writes, as soci create does
 EMPTY_RECORDS = "etc/empty-records"
@@ -42,11 +43,7 @@ GZIP_LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar+gzip",
 @pytest.fixture(scope="session")
 def soci_ztoc() -> Path:
     """soci's zTOC code as a checker, built once (cached across runs)."""
-    p = subprocess.run(["sh", str(REPO / "scripts" / "build-soci.sh"), "ztoc-check"],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot build soci-ztoc: {p.stderr.strip()[-2000:]}")
-    return Path(p.stdout.strip().splitlines()[-1])
+    return build_go("soci-ztoc")
 
 
 def layers_of(oci: Path) -> list[Path]:

@@ -2,7 +2,7 @@
 // github.com/containerd/stargz-snapshotter/estargz v0.18.x): min-chunk-size
 // (TOC entries with innerOffset), the external TOC and lossless
 // (keep-diff-id) conversion, none of which Debian's 0.12 package has.
-// scripts/build-goref-estargz-v018.sh builds this file together with
+// scripts/build-go.sh goref-v018 builds this file and zstdchunked.go with
 // ../goref/main.go in module mode through the Go module proxy.
 //
 //	goref verify-external BLOB TOCDIGEST TOCBLOB

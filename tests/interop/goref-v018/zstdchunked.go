@@ -1,33 +1,31 @@
-// goref-v018: the reference's newest Go packages (stargz-snapshotter
-// estargz v0.18.x and its zstdchunked decompressor, tar-split, klauspost
-// zstd) read and write zstd:chunked blobs, for our interop tests and
-// benchmarks. Built by scripts/build-stargz-snapshotter.sh goref-v018.
+// Subcommands of goref (v0.18 build) for zstd:chunked: the reference's
+// zstdchunked decompressor and compressor, with tar-split and klauspost
+// zstd, read and write zstd:chunked blobs for our interop tests and
+// benchmarks.
 //
-//	goref-v018 verify BLOB TOCDIGEST TARSPLIT_OFFSET:LEN:ULEN DIFFID
+//	goref verify-zstdchunked BLOB TOCDIGEST TARSPLIT_OFFSET:LEN:ULEN DIFFID
 //	    estargz.Open with the zstdchunked decompressor, VerifyTOC, every
 //	    chunk of every file through its verifier; then the tar-split data
 //	    (located as the tarsplit-position annotation says) reassembled with
 //	    tar-split's own asm package from the files read through the reader
 //	    must hash to DIFFID, as containers/storage rebuilds a layer.
 //	    Prints one JSON line: {"tocDigest", "files", "chunks", "diffID"}.
-//	goref-v018 convert IN.tar OUT LEVEL [PRIORITIZED...]
+//	goref convert-zstdchunked IN.tar OUT LEVEL [PRIORITIZED...]
 //	    The reference converter (estargz.Build with zstdchunked.Compressor
 //	    at zstd.EncoderLevelFromZstd(LEVEL), as ctr-remote --zstdchunked;
 //	    $CHUNK_SIZE sets its chunk size).
-//	    Prints {"seconds", "size", "tocDigest", "annotations"}.
+//	    Prints {"seconds", "size", "tocDigest", "diffID", "annotations"}.
 package main
 
 import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -38,39 +36,12 @@ import (
 	"github.com/vbatts/tar-split/tar/storage"
 )
 
-func main() {
-	if err := run(os.Args[1:]); err != nil {
-		fmt.Fprintln(os.Stderr, "goref-v018:", strings.ReplaceAll(err.Error(), "\n", " "))
-		os.Exit(1)
-	}
+func init() {
+	extraCommands["verify-zstdchunked"] = cmdVerifyZstdChunked
+	extraCommands["convert-zstdchunked"] = cmdConvertZstdChunked
 }
 
-func run(args []string) error {
-	if len(args) == 0 {
-		return errors.New("usage: goref-v018 verify|convert ...")
-	}
-	switch args[0] {
-	case "verify":
-		return cmdVerify(args[1:])
-	case "convert":
-		return cmdConvert(args[1:])
-	}
-	return fmt.Errorf("unknown command %q", args[0])
-}
-
-func open(name string) (*os.File, *io.SectionReader, error) {
-	f, err := os.Open(name)
-	if err != nil {
-		return nil, nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	return f, io.NewSectionReader(f, 0, st.Size()), nil
-}
-
+// fileGetter hands tar-split's assembler each file's bytes through the Reader.
 type fileGetter struct{ r *estargz.Reader }
 
 func (g fileGetter) Get(name string) (io.ReadCloser, error) {
@@ -82,15 +53,15 @@ func (g fileGetter) Get(name string) (io.ReadCloser, error) {
 	return io.NopCloser(io.NewSectionReader(fr, 0, e.Size)), nil
 }
 
-func cmdVerify(args []string) error {
+func cmdVerifyZstdChunked(args []string) error {
 	if len(args) != 4 {
-		return errors.New("usage: goref-v018 verify BLOB TOCDIGEST TARSPLIT_POSITION DIFFID")
+		return errors.New("usage: goref verify-zstdchunked BLOB TOCDIGEST TARSPLIT_POSITION DIFFID")
 	}
 	want, err := digest.Parse(args[1])
 	if err != nil {
 		return err
 	}
-	f, sr, err := open(args[0])
+	f, sr, err := openSection(args[0])
 	if err != nil {
 		return err
 	}
@@ -115,7 +86,7 @@ func cmdVerify(args []string) error {
 			if ent.Type == "dir" {
 				ferr = walk(name, ent)
 			} else if ent.Type == "reg" {
-				n, err := verifyFile(r, v, name, ent.Size)
+				_, n, err := verifyFile(r, v, name, ent.Size)
 				files++
 				chunks += n
 				ferr = err
@@ -162,40 +133,8 @@ func cmdVerify(args []string) error {
 	if diffID != args[3] {
 		return fmt.Errorf("tar-split reassembles to %s, expected %s", diffID, args[3])
 	}
-	return json.NewEncoder(os.Stdout).Encode(map[string]interface{}{
+	return printJSON(os.Stdout, map[string]interface{}{
 		"tocDigest": r.TOCDigest().String(), "files": files, "chunks": chunks, "diffID": diffID})
-}
-
-// verifyFile reads a file chunk by chunk through the Reader and checks each
-// chunk with the TOCEntryVerifier (how the snapshotter reads lazily).
-func verifyFile(r *estargz.Reader, v estargz.TOCEntryVerifier, name string, size int64) (int, error) {
-	fr, err := r.OpenFile(name)
-	if err != nil {
-		return 0, fmt.Errorf("OpenFile(%q): %v", name, err)
-	}
-	n := 0
-	for off := int64(0); off < size; {
-		ce, ok := r.ChunkEntryForOffset(name, off)
-		if !ok || ce.ChunkOffset != off || ce.ChunkSize <= 0 {
-			return 0, fmt.Errorf("%q: no chunk entry for offset %d", name, off)
-		}
-		dv, err := v.Verifier(ce)
-		if err != nil {
-			return 0, fmt.Errorf("%q: chunk at %d: %v", name, off, err)
-		}
-		b := make([]byte, ce.ChunkSize)
-		got, err := fr.ReadAt(b, off)
-		if int64(got) != ce.ChunkSize || (err != nil && err != io.EOF) {
-			return 0, fmt.Errorf("%q: reading chunk at %d: %d bytes: %v", name, off, got, err)
-		}
-		dv.Write(b)
-		if !dv.Verified() {
-			return 0, fmt.Errorf("%q: chunk at %d failed digest verification", name, off)
-		}
-		off += ce.ChunkSize
-		n++
-	}
-	return n, nil
 }
 
 type zstdCompression struct {
@@ -203,16 +142,16 @@ type zstdCompression struct {
 	*zstdchunked.Compressor
 }
 
-func cmdConvert(args []string) error {
+func cmdConvertZstdChunked(args []string) error {
 	if len(args) < 3 {
-		return errors.New("usage: goref-v018 convert IN.tar OUT LEVEL [PRIORITIZED...]")
+		return errors.New("usage: goref convert-zstdchunked IN.tar OUT LEVEL [PRIORITIZED...]")
 	}
 	level, err := strconv.Atoi(args[2])
 	if err != nil {
 		return err
 	}
 	started := time.Now()
-	f, sr, err := open(args[0])
+	f, sr, err := openSection(args[0])
 	if err != nil {
 		return err
 	}
@@ -248,7 +187,7 @@ func cmdConvert(args []string) error {
 	if err := out.Close(); err != nil {
 		return err
 	}
-	return json.NewEncoder(os.Stdout).Encode(map[string]interface{}{
+	return printJSON(os.Stdout, map[string]interface{}{
 		"seconds": time.Since(started).Seconds(), "size": n,
 		"tocDigest": blob.TOCDigest().String(), "diffID": blob.DiffID().String(),
 		"annotations": metadata})

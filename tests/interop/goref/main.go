@@ -13,6 +13,11 @@
 //	goref build IN OUT [--chunk-size N] [--level N] [--prioritized FILE] [--allow-missing]
 //	goref tocdigest BLOB
 //
+// Built against the reference v0.18 with ../goref-v018 (scripts/build-go.sh
+// goref-v018), it has the subcommands that version adds: build-v018 and
+// verify-external (v018.go), verify-zstdchunked and convert-zstdchunked
+// (zstdchunked.go).
+//
 // On success the exit status is 0. On failure a single line
 // "goref: <error>" is written to stderr and the exit status is 1.
 package main
@@ -87,9 +92,9 @@ func run(args []string) error {
 }
 
 // extraCommands holds subcommands that only a newer reference offers; the
-// v0.18 build (tests/interop/goref-estargz-v018, built by
-// scripts/build-goref-estargz-v018.sh) adds its file to this program and
-// registers them from an init function.
+// v0.18 build (tests/interop/goref-v018, built by scripts/build-go.sh
+// goref-v018) adds its files to this program and registers them from init
+// functions.
 var extraCommands = map[string]func([]string) error{}
 
 // verifyTOCFallback, when set (by the v0.18 build), is asked for a verifier

@@ -1,6 +1,6 @@
 // soci-ztoc: the reference zTOC code of soci-snapshotter (its ztoc and
 // ztoc/compression packages, cgo over zlib) as a checker for the zTOCs
-// estargz writes (tests/test_ztoc.py). Built by scripts/build-soci.sh ztoc-check.
+// estargz writes (tests/test_ztoc.py). Built by scripts/build-go.sh soci-ztoc.
 //
 //	soci-ztoc build LAYER SPAN OUT   write soci's zTOC of LAYER (gzip, or a
 //	                                 plain tar when LAYER ends in .tar)

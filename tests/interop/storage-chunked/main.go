@@ -1,7 +1,7 @@
 // storage-chunked: current containers/storage (go.podman.io/storage, the
 // library podman and CRI-O use) applies a zstd:chunked blob the way a partial
 // pull does, from a local file instead of a registry. Built by
-// scripts/build-stargz-snapshotter.sh storage-chunked; needs root (overlay).
+// scripts/build-go.sh storage-chunked; needs root (overlay).
 //
 //	storage-chunked BLOB ANNOTATIONS_JSON ROOT
 //
