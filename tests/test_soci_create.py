@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -152,6 +153,57 @@ def test_registry_v1_v2_and_reuse(registry, test_images, tmp_path):
     assert skopeo_raw(ref) == before  # the source tag is untouched
 
 
+def oras(*args: object, cwd: Path | None = None) -> str:
+    p = subprocess.run([str(build_go("oras")), *map(str, args)], capture_output=True,
+                       text=True, timeout=120, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_v1_in_an_oci_layout_is_a_referrer_oras_finds(test_images, tmp_path):
+    """A v1 index in an OCI layout is listed in index.json untagged with its
+    artifactType, as `oras attach --oci-layout` lists a referrer: oras
+    discovers it, skopeo still copies the image, and we find it again."""
+    src = test_images.debian_python3
+    image = layout_root(src, "latest")
+    out = tmp_path / "v1"
+    v1 = soci_create(f"oci:{src}:latest", f"oci:{out}:t", "--index-version", "v1")
+    assert v1["found_by"] == ["index.json entry"] and v1["digest"] == image["digest"]
+    assert layout_root(out, "t")["digest"] == image["digest"]  # the image unchanged
+    ((idx,), entries) = v1["indexes"], json.loads((out / "index.json").read_bytes())["manifests"]
+    (listed,) = [m for m in entries if m.get("artifactType") == V1]
+    assert listed["digest"] == idx["index"] and "annotations" not in listed
+    assert json.loads(blob(out, listed))["subject"]["digest"] == image["digest"]
+    walk(out, listed)  # the zTOCs and the config are there
+    found = json.loads(oras("discover", "--oci-layout", "--format", "json", f"{out}:t"))
+    assert [(r["digest"], r["artifactType"]) for r in found["referrers"]] == [
+        (idx["index"], V1)]
+    p = subprocess.run(["skopeo", "copy", f"oci:{out}:t", f"oci:{tmp_path}/copy:t"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+    # In place, where oras attached something else first: ours is added
+    # beside it, once however often it is made, and found by `index info`.
+    here = tmp_path / "here"
+    shutil.copytree(src, here)
+    (tmp_path / "note.txt").write_text("not ours")
+    oras("attach", "--oci-layout", "--artifact-type", "application/x-note", f"{here}:latest",
+         "note.txt", cwd=tmp_path)
+    before = json.loads((here / "index.json").read_bytes())["manifests"]
+    for _ in range(2):
+        again = soci_create(f"oci:{here}:latest", "--index-version", "v1")
+        assert again["indexes"][0]["index"] == idx["index"]
+    after = json.loads((here / "index.json").read_bytes())["manifests"]
+    assert after == before + [listed]
+    found = json.loads(oras("discover", "--oci-layout", "--format", "json", f"{here}:latest"))
+    assert sorted(r["artifactType"] for r in found["referrers"]) == [V1, "application/x-note"]
+    for ref in (f"oci:{here}:latest", f"oci:{here}"):  # untagged: the referrers do not count
+        r = run_cli("soci", "index", "info", ref, "--verify")
+        assert r.code == 0, r.err
+        (info,) = json.loads(r.out)
+        assert (info["version"], info["manifest"]) == ("v1", image["digest"])
+
+
 def test_all_platforms(test_images, tmp_path):
     out = tmp_path / "multi"
     args = ("--all-platforms", "--min-layer-size", "0")
@@ -192,8 +244,8 @@ def one_line_error(r, code: int, text: str) -> None:
 
 def test_bad_input(test_images, tmp_path):
     src = f"oci:{test_images.debian_python3}:latest"
-    one_line_error(run_cli("soci", "create", src, f"oci:{tmp_path}/x:y", "--index-version",
-                           "v1"), 1, "cannot hold a v1 SOCI index")
+    one_line_error(run_cli("soci", "create", src, f"oci-archive:{tmp_path}/x.tar:y",
+                           "--index-version", "v1"), 1, "cannot hold a v1 SOCI index")
     one_line_error(run_cli("soci", "create", src, f"oci:{tmp_path}/x:y", "--min-layer-size",
                            str(1 << 40)), 1, "no layer to index")
     assert not (tmp_path / "x").exists()  # nothing half-written

@@ -418,7 +418,7 @@ def soci_index_source(source: ImageSource, sref: ImageRef, dst: str | None,
         try:
             if options.version == "v1" and not dest.holds_referrers:
                 raise InvalidInput(f"{dest.name} cannot hold a v1 SOCI index (it is found "
-                                   "through the referrers API): use a docker:// "
+                                   "through the referrers API): use a docker:// or oci: "
                                    "destination or the v2 index")
             _create(run, result, dref)
             result.notes[:0] = run.notes

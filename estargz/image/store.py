@@ -141,7 +141,7 @@ class ImageDestination(ABC):
         ``artifactType``; its blobs stored already) so that readers find it
         from ``subject``, already here; returns how they will find it."""
         raise InvalidInput(f"{self.name} cannot hold artifacts that refer to an image "
-                           "(referrers); use a docker:// destination")
+                           "(referrers); use a docker:// or oci: destination")
 
     def abort(self) -> None:  # noqa: B027  (an optional hook: nothing to undo by default)
         """Undo whatever is not visible yet; called on any error or Ctrl-C."""

@@ -2,7 +2,10 @@
 
 A layout is a directory with an ``oci-layout`` file, ``index.json`` and
 ``blobs/sha256/<hex>``. A tag is the ``org.opencontainers.image.ref.name``
-annotation of an ``index.json`` entry, as skopeo and umoci use it. Writing
+annotation of an ``index.json`` entry, as skopeo and umoci use it. A
+referrer (an artifact whose ``subject`` is an image here, such as a SOCI v1
+index) is an untagged entry that carries its ``artifactType``, as ``oras
+attach --oci-layout`` writes one and ``oras discover --oci-layout`` finds it. Writing
 stages blobs in a temporary directory of its own and changes the layout only
 at commit: a new layout is renamed into place whole; an existing one gets its
 blobs moved in and ``index.json`` rewritten last, under an exclusive lock on
@@ -79,17 +82,20 @@ class OCILayoutSource(ImageSource):
         self._index = read_index(root)
 
     def root_descriptor(self) -> Descriptor:
-        entries = [Descriptor.from_json(d) for d in self._index.get("manifests", [])]
+        raw = self._index.get("manifests", [])
+        entries = [Descriptor.from_json(d) for d in raw]
         if self.tag is not None:
             found = [d for d in entries if d.annotations.get(REF_NAME) == self.tag]
             if not found:
                 raise NotFound(f"tag {self.tag!r} is not in OCI layout {self.root_dir}")
             return found[-1]
-        if len(entries) != 1:
-            tags = sorted(d.annotations.get(REF_NAME, "?") for d in entries)
-            raise InvalidInput(f"OCI layout {self.root_dir} holds {len(entries)} images; name "
+        # Untagged: the one image, not counting the referrers beside it.
+        images = [d for d, e in zip(entries, raw, strict=True) if not _is_referrer(e)] or entries
+        if len(images) != 1:
+            tags = sorted(d.annotations.get(REF_NAME, "?") for d in images)
+            raise InvalidInput(f"OCI layout {self.root_dir} holds {len(images)} images; name "
                                f"one as oci:{self.root_dir}:TAG (tags: {', '.join(tags)})")
-        return entries[0]
+        return images[0]
 
     def root(self) -> tuple[bytes, str]:
         desc = self.root_descriptor()
@@ -115,6 +121,19 @@ class OCILayoutSource(ImageSource):
             raise NotFound(f"{self.name}: blob {desc.digest} is missing: {e.strerror}") from None
         with f:
             copy_verified(f, dst, desc, self.name)
+
+    def referrers(self, subject: Descriptor, artifact_type: str) -> list[Descriptor]:
+        """The referrers ``index.json`` lists (see the module's docstring)
+        whose manifest names ``subject``."""
+        found = []
+        for entry in self._index.get("manifests", []):
+            d = Descriptor.from_json(entry)
+            if _is_referrer(entry) and entry.get("artifactType") == artifact_type:
+                manifest = load_json(self.get_manifest(d), f"{self.name}: manifest {d.digest}")
+                named = manifest.get("subject") if isinstance(manifest, dict) else None
+                if isinstance(named, dict) and named.get("digest") == subject.digest:
+                    found.append(d)
+        return found
 
     def local_blob_path(self, desc: Descriptor) -> str | None:
         path = blob_path(self.root_dir, desc.digest)
@@ -142,6 +161,8 @@ class OCILayoutDestination(ImageDestination):
         self.tag = tag
         self.name = f"oci:{root}" + (f":{tag}" if tag else "")
         self._new = not os.path.lexists(root)
+        #: Referrers whose subject is not in the layout yet: listed at commit.
+        self._referrers: list[dict[str, Any]] = []
         if self._new:
             parent = os.path.dirname(os.path.abspath(root))
             try:
@@ -212,6 +233,23 @@ class OCILayoutDestination(ImageDestination):
         with atomic_output(self._staged(digest)) as out:
             write(out)
 
+    holds_referrers = True
+
+    def put_referrer(self, data: bytes, desc: Descriptor, subject: Descriptor) -> str:
+        if not self.holds_referrers:  # a subclass that cannot
+            return super().put_referrer(data, desc, subject)
+        if not desc.extra.get("artifactType"):
+            raise InvalidInput(f"referrer {desc.digest} has no artifactType: an untagged "
+                               "entry in index.json would be taken for the untagged image")
+        self.put_manifest(data, desc)
+        entry = desc.to_json()
+        entry.pop("platform", None)
+        if self._new or not os.path.isfile(blob_path(self.root_dir, subject.digest)):
+            self._referrers.append(entry)  # its subject arrives with commit
+        else:
+            add_to_layout(self.root_dir, self._staging, [entry])
+        return "index.json entry"
+
     def commit(self, root: Descriptor, root_data: bytes) -> None:
         self.put_manifest(root_data, root)
         entry = root.to_json()
@@ -221,9 +259,10 @@ class OCILayoutDestination(ImageDestination):
             annotations[REF_NAME] = self.tag
         if annotations:
             entry["annotations"] = annotations
+        entries = [entry, *self._referrers]
         if self._new:
             layout = self._tmp.path
-            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
             _write_layout_files(layout, index)
             try:
                 os.chmod(layout, 0o777 & ~_umask())  # mkdtemp made it 0700
@@ -238,7 +277,7 @@ class OCILayoutDestination(ImageDestination):
             else:
                 self._tmp.release()
                 return
-        add_to_layout(self.root_dir, self._staging, entry)
+        add_to_layout(self.root_dir, self._staging, entries)
         self._tmp.cleanup()
 
     def abort(self) -> None:
@@ -297,15 +336,17 @@ def _remove_legacy_temporaries(blobs: str) -> None:
                     os.unlink(path)
 
 
-def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
+def add_to_layout(root: str, staged_blobs: str, entries: list[dict[str, Any]], *,
                   lock: bool = True) -> None:
     """Move the blobs in ``staged_blobs`` (files named by hex digest) into the
-    layout ``root`` and make ``entry`` its entry for the entry's tag (its
-    ``org.opencontainers.image.ref.name``, or the untagged one), holding the
-    layout's lock (:data:`LOCK_FILE`) so that the read-modify-write of
-    ``index.json`` sees every other writer's entries. A layout without
-    ``index.json`` (:func:`is_incomplete_layout`) gets one. ``lock=False``
-    is for a private layout (an archive's, already under the archive's lock)."""
+    layout ``root`` and add ``entries`` to its ``index.json``, holding the
+    layout's lock (:data:`LOCK_FILE`) so that the read-modify-write sees
+    every other writer's entries. An image entry replaces the one of its tag
+    (its ``org.opencontainers.image.ref.name``, or the untagged image); a
+    referrer (untagged, with an ``artifactType``) is listed once, beside the
+    others. A layout without ``index.json`` (:func:`is_incomplete_layout`)
+    gets one. ``lock=False`` is for a private layout (an archive's, already
+    under the archive's lock)."""
     with locked_file(os.path.join(root, LOCK_FILE)) if lock else contextlib.nullcontext():
         if os.path.exists(os.path.join(root, "index.json")):
             index = read_index(root)
@@ -335,11 +376,26 @@ def add_to_layout(root: str, staged_blobs: str, entry: dict[str, Any], *,
         except OSError as e:
             raise StorageError(f"cannot store blobs in {root}: {e.strerror or e}") from None
         fsync_dir(blobs)  # the blobs' names are durable before index.json names them
-        tag = (entry.get("annotations") or {}).get(REF_NAME)
-        kept = [d for d in index.get("manifests", [])
-                if (d.get("annotations") or {}).get(REF_NAME) != tag]
-        index["manifests"] = kept + [entry]
+        manifests = list(index.get("manifests", []))
+        for entry in entries:
+            manifests = [d for d in manifests if not _replaces(entry, d)] + [entry]
+        index["manifests"] = manifests
         _write_layout_files(root, index)
+
+
+def _is_referrer(entry: dict[str, Any]) -> bool:
+    """Whether ``index.json`` entry ``entry`` lists a referrer, not an image."""
+    return (REF_NAME not in (entry.get("annotations") or {})
+            and bool(entry.get("artifactType")))
+
+
+def _replaces(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether ``index.json`` entry ``new`` takes ``old``'s place: the same
+    tag, or both the untagged image, or the same referrer."""
+    if _is_referrer(new):
+        return bool(old.get("digest") == new.get("digest"))
+    tag = (new.get("annotations") or {}).get(REF_NAME)
+    return (old.get("annotations") or {}).get(REF_NAME) == tag and not _is_referrer(old)
 
 
 def _copy_file(src: str, out: BinaryIO) -> None:

@@ -81,6 +81,9 @@ class OCIArchiveDestination(OCILayoutDestination):
     """Build an OCI layout in a temporary directory; on commit, add it to
     the archive as it is then (under ``PATH.lock``), tar and rename."""
 
+    # Not yet: an archive is rewritten only by commit, which carries one entry.
+    holds_referrers = False
+
     def __init__(self, path: str, tag: str | None) -> None:
         self._archive = path
         directory = os.path.dirname(os.path.abspath(path))
@@ -109,7 +112,7 @@ class OCIArchiveDestination(OCILayoutDestination):
                     raise InvalidInput(f"{self._archive} exists and is not an oci-archive "
                                        f"({e}); remove it or write elsewhere") from None
                 entry = read_index(layout)["manifests"][0]
-                add_to_layout(current, os.path.join(layout, "blobs", "sha256"), entry,
+                add_to_layout(current, os.path.join(layout, "blobs", "sha256"), [entry],
                               lock=False)
                 layout = current
             tar_dir_atomic(layout, self._archive)
