@@ -11,7 +11,6 @@
 package main
 
 import (
-	"bufio"
 	"compress/gzip"
 	"crypto/sha256"
 	"encoding/hex"
@@ -112,7 +111,7 @@ type buildV018Result struct {
 // --estargz-external-toc and --estargz-keep-diff-id: estargz.Build, or for
 // keep-diff-id the nativeconverter's lossless path (Writer.AppendTarLossLess,
 // no reordering, no landmark).
-func cmdBuildV018(args []string) (rErr error) {
+func cmdBuildV018(args []string) error {
 	a, err := parseArgs(args,
 		[]string{"chunk-size", "level", "prioritized", "min-chunk-size", "external-toc"},
 		[]string{"keep-diff-id"})
@@ -157,34 +156,26 @@ func cmdBuildV018(args []string) (rErr error) {
 		return err
 	}
 	defer inF.Close()
-	outF, err := os.Create(out)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if rErr != nil {
-			os.Remove(out)
-		}
-	}()
-	h := sha256.New()
-	bw := bufio.NewWriterSize(outF, 1<<20)
 	var res buildV018Result
 	var ext *externaltoc.GzipCompression
 	if external {
 		ext = externaltoc.NewGzipCompressionWithLevel(nil, level).(*externaltoc.GzipCompression)
 	}
 	if lossless {
-		w := estargz.NewWriterWithCompressor(io.MultiWriter(bw, h), ext)
-		w.ChunkSize = chunkSize
-		w.MinChunkSize = minChunk
-		if err := w.AppendTarLossLess(inSR); err != nil {
-			return fmt.Errorf("AppendTarLossLess: %v", err)
-		}
-		tocDigest, err := w.Close()
+		res.BlobDigest, res.BlobSize, err = writeTo(out, func(bw io.Writer) error {
+			w := estargz.NewWriterWithCompressor(bw, ext)
+			w.ChunkSize = chunkSize
+			w.MinChunkSize = minChunk
+			if err := w.AppendTarLossLess(inSR); err != nil {
+				return fmt.Errorf("AppendTarLossLess: %v", err)
+			}
+			tocDigest, err := w.Close()
+			res.TOCDigest, res.DiffID = tocDigest.String(), w.DiffID()
+			return err
+		})
 		if err != nil {
 			return err
 		}
-		res.TOCDigest, res.DiffID = tocDigest.String(), w.DiffID()
 	} else {
 		var opts []estargz.Option
 		if chunkSize > 0 {
@@ -210,22 +201,11 @@ func cmdBuildV018(args []string) (rErr error) {
 			return fmt.Errorf("estargz.Build: %v", err)
 		}
 		defer blob.Close()
-		if _, err := io.Copy(io.MultiWriter(bw, h), blob); err != nil {
-			return fmt.Errorf("writing %s: %v", out, err)
+		if res.BlobDigest, res.BlobSize, err = writeBlob(out, blob); err != nil {
+			return err
 		}
 		res.TOCDigest, res.DiffID = blob.TOCDigest().String(), blob.DiffID().String()
 	}
-	if err := bw.Flush(); err != nil {
-		return err
-	}
-	st, err := outF.Stat()
-	if err != nil {
-		return err
-	}
-	if err := outF.Close(); err != nil {
-		return err
-	}
-	res.BlobDigest, res.BlobSize = "sha256:"+hex.EncodeToString(h.Sum(nil)), st.Size()
 	if ext != nil {
 		tf, err := os.Create(tocOut)
 		if err != nil {

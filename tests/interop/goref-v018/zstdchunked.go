@@ -176,15 +176,8 @@ func cmdConvertZstdChunked(args []string) error {
 		return fmt.Errorf("estargz.Build: %v", err)
 	}
 	defer blob.Close()
-	out, err := os.Create(args[1])
+	_, n, err := writeBlob(args[1], blob)
 	if err != nil {
-		return err
-	}
-	n, err := io.Copy(out, blob)
-	if err != nil {
-		return err
-	}
-	if err := out.Close(); err != nil {
 		return err
 	}
 	return printJSON(os.Stdout, map[string]interface{}{

@@ -301,28 +301,9 @@ func cmdBuild(args []string) (rErr error) {
 		}
 	}()
 
-	outF, err := os.Create(out)
+	blobDigest, n, err := writeBlob(out, blob)
 	if err != nil {
 		return err
-	}
-	// Don't leave a truncated blob behind that a later test could pick up.
-	defer func() {
-		if rErr != nil {
-			os.Remove(out)
-		}
-	}()
-
-	h := sha256.New()
-	bw := bufio.NewWriterSize(outF, 1<<20)
-	n, err := io.Copy(io.MultiWriter(bw, h), blob)
-	if err == nil {
-		err = bw.Flush()
-	}
-	if cerr := outF.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("writing %s: %v", out, err)
 	}
 
 	for _, m := range missed {
@@ -333,9 +314,57 @@ func cmdBuild(args []string) (rErr error) {
 	return printJSON(os.Stdout, buildResult{
 		TOCDigest:  blob.TOCDigest().String(),
 		DiffID:     blob.DiffID().String(),
-		BlobDigest: "sha256:" + hex.EncodeToString(h.Sum(nil)),
+		BlobDigest: blobDigest,
 		BlobSize:   n,
 	})
+}
+
+// writeTo creates file out, hands write a buffered writer into it, and
+// returns the sha256 digest and size of what was written. On any error the
+// file is removed: a truncated blob must not be picked up by a later test.
+func writeTo(out string, write func(io.Writer) error) (digest string, size int64, rErr error) {
+	f, err := os.Create(out)
+	if err != nil {
+		return "", 0, err
+	}
+	defer func() {
+		if rErr != nil {
+			os.Remove(out)
+		}
+	}()
+	h := sha256.New()
+	bw := bufio.NewWriterSize(f, 1<<20)
+	cw := &countingWriter{w: io.MultiWriter(bw, h)}
+	err = write(cw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return "", 0, fmt.Errorf("writing %s: %v", out, err)
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil)), cw.n, nil
+}
+
+// writeBlob is writeTo for a blob estargz.Build made.
+func writeBlob(out string, blob io.Reader) (string, int64, error) {
+	return writeTo(out, func(w io.Writer) error {
+		_, err := io.Copy(w, blob)
+		return err
+	})
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // readLines returns the non-empty lines of a file, without line terminators.
