@@ -196,15 +196,9 @@ func cmdBuildV018(args []string) error {
 			}
 			opts = append(opts, estargz.WithPrioritizedFiles(files))
 		}
-		blob, err := estargz.Build(inSR, opts...)
-		if err != nil {
-			return fmt.Errorf("estargz.Build: %v", err)
-		}
-		defer blob.Close()
-		if res.BlobDigest, res.BlobSize, err = writeBlob(out, blob); err != nil {
+		if res.buildResult, err = buildTo(out, inSR, opts...); err != nil {
 			return err
 		}
-		res.TOCDigest, res.DiffID = blob.TOCDigest().String(), blob.DiffID().String()
 	}
 	if ext != nil {
 		tf, err := os.Create(tocOut)

@@ -171,17 +171,11 @@ func cmdConvertZstdChunked(args []string) error {
 		}
 		opts = append(opts, estargz.WithChunkSize(n))
 	}
-	blob, err := estargz.Build(sr, opts...)
-	if err != nil {
-		return fmt.Errorf("estargz.Build: %v", err)
-	}
-	defer blob.Close()
-	_, n, err := writeBlob(args[1], blob)
+	res, err := buildTo(args[1], sr, opts...)
 	if err != nil {
 		return err
 	}
 	return printJSON(os.Stdout, map[string]interface{}{
-		"seconds": time.Since(started).Seconds(), "size": n,
-		"tocDigest": blob.TOCDigest().String(), "diffID": blob.DiffID().String(),
-		"annotations": metadata})
+		"seconds": time.Since(started).Seconds(), "size": res.BlobSize,
+		"tocDigest": res.TOCDigest, "diffID": res.DiffID, "annotations": metadata})
 }

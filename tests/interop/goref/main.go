@@ -241,7 +241,7 @@ type buildResult struct {
 	BlobSize   int64  `json:"blobSize"`
 }
 
-func cmdBuild(args []string) (rErr error) {
+func cmdBuild(args []string) error {
 	a, err := parseArgs(args,
 		[]string{"chunk-size", "level", "prioritized"},
 		[]string{"allow-missing"})
@@ -290,9 +290,21 @@ func cmdBuild(args []string) (rErr error) {
 	}
 	defer inF.Close()
 
-	blob, err := estargz.Build(inSR, opts...)
+	res, err := buildTo(out, inSR, opts...)
 	if err != nil {
-		return fmt.Errorf("estargz.Build: %v", err)
+		return err
+	}
+	for _, m := range missed {
+		fmt.Fprintf(os.Stderr, "missing: %s\n", m)
+	}
+	return printJSON(os.Stdout, res)
+}
+
+// buildTo runs estargz.Build over in and writes the blob to file out.
+func buildTo(out string, in *io.SectionReader, opts ...estargz.Option) (res buildResult, rErr error) {
+	blob, err := estargz.Build(in, opts...)
+	if err != nil {
+		return res, fmt.Errorf("estargz.Build: %v", err)
 	}
 	// Close removes Build's temp files; it must run even on error paths.
 	defer func() {
@@ -300,23 +312,13 @@ func cmdBuild(args []string) (rErr error) {
 			rErr = fmt.Errorf("closing blob: %v", cerr)
 		}
 	}()
-
-	blobDigest, n, err := writeBlob(out, blob)
-	if err != nil {
-		return err
-	}
-
-	for _, m := range missed {
-		fmt.Fprintf(os.Stderr, "missing: %s\n", m)
+	if res.BlobDigest, res.BlobSize, err = writeBlob(out, blob); err != nil {
+		return res, err
 	}
 	// DiffID is only valid once the blob has been read to EOF (Build hashes
-	// the decompressed stream as it is consumed), which io.Copy has done.
-	return printJSON(os.Stdout, buildResult{
-		TOCDigest:  blob.TOCDigest().String(),
-		DiffID:     blob.DiffID().String(),
-		BlobDigest: blobDigest,
-		BlobSize:   n,
-	})
+	// the decompressed stream as it is consumed), which writeBlob has done.
+	res.TOCDigest, res.DiffID = blob.TOCDigest().String(), blob.DiffID().String()
+	return res, nil
 }
 
 // writeTo creates file out, hands write a buffered writer into it, and
