@@ -5,12 +5,14 @@ A layout is a directory with an ``oci-layout`` file, ``index.json`` and
 annotation of an ``index.json`` entry, as skopeo and umoci use it. A
 referrer (an artifact whose ``subject`` is an image here, such as a SOCI v1
 index) is an untagged entry that carries its ``artifactType``, as ``oras
-attach --oci-layout`` writes one and ``oras discover --oci-layout`` finds it. Writing
-stages blobs in a temporary directory of its own and changes the layout only
-at commit: a new layout is renamed into place whole; an existing one gets its
-blobs moved in and ``index.json`` rewritten last, under an exclusive lock on
-``index.json.lock`` in the layout, so a reader never sees a tag that points
-at missing content and concurrent writers never lose each other's tags.
+attach --oci-layout`` writes one and ``oras discover --oci-layout`` finds it.
+
+Writing stages blobs in a temporary directory of its own and changes the
+layout only at commit: a new layout is renamed into place whole; an existing
+one gets its blobs moved in and ``index.json`` rewritten last, under an
+exclusive lock on ``index.json.lock`` in the layout, so a reader never sees a
+tag that points at missing content and concurrent writers never lose each
+other's tags.
 """
 
 from __future__ import annotations
