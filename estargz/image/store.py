@@ -139,7 +139,10 @@ class ImageDestination(ABC):
     def put_referrer(self, data: bytes, desc: Descriptor, subject: Descriptor) -> str:
         """Store artifact manifest ``data`` (``desc`` carries its
         ``artifactType``; its blobs stored already) so that readers find it
-        from ``subject``, already here; returns how they will find it."""
+        from ``subject``; returns how they will find it. A registry takes it
+        at once; an OCI layout that does not hold ``subject`` yet lists it
+        with :meth:`commit`, so that the layout never names a referrer of
+        an image it lacks."""
         raise InvalidInput(f"{self.name} cannot hold artifacts that refer to an image "
                            "(referrers); use a docker:// or oci: destination")
 
