@@ -117,7 +117,7 @@ def test_the_sandbox_holds(public, out, rootless_user, unprivileged):
     """The workload is root only inside: its uid 0 is the account outside, it
     sees its own processes only, may not mount, and what it writes stays on
     the throw-away tmpfs."""
-    script = ("cat /proc/self/uid_map; ls /proc | grep -cE '^[0-9]+$'; "
+    script = ("cat /proc/self/uid_map; ls /proc 2>/dev/null | grep -cE '^[0-9]+$'; "
               "mount -t tmpfs none /mnt 2>/dev/null && echo mounted || echo mount-refused; "
               "echo x > /escape-marker && echo wrote; id -u")
     p = as_user(rootless_user, unprivileged, "optimize", f"oci:{public / 'py'}:latest",
@@ -182,7 +182,7 @@ def test_masked_proc_what_the_workload_sees(public, out, rootless_user, unprivil
     peek = ("for d in /proc/[0-9]*; do (tr '\\0' ' ' < $d/cmdline) 2>/dev/null"
             " | grep -q -e 'bin/estarg[z] optimize' -e 'profiler[.]rootless' || continue;"
             " grep -qa TOKEN $d/environ 2>/dev/null; echo $?; done | sort | uniq -c")
-    script = (peek + "; ls /proc | grep -cE '^[0-9]+$'; wc -c < /proc/keys; "
+    script = (peek + "; ls /proc 2>/dev/null | grep -cE '^[0-9]+$'; wc -c < /proc/keys; "
               "(echo 1 > /proc/sys/kernel/printk) 2>/dev/null && echo sys-writable"
               " || echo sys-read-only; "
               "umount /proc/keys 2>/dev/null && echo unmounted || echo umount-refused; "
