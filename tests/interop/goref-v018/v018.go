@@ -12,8 +12,6 @@ package main
 
 import (
 	"compress/gzip"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -201,19 +199,13 @@ func cmdBuildV018(args []string) error {
 		}
 	}
 	if ext != nil {
-		tf, err := os.Create(tocOut)
+		res.TOCBlobDigest, res.TOCBlobSize, err = writeTo(tocOut, func(w io.Writer) error {
+			_, err := ext.WriteTOCTo(w)
+			return err
+		})
 		if err != nil {
 			return err
 		}
-		th := sha256.New()
-		n, err := ext.WriteTOCTo(io.MultiWriter(tf, th))
-		if cerr := tf.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			return fmt.Errorf("writing %s: %v", tocOut, err)
-		}
-		res.TOCBlobDigest, res.TOCBlobSize = "sha256:"+hex.EncodeToString(th.Sum(nil)), int64(n)
 	}
 	return printJSON(os.Stdout, res)
 }
